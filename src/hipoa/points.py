@@ -1,0 +1,119 @@
+"""ISBE / BoneFinder ``.pts`` landmark files.
+
+Format (version 1)::
+
+    version: 1
+    n_points: 85
+    {
+    316.069 201.255
+    ...
+    }
+
+Coordinates are x to the right and y down, in pixels of the image as stored, with (0, 0) at the
+centre of the top-left pixel. Right hips are NOT pre-mirrored in the file.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+N_POINTS = 85
+"""Points in the hip outline: 0-44 femur, 45-84 pelvis."""
+
+
+class PointsError(ValueError):
+    """A ``.pts`` file that cannot be used; the message names the file, the line and the value."""
+
+
+def read_pts(path: str | Path, n_points: int | None = N_POINTS) -> np.ndarray:
+    """Read a ``.pts`` file.
+
+    Args:
+        path: The file.
+        n_points: Expected number of points; ``None`` accepts any count.
+
+    Returns:
+        ``(n, 2)`` float64 array, columns x (right) and y (down), in pixels.
+
+    Raises:
+        FileNotFoundError: if the file does not exist.
+        PointsError: on a malformed header, a bad coordinate line, a non-finite value or a
+            count that differs from ``n_points``; the message names the file and line.
+    """
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8", errors="strict")
+    except UnicodeDecodeError as exc:
+        raise PointsError(f"{path}: not a text .pts file ({exc.reason} at byte {exc.start})") from None
+    lines = text.splitlines()
+    declared: int | None = None
+    i = 0
+    while i < len(lines):
+        line = lines[i].strip()
+        i += 1
+        if not line or line.startswith("//"):
+            continue
+        if line == "{":
+            break
+        key, sep, value = line.partition(":")
+        if not sep:
+            raise PointsError(f"{path}: line {i}: expected 'key: value' or '{{', got {line!r}")
+        key = key.strip().lower()
+        if key == "version":
+            if value.strip() != "1":
+                raise PointsError(f"{path}: line {i}: unsupported version {value.strip()!r} (expected 1)")
+        elif key == "n_points":
+            try:
+                declared = int(value.strip())
+            except ValueError:
+                raise PointsError(f"{path}: line {i}: n_points is not an integer: {value.strip()!r}") from None
+    else:
+        raise PointsError(f"{path}: no '{{' opening the point list")
+    if declared is None:
+        raise PointsError(f"{path}: header has no n_points")
+    coords: list[tuple[float, float]] = []
+    closed = False
+    while i < len(lines):
+        line = lines[i].strip()
+        i += 1
+        if not line:
+            continue
+        if line == "}":
+            closed = True
+            break
+        parts = line.split()
+        if len(parts) < 2:
+            raise PointsError(f"{path}: line {i}: expected 'x y', got {line!r}")
+        try:
+            x, y = float(parts[0]), float(parts[1])
+        except ValueError:
+            raise PointsError(f"{path}: line {i}: coordinates are not numbers: {line!r}") from None
+        if not (np.isfinite(x) and np.isfinite(y)):
+            raise PointsError(f"{path}: line {i}: non-finite coordinate {line!r}")
+        coords.append((x, y))
+    if not closed:
+        raise PointsError(f"{path}: point list not closed with '}}' (file truncated?)")
+    if len(coords) != declared:
+        raise PointsError(f"{path}: header says n_points: {declared}, but the list has {len(coords)} points")
+    if n_points is not None and len(coords) != n_points:
+        raise PointsError(f"{path}: expected {n_points} points, got {len(coords)}")
+    return np.asarray(coords, dtype=np.float64).reshape(-1, 2)
+
+
+def write_pts(path: str | Path, points: np.ndarray) -> None:
+    """Write ``(n, 2)`` x, y points as a version-1 ``.pts`` file (3 decimals, as BoneFinder writes)."""
+    pts = np.asarray(points, dtype=np.float64)
+    if pts.ndim != 2 or pts.shape[1] != 2:
+        raise ValueError(f"{path}: points must have shape (n, 2), got {pts.shape}")
+    if not np.all(np.isfinite(pts)):
+        raise ValueError(f"{path}: points contain non-finite values")
+    body = "\n".join(f"{x:.3f} {y:.3f}" for x, y in pts)
+    Path(path).write_text(f"version: 1\nn_points: {len(pts)}\n{{\n{body}\n}}\n", encoding="utf-8")
+
+
+def points_inside(points: np.ndarray, rows: int, cols: int) -> np.ndarray:
+    """Boolean ``(n,)``: which points lie within the image (pixel centres span -0.5 .. size-0.5)."""
+    x, y = points[:, 0], points[:, 1]
+    return (x >= -0.5) & (x <= cols - 0.5) & (y >= -0.5) & (y <= rows - 0.5)
