@@ -45,16 +45,224 @@ def subcommand(name: str, help: str, add_arguments: Callable[[argparse.ArgumentP
 # ---- end synth -------------------------------------------------------------------------------
 
 # ---- ingest ----------------------------------------------------------------------------------
+def _ingest_arguments(p: argparse.ArgumentParser) -> None:
+    source = p.add_mutually_exclusive_group(required=True)
+    source.add_argument("--images", metavar="PAT", help="image zips, e.g. ukb/{eid}_20158_{instance}_{array}.zip")
+    source.add_argument("--manifest", metavar="FILE", help="CSV/Parquet: eid, instance, side, image, points_auto, ...")
+    p.add_argument("--points-auto", metavar="PAT", help="automatic .pts, e.g. pts/{eid}_{instance}_{side}.pts")
+    p.add_argument("--points-manual", metavar="PAT", help="manual .pts (optional)")
+    p.add_argument("--masks", metavar="PAT", help="PNG label masks (optional)")
+    p.add_argument("--side", required=True, choices=["L", "R"], help="hip side")
+    p.add_argument("--shards", required=True, type=int, metavar="N", help="number of shards")
+    p.add_argument("--n-points", type=int, default=85, metavar="N", help="points per .pts file (85)")
+    p.add_argument("--workers", type=int, default=1, metavar="W", help="processes reading zips (1)")
+    p.add_argument("--out", required=True, metavar="M.parquet", help="manifest Parquet to write")
+
+
+@subcommand("ingest", "Build the manifest of one side from the UKB layout or a manifest CSV.", _ingest_arguments)
+def _ingest(args: argparse.Namespace) -> int:
+    from hipoa.ingest import build_manifest, write_manifest
+
+    if args.images and not args.points_auto:
+        raise ValueError("ingest: --images needs --points-auto")
+    if args.manifest and (args.points_auto or args.points_manual or args.masks):
+        raise ValueError("ingest: --manifest takes its paths from the file; drop --points-*/--masks")
+    df = build_manifest(
+        images=args.images,
+        points_auto=args.points_auto,
+        points_manual=args.points_manual,
+        masks=args.masks,
+        manifest=args.manifest,
+        side=args.side,
+        n_shards=args.shards,
+        n_points=args.n_points,
+        workers=args.workers,
+    )
+    write_manifest(df, args.out)
+    counts = df["qc_reason"].replace("", "ok").value_counts().sort_index()
+    print(f"{args.out}: {len(df)} {args.side} images, {int(df['annotated'].sum())} annotated, "
+          f"{df['shard'].nunique()} of {args.shards} shards used")
+    for reason, n in counts.items():
+        print(f"  {reason:<22s} {n}")
+    return 0
+
+
 # ---- end ingest ------------------------------------------------------------------------------
 
 # ---- crop-patches / show-patches -------------------------------------------------------------
+def _crop_patches_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--manifest", required=True, help="the side's manifest Parquet (hipoa ingest)")
+    p.add_argument("--shard", required=True, type=int, help="which shard of the manifest to crop")
+    p.add_argument("--out", required=True, help="Zarr v3 store to write, e.g. results/patches/L/shard-0000.zarr")
+    p.add_argument("--sites", default=None, help="sites: JSON string or YAML/JSON file (default: the contract's three)")
+    p.add_argument("--context", type=int, default=176, help="side of the manual-point context crops (default 176)")
+    p.add_argument("--min-inside", type=float, default=0.9, help="min fraction of each 128 patch inside the image (default 0.9)")
+    p.add_argument("--n-points", type=int, default=85, help="points per .pts file (default 85)")
+
+
+@subcommand("crop-patches", "crop landmark-normalised patches of one manifest shard into a Zarr store", _crop_patches_args)
+def _crop_patches(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from hipoa.patches import crop_shard
+    from hipoa.sites import load_sites
+
+    counts = crop_shard(
+        manifest=Path(args.manifest),
+        shard=args.shard,
+        out=Path(args.out),
+        sites=load_sites(args.sites),
+        context=args.context,
+        min_inside=args.min_inside,
+        n_points=args.n_points,
+    )
+    reasons = ", ".join(f"{k} {v}" for k, v in counts["reasons"].items()) or "none"
+    print(
+        f"crop-patches shard {args.shard}: {counts['rows']} rows, {counts['passed']} passed, "
+        f"{counts['flagged']} flagged ({reasons}), {counts['manual']} manual; "
+        f"{counts['images_per_s']:.0f} images/s, {counts['bytes'] / max(counts['rows'], 1):,.0f} bytes/image -> {args.out}"
+    )
+    return 0
+
+
+def _show_patches_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--stores", required=True, nargs="+", help="patch stores (shard-*.zarr)")
+    p.add_argument("--out", required=True, help="PNG to write")
+    p.add_argument("--n", type=int, default=8, help="patches per site (default 8)")
+    p.add_argument("--source", choices=["manual", "auto"], default="auto", help="which points made the patches")
+
+
+@subcommand("show-patches", "QC montage of patches and masks per site (like the paper's Figure 2)", _show_patches_args)
+def _show_patches(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from hipoa.store import save_montage
+
+    out = save_montage(stores=[Path(s) for s in args.stores], out=Path(args.out), n=args.n, source=args.source)
+    print(f"show-patches: {args.source} patches of {len(args.stores)} store(s) -> {out}")
+    return 0
+
+
 # ---- end crop-patches ------------------------------------------------------------------------
 
 # ---- split-data / train-unet / evaluate ------------------------------------------------------
 # ---- end train -------------------------------------------------------------------------------
 
 # ---- predict-masks / phenotypes --------------------------------------------------------------
+def _site_models(values: list[str]) -> dict:
+    """``["SITE=PATH", ...]`` -> ``{SITE: Path}`` in the order given."""
+    from pathlib import Path
+
+    models: dict = {}
+    for v in values:
+        site, sep, path = v.partition("=")
+        if not sep or not site or not path:
+            raise ValueError(f"--model expects SITE=MODEL.keras, got {v!r}")
+        if site in models:
+            raise ValueError(f"--model: site {site!r} given twice")
+        models[site] = Path(path)
+    return models
+
+
+def _predict_args(p: argparse.ArgumentParser) -> None:
+    from pathlib import Path
+
+    p.add_argument("--stores", type=Path, required=True, help="the shard's patch store (.zarr)")
+    p.add_argument("--model", action="extend", nargs="+", required=True, metavar="SITE=M.keras",
+                   help="site model; its presence rule is read from the .json beside it")
+    p.add_argument("--out", type=Path, required=True, help="per-shard predictions (.parquet)")
+    p.add_argument("--masks-out", type=Path, help="also write the predicted patch masks (.zarr)")
+    p.add_argument("--batch-size", type=int, default=64, help="patches per model call (sets memory)")
+    p.add_argument("--precision", default="auto", help="auto, float32, mixed_bfloat16 or mixed_float16")
+
+
+@subcommand("predict-masks", "predict osteophyte presence and area per site for one shard", _predict_args)
+def _predict_masks(args: argparse.Namespace) -> int:
+    from hipoa.predict import predict_shard
+
+    predict_shard(
+        store=args.stores,
+        models=_site_models(args.model),
+        out=args.out,
+        masks_out=args.masks_out,
+        batch_size=args.batch_size,
+        precision=args.precision,
+    )
+    return 0
+
+
+def _phenotypes_args(p: argparse.ArgumentParser) -> None:
+    from pathlib import Path
+
+    p.add_argument("--manifest", type=Path, required=True, help="results/manifest/{side}.parquet")
+    p.add_argument("--predictions", type=Path, action="extend", nargs="+", required=True,
+                   help="per-shard predictions (.parquet), every shard of the side")
+    p.add_argument("--model", action="extend", nargs="+", required=True, metavar="SITE=M.keras",
+                   help="site models (for their SHA-256 and presence rules), in column order")
+    p.add_argument("--splits", type=Path, action="extend", nargs="+", default=[],
+                   help="split tables, for used_in_training")
+    p.add_argument("--side", required=True, choices=["L", "R"])
+    p.add_argument("--out", type=Path, required=True, help="results/phenotypes/osteophytes_{side}.parquet")
+    p.add_argument("--config-hash", default="", help="recorded in the Parquet metadata")
+    p.add_argument("--masks-dir", type=Path, help="write predicted label PNGs in image space here")
+    p.add_argument("--mask-stores", "--stores", dest="mask_stores", type=Path, action="extend", nargs="+",
+                   default=[], help="predicted-mask stores from predict-masks --masks-out")
+
+
+@subcommand("phenotypes", "gather the shards' predictions into the phenotype tables of one side", _phenotypes_args)
+def _phenotypes(args: argparse.Namespace) -> int:
+    from hipoa.phenotypes import gather, summary
+
+    if (args.masks_dir is None) != (not args.mask_stores):
+        raise ValueError("--masks-dir and --mask-stores go together")
+    models = _site_models(args.model)
+    df = gather(
+        manifest=args.manifest,
+        predictions=args.predictions,
+        models=models,
+        side=args.side,
+        out=args.out,
+        splits=args.splits,
+        config_hash=args.config_hash,
+        masks_dir=args.masks_dir,
+        mask_stores=args.mask_stores,
+    )
+    print(f"{args.out}\n{summary(df, list(models))}")
+    return 0
 # ---- end predict -----------------------------------------------------------------------------
+
+# ---- report ----------------------------------------------------------------------------------
+from pathlib import Path  # noqa: E402
+
+
+def _report_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--phenotypes", nargs="+", required=True, type=Path, metavar="P.parquet",
+                   help="phenotype tables, one per side")
+    p.add_argument("--scores", nargs="*", default=[], type=Path, metavar="S.json",
+                   help="evaluation JSONs of the trained sites (none when every model is loaded)")
+    p.add_argument("--evaluation", required=True, type=Path, metavar="HTML",
+                   help="table of test-split scores beside the paper's Table 2")
+    p.add_argument("--qc", required=True, type=Path, metavar="HTML", help="images by QC outcome; prevalence")
+    p.add_argument("--areas", required=True, type=Path, metavar="PNG", help="predicted-area histograms")
+    p.add_argument("--prevalence", required=True, type=Path, metavar="PNG", help="prevalence per site and side")
+
+
+@subcommand("report-figures", "tables and figures for the workflow report", _report_arguments)
+def _report_figures(args: argparse.Namespace) -> int:
+    from hipoa.report import write_report_figures
+
+    write_report_figures(
+        phenotypes=args.phenotypes,
+        scores=args.scores,
+        evaluation=args.evaluation,
+        qc=args.qc,
+        areas=args.areas,
+        prevalence_png=args.prevalence,
+    )
+    return 0
+
+
+# ---- end report ------------------------------------------------------------------------------
 
 
 def build_parser() -> argparse.ArgumentParser:

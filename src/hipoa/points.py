@@ -44,11 +44,12 @@ def read_pts(path: str | Path, n_points: int | None = N_POINTS) -> np.ndarray:
     """
     path = Path(path)
     try:
-        text = path.read_text(encoding="utf-8", errors="strict")
+        text = path.read_text(encoding="utf-8-sig", errors="strict")
     except UnicodeDecodeError as exc:
         raise PointsError(f"{path}: not a text .pts file ({exc.reason} at byte {exc.start})") from None
     lines = text.splitlines()
     declared: int | None = None
+    declared_line = 0
     i = 0
     while i < len(lines):
         line = lines[i].strip()
@@ -67,12 +68,14 @@ def read_pts(path: str | Path, n_points: int | None = N_POINTS) -> np.ndarray:
         elif key == "n_points":
             try:
                 declared = int(value.strip())
+                declared_line = i
             except ValueError:
                 raise PointsError(f"{path}: line {i}: n_points is not an integer: {value.strip()!r}") from None
     else:
-        raise PointsError(f"{path}: no '{{' opening the point list")
+        last = lines[-1].strip() if lines else ""
+        raise PointsError(f"{path}: line {len(lines)}: no '{{' opening the point list (last line {last!r})")
     if declared is None:
-        raise PointsError(f"{path}: header has no n_points")
+        raise PointsError(f"{path}: line {i}: '{{' before any 'n_points:' header line")
     coords: list[tuple[float, float]] = []
     closed = False
     while i < len(lines):
@@ -84,7 +87,7 @@ def read_pts(path: str | Path, n_points: int | None = N_POINTS) -> np.ndarray:
             closed = True
             break
         parts = line.split()
-        if len(parts) < 2:
+        if len(parts) != 2:
             raise PointsError(f"{path}: line {i}: expected 'x y', got {line!r}")
         try:
             x, y = float(parts[0]), float(parts[1])
@@ -94,11 +97,16 @@ def read_pts(path: str | Path, n_points: int | None = N_POINTS) -> np.ndarray:
             raise PointsError(f"{path}: line {i}: non-finite coordinate {line!r}")
         coords.append((x, y))
     if not closed:
-        raise PointsError(f"{path}: point list not closed with '}}' (file truncated?)")
+        last = lines[-1].strip() if lines else ""
+        raise PointsError(
+            f"{path}: line {len(lines)}: point list not closed with '}}' (file truncated?), last line {last!r}"
+        )
     if len(coords) != declared:
-        raise PointsError(f"{path}: header says n_points: {declared}, but the list has {len(coords)} points")
+        raise PointsError(
+            f"{path}: line {declared_line}: header says n_points: {declared}, but the list has {len(coords)} points"
+        )
     if n_points is not None and len(coords) != n_points:
-        raise PointsError(f"{path}: expected {n_points} points, got {len(coords)}")
+        raise PointsError(f"{path}: line {declared_line}: expected {n_points} points, got {len(coords)}")
     return np.asarray(coords, dtype=np.float64).reshape(-1, 2)
 
 
@@ -108,7 +116,8 @@ def write_pts(path: str | Path, points: np.ndarray) -> None:
     if pts.ndim != 2 or pts.shape[1] != 2:
         raise ValueError(f"{path}: points must have shape (n, 2), got {pts.shape}")
     if not np.all(np.isfinite(pts)):
-        raise ValueError(f"{path}: points contain non-finite values")
+        bad = np.flatnonzero(~np.isfinite(pts).all(axis=1))
+        raise ValueError(f"{path}: non-finite point(s) {bad.tolist()}: first {pts[bad[0]].tolist()}")
     body = "\n".join(f"{x:.3f} {y:.3f}" for x, y in pts)
     Path(path).write_text(f"version: 1\nn_points: {len(pts)}\n{{\n{body}\n}}\n", encoding="utf-8")
 

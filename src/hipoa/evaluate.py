@@ -1,0 +1,222 @@
+"""Test-split evaluation of a site's U-Net, with the measures of Ebsim et al., Table 2 and Fig. 3-4.
+
+The test images are those of the split table's ``test`` split, each seen through its
+automatic-point patch (``auto/{site}`` in the patch stores), as the model is used; no augmentation.
+Presence uses the model's stored rule (:func:`hipoa.metrics.presence_from_probability` with the
+thresholds in the model's JSON); truth is ``positive`` in the split table
+(``{site}_true_area_mm2 > 0``).
+
+Dice is reported two ways:
+
+- ``dice_mean`` / ``dice_std``: over the truly positive test images (the paper's segmentation
+  score), where a positive image whose prediction is absent counts as Dice 0;
+- ``dice_mean_all`` / ``dice_std_all``: over all test images, where an empty prediction on an
+  empty truth counts as 1.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+
+from hipoa.metrics import confusion, dice, f1, presence_from_probability, sensitivity, specificity
+from hipoa.train import json_safe, open_site_patches, model_info_path, patch_indices, predict_probability, read_masks, read_splits, take_rows
+
+log = logging.getLogger(__name__)
+
+PAPER_TABLE2 = {
+    "inferior_femoral_head": [
+        {"model": "U-Net 1", "sensitivity": 0.96, "specificity": 0.85, "f1": 0.91, "dice_mean": 0.66, "dice_std": 0.24},
+    ],
+    "superior_femoral_head": [
+        {"model": "U-Net 2", "sensitivity": 0.98, "specificity": 0.92, "f1": 0.94, "dice_mean": 0.71, "dice_std": 0.19},
+    ],
+    "lateral_acetabulum": [
+        {"model": "U-Net 3 (no displacement)", "sensitivity": 0.67, "specificity": 0.84, "f1": 0.71,
+         "dice_mean": 0.46, "dice_std": 0.38},
+        {"model": "U-Net 4 (displacement 0.05)", "sensitivity": 0.94, "specificity": 0.73, "f1": 0.82,
+         "dice_mean": 0.64, "dice_std": 0.24},
+    ],
+}
+"""Ebsim et al., Table 2, per site key (test sets of 409, 793 and 760 left-hip DXAs)."""
+
+
+def evaluate_site(
+    *,
+    site: str,
+    model: str | Path,
+    stores: Sequence[str | Path],
+    splits,
+    out: str | Path,
+    figures_dir: str | Path | None = None,
+    precision: str = "auto",
+    batch_size: int = 64,
+) -> dict:
+    """Evaluate a site's model on its test split and write the JSON and figures.
+
+    Args:
+        site: Site key.
+        model: The ``.keras`` model; its presence rule is read from the ``.json`` beside it.
+        stores: Patch stores holding the test images.
+        splits: Split table (Parquet path or DataFrame).
+        out: JSON to write, ``results/evaluation/{site}.json``.
+        figures_dir: Where to write ``{site}_confusion.png`` and ``{site}_overlay.png``
+            (default: ``out``'s folder).
+        precision: ``auto`` or a policy name; ``auto`` matches what prediction uses.
+        batch_size: Prediction batch size.
+
+    Returns:
+        The dict written: ``n``, ``n_positive``, ``sensitivity``, ``specificity``, ``f1``,
+        ``dice_mean``, ``dice_std`` (positives), ``dice_mean_all``, ``dice_std_all``,
+        ``confusion_matrix`` ``[[tn, fp], [fn, tp]]`` (rows truth, columns prediction), ``presence``,
+        ``paper_table2``.
+
+    Raises:
+        ValueError: when the split table has no test images.
+    """
+    import keras
+
+    from hipoa.precision import choose_policy, with_policy
+
+    model_path, out = Path(model), Path(out)
+    figures_dir = Path(figures_dir) if figures_dir is not None else out.parent
+    info_path = model_info_path(model_path)
+    if not info_path.is_file():
+        raise FileNotFoundError(f"{model_path}: its settings file {info_path} is missing (it holds the presence rule)")
+    presence = json.loads(info_path.read_text())["presence"]
+    table = read_splits(splits)
+    test = table[table["split"] == "test"].reset_index(drop=True)
+    if test.empty:
+        raise ValueError(f"site {site}: the split table has no test images")
+
+    policy = choose_policy(precision)
+    net = with_policy(keras.saving.load_model(model_path, compile=False), policy)
+    auto = open_site_patches(stores, site, "auto")
+    idx = patch_indices(auto.rows, test, "auto patches")
+    log.info("evaluate %s: %d test images (%d positive), %s, rule %s", site, len(test), int(test["positive"].sum()), policy, presence)
+    prob = predict_probability(net, auto.image, idx, batch_size=batch_size)
+    truth_mask = read_masks(auto.mask, idx)
+    present, mask, area, probability = presence_from_probability(
+        prob, presence["pixel_threshold"], presence["min_area_px"]
+    )
+    truth = test["positive"].to_numpy(bool)
+    d = dice(mask, truth_mask)  # mask is empty where not present: a missed positive scores 0
+    tn, fp, fn, tp = confusion(present, truth)
+    result = {
+        "site": site,
+        "model": str(model_path),
+        "n": int(len(test)),
+        "n_positive": int(truth.sum()),
+        "sensitivity": sensitivity(present, truth),
+        "specificity": specificity(present, truth),
+        "f1": f1(present, truth),
+        "dice_mean": float(d[truth].mean()) if truth.any() else float("nan"),
+        "dice_std": float(d[truth].std()) if truth.any() else float("nan"),
+        "dice_mean_all": float(d.mean()),
+        "dice_std_all": float(d.std()),
+        "confusion_matrix": [[tn, fp], [fn, tp]],
+        "confusion_matrix_layout": "[[tn, fp], [fn, tp]]: rows truth (absent, present), columns prediction",
+        "dice_over": "dice_mean/std: truly positive test images, a positive predicted absent counts 0; "
+        "_all: every test image, empty prediction on empty truth counts 1",
+        "test_patches": "automatic-point patches (auto/) of the split table's test images, no augmentation",
+        "presence": presence,
+        "precision": policy,
+        "paper_table2": PAPER_TABLE2.get(site),
+    }
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(json_safe(result), indent=2) + "\n")
+    figures_dir.mkdir(parents=True, exist_ok=True)
+    confusion_figure(result, figures_dir / f"{site}_confusion.png")
+    images = take_rows(auto.image, idx).astype(np.float32)
+    overlay_figure(
+        images, truth_mask, mask, d, truth, figures_dir / f"{site}_overlay.png", title=site
+    )
+    log.info(
+        "evaluate %s: sensitivity %.3f, specificity %.3f, F1 %.3f, Dice %.3f +- %.3f (positives); wrote %s",
+        site, result["sensitivity"], result["specificity"], result["f1"], result["dice_mean"], result["dice_std"], out,
+    )
+    return result
+
+
+def confusion_figure(result: dict, path: str | Path) -> Path:
+    """A 2x2 confusion-matrix PNG like the paper's Fig. 3 (counts and row percentages)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    cm = np.asarray(result["confusion_matrix"], dtype=float)
+    rows = cm.sum(axis=1, keepdims=True)
+    frac = np.divide(cm, rows, out=np.zeros_like(cm), where=rows > 0)
+    fig, ax = plt.subplots(figsize=(3.6, 3.4), dpi=120)
+    ax.imshow(frac, cmap="Blues", vmin=0, vmax=1)
+    for i in range(2):
+        for j in range(2):
+            ax.text(j, i, f"{int(cm[i, j])}\n{100 * frac[i, j]:.0f}%", ha="center", va="center",
+                    color="white" if frac[i, j] > 0.5 else "black", fontsize=11)
+    ax.set_xticks([0, 1], ["absent", "present"])
+    ax.set_yticks([0, 1], ["absent", "present"])
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("truth")
+    ax.set_title(f"{result['site']}\nn={result['n']}, sens {result['sensitivity']:.2f}, spec {result['specificity']:.2f}",
+                 fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return Path(path)
+
+
+def overlay_figure(
+    images: np.ndarray,
+    truth: np.ndarray,
+    pred: np.ndarray,
+    dice_scores: np.ndarray,
+    positive: np.ndarray,
+    path: str | Path,
+    *,
+    n: int = 6,
+    title: str = "",
+) -> Path:
+    """A montage like the paper's Fig. 4: per example, input, truth, prediction and overlap.
+
+    Examples are truly positive test images at evenly spaced ranks of Dice (worst to best), so the
+    montage shows the range of results. Overlap = truth + 2 x prediction: 0 background, 1 missed
+    (truth only, red), 2 extra (prediction only, blue), 3 agreed (green).
+
+    Args:
+        images: ``(n, S, S)`` float patches; ``truth``, ``pred``: ``(n, S, S)`` uint8 masks;
+            ``dice_scores``: ``(n,)``; ``positive``: ``(n,)`` bool.
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.colors import ListedColormap
+
+    pool = np.flatnonzero(positive) if np.any(positive) else np.arange(len(images))
+    pool = pool[np.argsort(dice_scores[pool], kind="stable")]
+    pick = pool[np.unique(np.linspace(0, len(pool) - 1, min(n, len(pool))).round().astype(int))] if len(pool) else pool
+    cols = ["input", "truth", "prediction", "overlap"]
+    overlap_cmap = ListedColormap(["black", "red", "dodgerblue", "limegreen"])
+    fig, axes = plt.subplots(max(len(pick), 1), 4, figsize=(8, 2.1 * max(len(pick), 1)), dpi=100, squeeze=False)
+    for r, i in enumerate(pick):
+        over = truth[i].astype(np.uint8) + 2 * (pred[i] > 0).astype(np.uint8)
+        panels = [(images[i], "gray", None), (truth[i], "gray", (0, 1)), (pred[i], "gray", (0, 1)), (over, overlap_cmap, (0, 3))]
+        for c, (data, cmap, lim) in enumerate(panels):
+            ax = axes[r, c]
+            kw = {"vmin": lim[0], "vmax": lim[1]} if lim else {}
+            ax.imshow(data, cmap=cmap, interpolation="nearest", **kw)
+            ax.set_xticks([])
+            ax.set_yticks([])
+            if r == 0:
+                ax.set_title(cols[c], fontsize=10)
+        axes[r, 0].set_ylabel(f"Dice {dice_scores[i]:.2f}", fontsize=9)
+    fig.suptitle(f"{title}: overlap red = missed, blue = extra, green = agreed", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return Path(path)

@@ -1,0 +1,428 @@
+"""Gather per-shard predictions into the phenotype tables a genetic analyst loads.
+
+Writes, for one side (see the data contract, "Outputs"):
+
+- ``osteophytes_{side}.parquet``: one row per ingested image (every manifest row exactly once,
+  QC failures included), nullable dtypes (NA = not measurable, never a sentinel number), and
+  key-value schema metadata (``hipoa_version``, ``config_hash``, ``model_sha256:{site}``,
+  ``presence_threshold:{site}``, ``created``) written through pyarrow so pandas, polars, duckdb
+  and R's arrow all see it. Only ``created`` differs between two runs on the same inputs.
+- ``osteophytes_{side}.pheno.tsv``: ``FID IID`` + the traits (presence 0/1, areas in mm^2,
+  ``any_present``, ``total_area_mm2``), ``NA`` for missing, for ``plink2 --1`` and regenie. One
+  line per participant: where a participant has several imaging visits, the lowest instance that
+  passes QC (else the lowest instance) is kept, since GWAS tools need unique IIDs.
+- ``osteophytes_{side}.dict.tsv``: ``FIELD TYPE DESCRIPTION UNITS`` for every Parquet column.
+
+and optionally (:func:`write_masks`) the predicted label masks back in each image's space.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import hashlib
+import json
+import logging
+import re
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from hipoa import __version__
+from hipoa.predict import AREA, PRESENT, PROBABILITY, read_presence_rule, site_columns
+from hipoa.progress import Progress
+
+log = logging.getLogger(__name__)
+
+TRAINING_SPLITS = ("train", "val", "validation")
+"""Split labels whose participants count as ``used_in_training`` (validation chose thresholds)."""
+
+_KEY = ["eid", "instance", "side"]
+
+
+def sha256_file(path: Path) -> str:
+    """Hex SHA-256 of a file's bytes."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def eid_column(eids: pd.Series) -> pd.Series:
+    """``eid`` as int64 when every eid is an integer, else as string (contract)."""
+    text = eids.astype(str).str.strip()
+    if len(text) and text.str.fullmatch(r"-?\d{1,18}").all():
+        return text.astype(np.int64)
+    return pd.Series(pd.array(text, dtype="string"), index=eids.index)
+
+
+def _read_table(path: Path) -> pd.DataFrame:
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: not found")
+    if path.suffix.lower() == ".csv":
+        return pd.read_csv(path, dtype={"eid": str}, keep_default_na=False)
+    return pd.read_parquet(path)
+
+
+def training_eids(splits: list[Path]) -> set[str]:
+    """Participants (as strings) in a train or validation split of any site.
+
+    Each split table has ``eid`` and ``split`` (or ``subset``) columns; labels are compared
+    case-insensitively with :data:`TRAINING_SPLITS`.
+    """
+    eids: set[str] = set()
+    for path in splits:
+        t = _read_table(Path(path))
+        col = "split" if "split" in t.columns else "subset" if "subset" in t.columns else None
+        if "eid" not in t.columns or col is None:
+            raise ValueError(f"{path}: a splits table needs columns eid and split, got {list(t.columns)}")
+        used = t[col].astype(str).str.lower().isin(TRAINING_SPLITS)
+        eids.update(t.loc[used, "eid"].astype(str).str.strip())
+    return eids
+
+
+def _dictionary(sites: list[str]) -> list[tuple[str, str, str, str]]:
+    """(FIELD, TYPE, DESCRIPTION, UNITS) of every Parquet column, in column order."""
+    rows = [
+        ("eid", "int64", "UK Biobank participant ID (string when some IDs are not numeric)", ""),
+        ("instance", "int16", "UK Biobank assessment visit instance of the scan", ""),
+        ("side", "string", "hip: L (left) or R (right)", ""),
+        ("qc_pass", "bool", "true when every site could be measured", ""),
+        ("qc_reason", "string", "empty when qc_pass; else the first reason the image could not be fully measured", ""),
+        ("reference_length_mm", "float64", "distance between the two reference points of the automatic outline", "mm"),
+    ]
+    for s in sites:
+        rows += [
+            (f"{s}{PRESENT}", "Int8", f"{s}: osteophyte predicted present (1) or absent (0); NA not measurable", ""),
+            (f"{s}{AREA}", "Float64", f"{s}: predicted osteophyte area; 0 when absent; NA not measurable", "mm^2"),
+            (f"{s}{PROBABILITY}", "Float32", f"{s}: model probability that an osteophyte is present", ""),
+        ]
+    rows += [
+        ("any_present", "Int8", "1 if any site present; 0 if all sites 0; NA if none is 1 and any is NA", ""),
+        ("total_area_mm2", "Float64", "sum of the site areas; NA if any site is NA", "mm^2"),
+        ("annotated", "bool", "the image has a manual osteophyte mask", ""),
+        ("used_in_training", "bool", "participant is in a train or validation split of any site's U-Net", ""),
+    ]
+    return rows
+
+
+def _combine(df: pd.DataFrame, sites: list[str]) -> pd.DataFrame:
+    """Add ``any_present`` and ``total_area_mm2`` (Kleene logic for presence, NA-propagating sum)."""
+    present = pd.concat([df[f"{s}{PRESENT}"] for s in sites], axis=1)
+    any_one = (present == 1).any(axis=1).to_numpy()
+    any_na = present.isna().any(axis=1).to_numpy()
+    any_present = pd.array(np.where(any_one, 1, 0), dtype="Int8")
+    any_present[~any_one & any_na] = pd.NA
+    areas = pd.concat([df[f"{s}{AREA}"] for s in sites], axis=1)
+    total = pd.array(areas.fillna(0.0).sum(axis=1).to_numpy(dtype=np.float64), dtype="Float64")
+    total[areas.isna().any(axis=1).to_numpy()] = pd.NA
+    df["any_present"] = any_present
+    df["total_area_mm2"] = total
+    return df
+
+
+def _pheno_rows(df: pd.DataFrame) -> pd.DataFrame:
+    """One row per eid: the lowest instance passing QC, else the lowest instance."""
+    order = df.assign(_fail=~df["qc_pass"]).sort_values(["eid", "_fail", "instance"], kind="stable")
+    return order.drop_duplicates("eid", keep="first").drop(columns="_fail")
+
+
+def gather(
+    *,
+    manifest: Path,
+    predictions: list[Path],
+    models: dict[str, Path],
+    side: str,
+    out: Path,
+    splits: list[Path] = (),
+    config_hash: str = "",
+    masks_dir: Path | None = None,
+    mask_stores: list[Path] = (),
+) -> pd.DataFrame:
+    """Build and write the phenotype tables of one side.
+
+    Args:
+        manifest: ``results/manifest/{side}.parquet`` (eid, instance, side, qc_reason, annotated).
+        predictions: Per-shard Parquets from :func:`hipoa.predict.predict_shard`.
+        models: Site -> ``.keras`` model (for its SHA-256 and its presence rule), in column order.
+        side: ``"L"`` or ``"R"``.
+        out: ``.../osteophytes_{side}.parquet``; the ``.pheno.tsv`` and ``.dict.tsv`` go beside it.
+        splits: Split tables (eid, split) of the sites' training, for ``used_in_training``.
+        config_hash: Hash of the workflow config, recorded in the metadata.
+        masks_dir: When given with ``mask_stores``, write label PNGs there (:func:`write_masks`).
+        mask_stores: Predicted-mask Zarrs from ``predict_shard(masks_out=...)``.
+
+    Returns:
+        The table written, contract columns and dtypes.
+
+    Raises:
+        ValueError: when a manifest image has no prediction (a shard failed or is missing), when
+            an image is predicted twice or not in the manifest, or a site's columns are missing.
+    """
+    out = Path(out)
+    if side not in ("L", "R"):
+        raise ValueError(f"side must be 'L' or 'R', got {side!r}")
+    sites = list(models)
+    if not sites:
+        raise ValueError("gather: no models given (expected SITE=MODEL.keras)")
+    if not predictions:
+        raise ValueError("gather: no prediction files given")
+
+    man = _read_table(Path(manifest))
+    missing = {"eid", "instance", "side"} - set(man.columns)
+    if missing:
+        raise ValueError(f"{manifest}: manifest lacks columns {sorted(missing)}")
+    man = man[man["side"].astype(str) == side].copy()
+    man["eid"] = man["eid"].astype(str).str.strip()
+    man["instance"] = man["instance"].astype(np.int16)
+    man["side"] = man["side"].astype(str)
+    man["qc_reason"] = man["qc_reason"].fillna("").astype(str) if "qc_reason" in man else ""
+    man["annotated"] = man["annotated"].fillna(False).astype(bool) if "annotated" in man else False
+    dup = man.duplicated(_KEY)
+    if dup.any():
+        raise ValueError(f"{manifest}: {int(dup.sum())} duplicated images, e.g. {man.loc[dup, _KEY].iloc[0].tolist()}")
+
+    parts = []
+    for p in predictions:
+        t = pd.read_parquet(p)
+        need = ["eid", "instance", "side", "qc_reason", "reference_length_mm"]
+        need += [c for s in sites for c in site_columns(s)]
+        lacking = [c for c in need if c not in t.columns]
+        if lacking:
+            raise ValueError(f"{p}: prediction lacks columns {lacking}")
+        parts.append(t[need].assign(_source=str(p)))
+    pred = pd.concat(parts, ignore_index=True)
+    pred["eid"] = pred["eid"].astype(str).str.strip()
+    pred["instance"] = pred["instance"].astype(np.int16)
+    pred["side"] = pred["side"].astype(str)
+    pred = pred[pred["side"] == side]
+    dup = pred.duplicated(_KEY, keep=False)
+    if dup.any():
+        first = pred.loc[dup].iloc[0]
+        raise ValueError(
+            f"image {first['eid']}_{first['instance']}_{side} predicted more than once "
+            f"({sorted(set(pred.loc[dup, '_source']))})"
+        )
+    merged = man[_KEY + ["qc_reason", "annotated"]].merge(
+        pred.rename(columns={"qc_reason": "_pred_reason"}), on=_KEY, how="outer", indicator=True
+    )
+    not_predicted = merged[merged["_merge"] == "left_only"]
+    if len(not_predicted):
+        ex = not_predicted.iloc[0]
+        raise ValueError(
+            f"{len(not_predicted)} of {len(man)} images of side {side} in {manifest} have no prediction "
+            f"(a shard failed or is missing), e.g. {ex['eid']}_{ex['instance']}_{side}"
+        )
+    stale = merged[merged["_merge"] == "right_only"]
+    if len(stale):
+        ex = stale.iloc[0]
+        raise ValueError(
+            f"{len(stale)} predicted images are not in {manifest} (stale predictions?), "
+            f"e.g. {ex['eid']}_{ex['instance']}_{side} from {ex['_source']}"
+        )
+
+    reason = merged["qc_reason"].fillna("").astype(str)
+    reason = reason.where(reason != "", merged["_pred_reason"].fillna("").astype(str))
+    site_na = pd.concat([merged[c].isna() for s in sites for c in (f"{s}{PRESENT}", f"{s}{AREA}")], axis=1).any(axis=1)
+    # Belt and braces: an image with any NA site is never reported as passing QC.
+    reason = reason.where(~((reason == "") & site_na), "not_measured")
+    used = training_eids(list(splits))
+
+    df = pd.DataFrame(
+        {
+            "eid": eid_column(merged["eid"]),
+            "instance": merged["instance"].to_numpy(dtype=np.int16),
+            "side": pd.array(merged["side"], dtype="string"),
+            "qc_pass": (reason == "").to_numpy(dtype=bool),
+            "qc_reason": pd.array(reason, dtype="string"),
+            "reference_length_mm": merged["reference_length_mm"].to_numpy(dtype=np.float64),
+        }
+    )
+    for s in sites:
+        df[f"{s}{PRESENT}"] = merged[f"{s}{PRESENT}"].astype("Int8").array
+        df[f"{s}{AREA}"] = merged[f"{s}{AREA}"].astype("Float64").array
+        df[f"{s}{PROBABILITY}"] = merged[f"{s}{PROBABILITY}"].astype("Float32").array
+    df = _combine(df, sites)
+    df["annotated"] = merged["annotated"].to_numpy(dtype=bool)
+    df["used_in_training"] = merged["eid"].isin(used).to_numpy(dtype=bool)
+    df = df.sort_values(["eid", "instance"], kind="stable").reset_index(drop=True)
+
+    metadata = {
+        "hipoa_version": __version__,
+        "config_hash": config_hash,
+        "side": side,
+        "sites": json.dumps(sites),
+    }
+    for s in sites:
+        metadata[f"model_sha256:{s}"] = sha256_file(Path(models[s]))
+        metadata[f"presence_threshold:{s}"] = json.dumps(read_presence_rule(Path(models[s])).to_dict(), sort_keys=True)
+    metadata["created"] = _dt.datetime.now(_dt.timezone.utc).replace(microsecond=0).isoformat()
+    write_parquet(df, out, metadata)
+    write_pheno_tsv(df, out_tsv_path(out, "pheno"), sites)
+    write_dict_tsv(out_tsv_path(out, "dict"), sites)
+    if masks_dir is not None and mask_stores:
+        write_masks(mask_stores=list(mask_stores), out_dir=Path(masks_dir), side=side)
+    return df
+
+
+def out_tsv_path(out: Path, kind: str) -> Path:
+    """``osteophytes_L.parquet`` -> ``osteophytes_L.{kind}.tsv`` beside it."""
+    out = Path(out)
+    return out.with_name(f"{out.stem}.{kind}.tsv")
+
+
+def write_parquet(df: pd.DataFrame, out: Path, metadata: dict[str, str]) -> None:
+    """Write ``df`` with ``metadata`` merged into the Arrow schema's key-value metadata."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    table = pa.Table.from_pandas(df, preserve_index=False)
+    # pandas' string dtype arrives as large_string; plain string is what every reader expects.
+    schema = pa.schema(
+        [f.with_type(pa.string()) if pa.types.is_large_string(f.type) else f for f in table.schema],
+        metadata=table.schema.metadata,
+    )
+    table = table.cast(schema)
+    meta = dict(table.schema.metadata or {})
+    meta.update({k.encode(): str(v).encode() for k, v in metadata.items()})
+    Path(out).parent.mkdir(parents=True, exist_ok=True)
+    pq.write_table(table.replace_schema_metadata(meta), out)
+    log.info("%s: %d rows, %d columns", out, len(df), df.shape[1])
+
+
+def pheno_columns(sites: list[str]) -> list[str]:
+    """Traits in the ``.pheno.tsv``: per site presence and area, then the combined two."""
+    return [c for s in sites for c in (f"{s}{PRESENT}", f"{s}{AREA}")] + ["any_present", "total_area_mm2"]
+
+
+def write_pheno_tsv(df: pd.DataFrame, path: Path, sites: list[str]) -> pd.DataFrame:
+    """Write the plink2/regenie phenotype file (one line per participant); returns what was written."""
+    one = _pheno_rows(df)
+    if len(one) < len(df):
+        log.info("%s: %d images -> %d participants (one instance each)", path, len(df), len(one))
+    eid = one["eid"].astype(str)
+    tsv = pd.concat([eid.rename("FID"), eid.rename("IID"), one[pheno_columns(sites)]], axis=1)
+    tsv.to_csv(path, sep="\t", index=False, na_rep="NA", lineterminator="\n")
+    return tsv
+
+
+def write_dict_tsv(path: Path, sites: list[str]) -> None:
+    """Write the data dictionary ``FIELD TYPE DESCRIPTION UNITS``."""
+    d = pd.DataFrame(_dictionary(sites), columns=["FIELD", "TYPE", "DESCRIPTION", "UNITS"])
+    d.to_csv(path, sep="\t", index=False, lineterminator="\n")
+
+
+def patch_mask_to_image(
+    mask: np.ndarray, affine: np.ndarray, shape: tuple[int, int]
+) -> tuple[tuple[slice, slice], np.ndarray] | None:
+    """Where a patch mask falls in the stored image (nearest neighbour).
+
+    Args:
+        mask: ``(h, w)`` patch mask, nonzero = foreground.
+        affine: ``(2, 3)`` patch ``(u=col, v=row, 1)`` -> stored-image ``(x, y)`` pixel centres.
+        shape: ``(rows, cols)`` of the stored image.
+
+    Returns:
+        ``(window, fg)``: the image window (row slice, column slice) covering the patch and a bool
+        array of that window's shape, True where the image pixel centre maps into a foreground patch
+        pixel; None when the mask is empty or the patch misses the image.
+    """
+    if not mask.any():
+        return None
+    h, w = mask.shape
+    A = np.asarray(affine, dtype=np.float64)
+    corners = np.array([[-0.5, -0.5], [w - 0.5, -0.5], [-0.5, h - 0.5], [w - 0.5, h - 0.5]])
+    xy = corners @ A[:, :2].T + A[:, 2]
+    x0, y0 = np.floor(xy.min(axis=0)).astype(int)
+    x1, y1 = np.ceil(xy.max(axis=0)).astype(int)
+    x0, y0 = max(x0, 0), max(y0, 0)
+    x1, y1 = min(x1, shape[1] - 1), min(y1, shape[0] - 1)
+    if x1 < x0 or y1 < y0:
+        return None
+    ys, xs = np.mgrid[y0 : y1 + 1, x0 : x1 + 1]
+    inv = np.linalg.inv(A[:, :2])
+    uv = np.stack([xs - A[0, 2], ys - A[1, 2]], axis=-1) @ inv.T
+    u = np.floor(uv[..., 0] + 0.5).astype(int)
+    v = np.floor(uv[..., 1] + 0.5).astype(int)
+    inside = (u >= 0) & (u < w) & (v >= 0) & (v < h)
+    fg = np.zeros(u.shape, dtype=bool)
+    fg[inside] = mask[v[inside], u[inside]] != 0
+    return (slice(y0, y1 + 1), slice(x0, x1 + 1)), fg
+
+
+def _strings(array) -> np.ndarray:
+    """A Zarr string array (fixed or variable length) as a NumPy ``str`` array."""
+    return np.asarray(array[:]).astype(object).astype(str)
+
+
+def write_masks(*, mask_stores: list[Path], out_dir: Path, side: str | None = None) -> list[Path]:
+    """Write predicted label masks in each original image's space, for visual QC.
+
+    One PNG per image with at least one measured site, ``{out_dir}/{eid}_{instance}_{side}.png``:
+    single channel uint8, the stored image's rows x columns and orientation (right hips are not
+    mirrored: the patch affines already map to stored-image pixels), 0 background and each site's
+    label (from the store's site table) where that site's predicted mask falls, like the input
+    masks. A site that could not be measured contributes nothing.
+
+    Args:
+        mask_stores: Zarrs written by ``predict_shard(masks_out=...)``.
+        out_dir: Directory for the PNGs (e.g. ``results/masks/L``).
+        side: Only write images of this side (None: all).
+
+    Returns:
+        The PNG paths written, in store and row order.
+    """
+    import zarr
+    from PIL import Image
+
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    written: list[Path] = []
+    for store in mask_stores:
+        root = zarr.open_group(str(store), mode="r")
+        labels = {name: int(entry["label"]) for name, entry in root.attrs.get("sites", {}).items()}
+        r = root["rows"]
+        eid, inst, sd = _strings(r["eid"]), r["instance"][:], _strings(r["side"])
+        nrows, ncols = r["rows"][:], r["cols"][:]
+        sites = sorted((s for s in root.group_keys() if s != "rows"), key=lambda s: labels.get(s, 0))
+        missing = [s for s in sites if s not in labels]
+        if missing:
+            raise ValueError(f"{store}: no label for sites {missing} in the store's site table")
+        measured = {s: root[f"{s}/measured"][:] for s in sites}
+        affines = {s: root[f"{s}/affine"][:] for s in sites}
+        idx = [i for i in range(len(eid)) if (side is None or sd[i] == side) and any(measured[s][i] for s in sites)]
+        progress = Progress(len(idx), f"masks {Path(store).name}", log, unit="images")
+        for i in idx:
+            label = np.zeros((int(nrows[i]), int(ncols[i])), dtype=np.uint8)
+            for s in sites:
+                if not measured[s][i]:
+                    continue
+                placed = patch_mask_to_image(root[f"{s}/mask"][i], affines[s][i], label.shape)
+                if placed is not None:
+                    window, fg = placed
+                    label[window][fg] = labels[s]
+            path = out_dir / f"{eid[i]}_{int(inst[i])}_{sd[i]}.png"
+            Image.fromarray(label).save(path)
+            written.append(path)
+            progress.update()
+        progress.close()
+    return written
+
+
+def summary(df: pd.DataFrame, sites: list[str]) -> str:
+    """Short human summary: counts, QC failures by reason, prevalence and mean area per site."""
+    lines = [
+        f"images: {len(df)}  participants: {df['eid'].nunique()}  qc_pass: {int(df['qc_pass'].sum())}"
+        f"  annotated: {int(df['annotated'].sum())}  used_in_training: {int(df['used_in_training'].sum())}"
+    ]
+    reasons = df.loc[~df["qc_pass"], "qc_reason"].value_counts()
+    lines.append("qc failures: " + (", ".join(f"{k}={v}" for k, v in reasons.items()) if len(reasons) else "none"))
+    for s in sites + ["any"]:
+        p = df[f"{s}{PRESENT}"].dropna()
+        a = df.loc[df[f"{s}{PRESENT}"] == 1, f"{s}{AREA}" if s != "any" else "total_area_mm2"]
+        prev = f"{100 * p.mean():.1f}%" if len(p) else "n/a"
+        mean_area = f"{a.mean():.2f} mm^2" if len(a) else "n/a"
+        lines.append(f"{s}: measured {len(p)}, present {int(p.sum())} ({prev}), mean area when present {mean_area}")
+    return "\n".join(lines)

@@ -1,0 +1,243 @@
+"""Figures and tables for the workflow's HTML report (`snakemake --report`).
+
+Reads only the workflow's outputs (phenotype Parquets, evaluation JSONs) and writes small
+self-contained files that the Snakemake report embeds: HTML tables (shown inline) and PNGs.
+The paper's Table 2 (Ebsim et al., section 4.3) is kept here so each site's test-split scores
+can be read beside the published ones.
+"""
+
+from __future__ import annotations
+
+import html
+import json
+import logging
+import math
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+import pandas as pd  # noqa: E402
+
+log = logging.getLogger(__name__)
+
+PAPER_TABLE2: tuple[dict[str, object], ...] = (
+    {"site": "inferior_femoral_head", "model": "paper U-Net 1", "sensitivity": 0.96,
+     "specificity": 0.85, "f1": 0.91, "dice_mean": 0.66, "dice_std": 0.24},
+    {"site": "superior_femoral_head", "model": "paper U-Net 2", "sensitivity": 0.98,
+     "specificity": 0.92, "f1": 0.94, "dice_mean": 0.71, "dice_std": 0.19},
+    {"site": "lateral_acetabulum", "model": "paper U-Net 3", "sensitivity": 0.67,
+     "specificity": 0.84, "f1": 0.71, "dice_mean": 0.46, "dice_std": 0.38},
+    {"site": "lateral_acetabulum", "model": "paper U-Net 4 (displacement)", "sensitivity": 0.94,
+     "specificity": 0.73, "f1": 0.82, "dice_mean": 0.64, "dice_std": 0.24},
+)
+"""Table 2 of the paper: presence sensitivity/specificity/F1 and Dice mean +- std per U-Net."""
+
+_SCORES = ("sensitivity", "specificity", "f1", "dice_mean", "dice_std")
+_CSS = (
+    "body{font-family:sans-serif;font-size:14px}table{border-collapse:collapse}"
+    "th,td{border:1px solid #bbb;padding:3px 8px;text-align:right}"
+    "th{background:#eee}td.l,th.l{text-align:left}tr.paper td{color:#666;font-style:italic}"
+)
+
+
+def _number(value: object) -> float:
+    """A score as float; None, "" and missing become NaN."""
+    if value is None or value == "":
+        return math.nan
+    return float(value)
+
+
+def read_scores(paths: list[Path]) -> pd.DataFrame:
+    """One row per evaluation JSON written by ``hipoa evaluate``.
+
+    Args:
+        paths: ``results/evaluation/{site}.json`` files; the site is the JSON's ``site`` key,
+            else the file stem.
+
+    Returns:
+        Columns ``site`` (str), ``n``, ``n_positive`` (int), ``sensitivity``, ``specificity``,
+        ``f1``, ``dice_mean``, ``dice_std`` (float64, NaN where undefined), in path order.
+    """
+    rows = []
+    for path in paths:
+        data = json.loads(Path(path).read_text())
+        row = {"site": str(data.get("site") or Path(path).stem), "n": int(data.get("n", 0)),
+               "n_positive": int(data.get("n_positive", 0))}
+        row.update({key: _number(data.get(key)) for key in _SCORES})
+        rows.append(row)
+    return pd.DataFrame(rows, columns=["site", "n", "n_positive", *_SCORES])
+
+
+def evaluation_table(scores: pd.DataFrame) -> pd.DataFrame:
+    """Our test-split rows, each followed by the paper's Table 2 row(s) of the same site.
+
+    Returns:
+        Columns ``site``, ``model`` ("hipoa" or the paper's U-Net), ``n``, ``n_positive`` (NaN
+        for the paper's rows) and the scores.
+    """
+    rows = []
+    for record in scores.to_dict("records"):
+        rows.append({"model": "hipoa (this run)", **record})
+        rows.extend(
+            {"n": math.nan, "n_positive": math.nan, **paper}
+            for paper in PAPER_TABLE2
+            if paper["site"] == record["site"]
+        )
+    return pd.DataFrame(rows, columns=["site", "model", "n", "n_positive", *_SCORES])
+
+
+def read_phenotypes(paths: list[Path]) -> pd.DataFrame:
+    """The phenotype tables of all sides, concatenated (``side`` tells them apart)."""
+    frames = [pd.read_parquet(path) for path in paths]
+    if not frames:
+        raise ValueError("report: no phenotype tables given (--phenotypes)")
+    return pd.concat(frames, ignore_index=True)
+
+
+def phenotype_sites(table: pd.DataFrame) -> list[str]:
+    """Site keys from the ``{site}_present`` columns, in column order (``any`` excluded)."""
+    return [c[: -len("_present")] for c in table.columns if c.endswith("_present") and c != "any_present"]
+
+
+def qc_counts(table: pd.DataFrame) -> pd.DataFrame:
+    """Images per side and QC outcome.
+
+    Returns:
+        Index ``qc_reason`` ("pass" for images that passed, else the reason), one int column per
+        side plus ``total``, rows sorted by total (largest first), ``pass`` first.
+    """
+    reason = table["qc_reason"].fillna("").astype(str).where(~table["qc_pass"].astype(bool), "")
+    reason = reason.where(reason != "", "pass")
+    counts = pd.crosstab(reason.rename("qc_reason"), table["side"].rename("side"))
+    counts["total"] = counts.sum(axis=1)
+    order = sorted(counts.index, key=lambda r: (r != "pass", -counts.loc[r, "total"], r))
+    return counts.loc[order]
+
+
+def prevalence(table: pd.DataFrame, sites: list[str]) -> pd.DataFrame:
+    """Measured images, positives and prevalence per side and site (NA phenotypes excluded)."""
+    rows = []
+    for side, part in table.groupby("side", sort=True):
+        for site in [*sites, "any"]:
+            present = part[f"{site}_present"].dropna().astype(int)
+            rows.append({"side": side, "site": site, "measured": len(present),
+                         "present": int(present.sum()),
+                         "prevalence": present.mean() if len(present) else math.nan})
+    return pd.DataFrame(rows, columns=["side", "site", "measured", "present", "prevalence"])
+
+
+def _html_page(title: str, body: str) -> str:
+    return (f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>"
+            f"<style>{_CSS}</style></head><body><h3>{html.escape(title)}</h3>{body}</body></html>\n")
+
+
+def _html_table(frame: pd.DataFrame, left: set[str], row_class: list[str] | None = None) -> str:
+    def cell(column: str, value: object) -> str:
+        if isinstance(value, float):
+            text = "" if math.isnan(value) else (f"{value:.0f}" if column in {"n", "n_positive"} else f"{value:.2f}")
+        else:
+            text = str(value)
+        cls = " class='l'" if column in left else ""
+        return f"<td{cls}>{html.escape(text)}</td>"
+
+    head = "".join(f"<th{' class=l' if c in left else ''}>{html.escape(str(c))}</th>" for c in frame.columns)
+    rows = []
+    for i, record in enumerate(frame.to_dict("records")):
+        cls = f" class='{row_class[i]}'" if row_class and row_class[i] else ""
+        rows.append(f"<tr{cls}>" + "".join(cell(c, record[c]) for c in frame.columns) + "</tr>")
+    return f"<table><tr>{head}</tr>{''.join(rows)}</table>"
+
+
+def plot_areas(table: pd.DataFrame, sites: list[str], out: Path) -> None:
+    """Histograms of predicted area (mm^2, log scale) where present, one panel per site, per side."""
+    fig, axes = plt.subplots(1, len(sites), figsize=(4 * len(sites), 3.2), squeeze=False)
+    for ax, site in zip(axes[0], sites):
+        present = table[f"{site}_present"].fillna(0).astype(int) == 1
+        for side, part in table[present].groupby("side", sort=True):
+            areas = part[f"{site}_area_mm2"].dropna().to_numpy(dtype=float)
+            areas = areas[areas > 0]
+            if len(areas):
+                bins = np.geomspace(max(areas.min() * 0.9, 0.1), areas.max() * 1.1, 20)
+                ax.hist(areas, bins=bins, alpha=0.6, label=f"{side} (n={len(areas)})")
+        ax.set_xscale("log")
+        ax.set_title(site.replace("_", " "))
+        ax.set_xlabel("predicted area (mm$^2$)")
+        ax.set_ylabel("images")
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(out, dpi=100)
+    plt.close(fig)
+
+
+def plot_prevalence(prev: pd.DataFrame, out: Path) -> None:
+    """Bars of prevalence per site, side by side for each hip, labelled with present/measured."""
+    sites = list(dict.fromkeys(prev["site"]))
+    sides = sorted(prev["side"].unique())
+    width = 0.8 / max(len(sides), 1)
+    fig, ax = plt.subplots(figsize=(1.6 * len(sites) + 2, 3.4))
+    for k, side in enumerate(sides):
+        part = prev[prev["side"] == side].set_index("site").reindex(sites)
+        x = np.arange(len(sites)) + k * width
+        values = part["prevalence"].fillna(0).to_numpy() * 100
+        ax.bar(x, values, width=width, label=side)
+        for xi, v, p, m in zip(x, values, part["present"], part["measured"]):
+            ax.text(xi, v, f"{int(p)}/{int(m)}", ha="center", va="bottom", fontsize=7)
+    ax.set_xticks(np.arange(len(sites)) + width * (len(sides) - 1) / 2)
+    ax.set_xticklabels([s.replace("_", "\n") for s in sites], fontsize=8)
+    ax.set_ylabel("prevalence (% of measured images)")
+    ax.legend(title="side")
+    fig.tight_layout()
+    fig.savefig(out, dpi=100)
+    plt.close(fig)
+
+
+def write_report_figures(
+    *,
+    phenotypes: list[Path],
+    scores: list[Path],
+    evaluation: Path,
+    qc: Path,
+    areas: Path,
+    prevalence_png: Path,
+) -> None:
+    """Write the report's tables and figures.
+
+    Args:
+        phenotypes: ``results/phenotypes/osteophytes_{side}.parquet`` of every side.
+        scores: ``results/evaluation/{site}.json`` of every evaluated site (may be empty when
+            every model was loaded).
+        evaluation: HTML table of our test-split scores beside the paper's Table 2.
+        qc: HTML table of images per QC outcome and side, and prevalence per site and side.
+        areas: PNG of predicted-area histograms per site.
+        prevalence_png: PNG of prevalence per site and side.
+    """
+    for path in (evaluation, qc, areas, prevalence_png):
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+
+    table = evaluation_table(read_scores(list(scores)))
+    if len(table):
+        classes = ["" if m.startswith("hipoa") else "paper" for m in table["model"]]
+        body = _html_table(table, left={"site", "model"}, row_class=classes)
+        body += ("<p>Test split, patches cropped from automatic points. Dice over the test images "
+                 "with the site's osteophyte in the reference mask. Paper rows: Ebsim et al., "
+                 "Table 2.</p>")
+    else:
+        body = "<p>No site was trained in this run (all models loaded), so none was evaluated.</p>"
+    Path(evaluation).write_text(_html_page("Per-site evaluation beside the paper's Table 2", body))
+
+    pheno = read_phenotypes(list(phenotypes))
+    sites = phenotype_sites(pheno)
+    counts = qc_counts(pheno).reset_index()
+    prev = prevalence(pheno, sites)
+    shown = prev.assign(prevalence=(prev["prevalence"] * 100).round(1))
+    body = _html_table(counts, left={"qc_reason"}) + "<h3>Prevalence (% of measured images)</h3>"
+    body += _html_table(shown, left={"side", "site"})
+    Path(qc).write_text(_html_page("Images by QC outcome and side", body))
+
+    plot_areas(pheno, sites, Path(areas))
+    plot_prevalence(prev, Path(prevalence_png))
+    log.info("report figures: %d images, %d sites, %d evaluations", len(pheno), len(sites), len(scores))

@@ -1,0 +1,274 @@
+"""Reading shard patch stores (docs/DESIGN.md "Patch store") as one lazy dataset, and a QC montage.
+
+A store per (side, shard) is written by :func:`hipoa.patches.crop_shard`. Training, evaluation and
+prediction read them through :func:`open_patches`, which concatenates the shards along the first
+axis as Dask arrays (one Dask chunk per Zarr chunk), so nothing is loaded until it is computed.
+
+Example::
+
+    ps = open_patches(sorted(Path("results/patches/L").glob("shard-*.zarr")), "superior_femoral_head")
+    ok = ps.rows["qc_reason"].eq("").to_numpy()
+    batch = ps.image[:64].compute()          # (64, 128, 128) float16
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+log = logging.getLogger(__name__)
+
+SOURCES = ("auto", "manual")
+
+_STRING_COLUMNS = ("eid", "side", "qc_reason")
+
+
+def _open(store: str | Path) -> Any:
+    import zarr
+
+    path = Path(store)
+    if not path.exists():
+        raise FileNotFoundError(f"{path}: no such patch store")
+    return zarr.open_group(str(path), mode="r")
+
+
+def store_attrs(store: str | Path) -> dict[str, Any]:
+    """The store's root attributes (hipoa_version, side, shard, patch_size, context_size, sites, ...)."""
+    return dict(_open(store).attrs)
+
+
+def _rows_from_group(group: Any, store: str | Path) -> pd.DataFrame:
+    order = list(group.attrs.get("columns", [])) or sorted(group.array_keys())
+    missing = [c for c in order if c not in group]
+    if missing:
+        raise KeyError(f"{store}: rows/ lacks arrays {missing}")
+    columns: dict[str, Any] = {}
+    for name in order:
+        values = np.asarray(group[name][:])
+        if values.dtype.kind in "USTO" or name in _STRING_COLUMNS:
+            # zarr returns numpy's StringDType; plain Python str objects are what pandas users expect
+            columns[name] = np.array([str(v) for v in values.tolist()], dtype=object)
+        else:
+            columns[name] = values
+    return pd.DataFrame(columns)
+
+
+def read_rows(store: str | Path) -> pd.DataFrame:
+    """The per-row table of one store, in manifest order.
+
+    Args:
+        store: A ``shard-KKKK.zarr`` directory.
+
+    Returns:
+        One row per manifest row of the shard: ``eid``, ``side``, ``qc_reason`` (str, ``""`` when
+        fine), ``instance`` (int16), ``annotated`` (bool), ``reference_length_mm``,
+        ``spacing_row_mm``, ``spacing_col_mm`` (float64, NaN if unknown), ``rows``, ``cols``
+        (int32, 0 if unknown) and ``{site}_true_area_mm2`` (float64, NaN when not annotated).
+    """
+    root = _open(store)
+    if "rows" not in root:
+        raise KeyError(f"{store}: not a patch store (no rows/ group)")
+    return _rows_from_group(root["rows"], store)
+
+
+@dataclass
+class PatchSet:
+    """Patches of one site from one or more stores, concatenated in store order.
+
+    Attributes:
+        rows: One row per patch: every ``rows/`` column (see :func:`read_rows`) plus ``store``
+            (str path), ``index`` (int, row within that store's ``rows/``), ``points_source``
+            (``"auto"`` or ``"manual"``: which points made the patch) and ``inside`` (float32,
+            fraction of the 128 patch inside the image; NaN where unknown). Index 0..n-1.
+        image: ``(n, S, S)`` float16 Dask array, normalised patches (S = 128 for ``auto``, the
+            context size, default 176, for ``manual``, whose centre crop is the 128 patch).
+        mask: ``(n, S, S)`` uint8 Dask array, 1 where the site's label is, else 0.
+        affine: ``(n, 2, 3)`` float64, patch pixel ``(u, v, 1)`` -> stored-image pixel ``(x, y)``;
+            NaN for rows whose points could not be used.
+        patch_size: S.
+        core_offset: Offset of the 128 patch in the S patch (0 for ``auto``, 24 for a 176 context).
+    """
+
+    rows: pd.DataFrame
+    image: Any
+    mask: Any
+    affine: np.ndarray
+    patch_size: int = 128
+    core_offset: int = 0
+
+    @property
+    def inside(self) -> np.ndarray:
+        """``(n,)`` float32: fraction of each 128 patch inside its image."""
+        return self.rows["inside"].to_numpy(dtype=np.float32)
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+
+def open_patches(stores: list[Path] | list[str] | str | Path, site: str, source: str = "auto") -> PatchSet:
+    """Open one site's patches of several shard stores as one lazy dataset.
+
+    Args:
+        stores: Store directories, concatenated in this order (a single path is accepted too).
+        site: Site key, e.g. ``"lateral_acetabulum"``.
+        source: ``"auto"`` (one patch per row of every store, from automatic points) or
+            ``"manual"`` (annotated rows with manual points only, context-sized).
+
+    Returns:
+        A :class:`PatchSet`; only ``rows`` and ``affine`` are read now.
+
+    Raises:
+        ValueError: on an unknown source, or stores with different patch sizes.
+        KeyError: if a store has no patches for ``site``.
+        FileNotFoundError: if a store does not exist.
+    """
+    import dask.array as da
+
+    if source not in SOURCES:
+        raise ValueError(f"source must be one of {SOURCES}, got {source!r}")
+    if isinstance(stores, (str, Path)):
+        stores = [stores]
+    if not stores:
+        raise ValueError("open_patches: no stores given")
+    frames, images, masks, affines = [], [], [], []
+    size: int | None = None
+    offset = 0
+    for store in stores:
+        root = _open(store)
+        key = f"{source}/{site}"
+        if key not in root:
+            raise KeyError(f"{store}: no patches for site {site!r} ({key}/)")
+        group = root[key]
+        rows = _rows_from_group(root["rows"], store)
+        rows["store"] = str(store)
+        rows["index"] = np.arange(len(rows), dtype=np.int64)
+        if source == "manual":
+            rows = rows.iloc[np.asarray(group["row"][:], dtype=np.int64)].reset_index(drop=True)
+        rows["points_source"] = source
+        if "inside" in group:
+            rows["inside"] = np.asarray(group["inside"][:], dtype=np.float32)
+        else:
+            rows["inside"] = np.full(len(rows), np.nan, np.float32)
+        image, mask = group["image"], group["mask"]
+        s = int(image.shape[-1])
+        if size is not None and s != size:
+            raise ValueError(f"{store}: {key}/image patches are {s} px, earlier stores have {size} px")
+        size = s
+        offset = int(group.attrs.get("core_offset", (s - 128) // 2))
+        frames.append(rows)
+        images.append(da.from_array(image, chunks=image.chunks, asarray=True))
+        masks.append(da.from_array(mask, chunks=mask.chunks, asarray=True))
+        affines.append(np.asarray(group["affine"][:], dtype=np.float64).reshape(-1, 2, 3))
+    return PatchSet(
+        rows=pd.concat(frames, ignore_index=True),
+        image=da.concatenate(images, axis=0),
+        mask=da.concatenate(masks, axis=0),
+        affine=np.concatenate(affines, axis=0),
+        patch_size=int(size or 128),
+        core_offset=offset,
+    )
+
+
+# --------------------------------------------------------------------------------------------
+# QC montage (hipoa show-patches)
+
+SITE_COLOURS = {
+    "inferior_femoral_head": (0.2, 0.45, 1.0),  # blue, as in the paper's Figure 1(d)
+    "superior_femoral_head": (1.0, 0.2, 0.2),  # red
+    "lateral_acetabulum": (0.2, 0.85, 0.3),  # green
+}
+
+
+def _pick(stores: list[Path], site: str, source: str, n: int) -> tuple[PatchSet, np.ndarray]:
+    """Up to ``n`` passing patches of ``site``, those with an osteophyte first, in store order."""
+    ps = open_patches(stores, site, source)
+    ok = ps.rows["qc_reason"].astype(str).eq("").to_numpy()
+    chosen: list[int] = []
+    fallback: list[int] = []
+    start = 0
+    # scan chunk by chunk and stop as soon as there are n positives (no need to read all masks)
+    for chunk in ps.mask.chunks[0]:
+        stop = start + chunk
+        area = ps.mask[start:stop].sum(axis=(1, 2)).compute()
+        for j, a in enumerate(area):
+            i = start + j
+            if not ok[i]:
+                continue
+            (chosen if a > 0 else fallback).append(i)
+        start = stop
+        if len(chosen) >= n:
+            break
+    picked = (chosen + fallback)[:n]
+    return ps, np.asarray(picked, dtype=np.int64)
+
+
+def save_montage(*, stores: list[Path], out: Path, n: int = 8, source: str = "auto", sites: list[str] | None = None) -> Path:
+    """Write a QC montage like the paper's Figure 2: per site, patches and their masks.
+
+    For each site two rows of ``n`` tiles: the normalised patches (grey, -3..3 sd) and below them
+    the same patches with the mask overlaid in the site's colour. Patches with an osteophyte are
+    preferred, then other passing rows. For ``manual`` context patches a square marks the 128 core.
+
+    Args:
+        stores: Patch stores to draw from.
+        out: PNG to write.
+        n: Patches per site.
+        source: ``"auto"`` or ``"manual"``.
+        sites: Site keys; default all sites in the first store's attrs.
+
+    Returns:
+        ``out``.
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.patches import Rectangle
+
+    stores = [Path(s) for s in stores]
+    attrs = store_attrs(stores[0])
+    names = sites or list(attrs.get("sites", {}))
+    if not names:
+        raise ValueError(f"{stores[0]}: store attrs list no sites")
+    fig, axes = plt.subplots(2 * len(names), n, figsize=(1.6 * n, 3.4 * len(names)), squeeze=False)
+    for ax in axes.ravel():
+        ax.set_axis_off()
+    for k, site in enumerate(names):
+        ps, picked = _pick(stores, site, source, n)
+        colour = SITE_COLOURS.get(site, (1.0, 0.8, 0.0))
+        images = ps.image[picked].compute().astype(np.float32) if len(picked) else np.zeros((0, 1, 1))
+        masks = ps.mask[picked].compute() if len(picked) else np.zeros((0, 1, 1))
+        for j, i in enumerate(picked):
+            img, m = images[j], masks[j]
+            top, bottom = axes[2 * k, j], axes[2 * k + 1, j]
+            top.imshow(img, cmap="gray", vmin=-3, vmax=3, interpolation="nearest")
+            bottom.imshow(img, cmap="gray", vmin=-3, vmax=3, interpolation="nearest")
+            overlay = np.zeros(m.shape + (4,), np.float32)
+            overlay[m > 0] = (*colour, 0.55)
+            bottom.imshow(overlay, interpolation="nearest")
+            if ps.core_offset:
+                o, s = ps.core_offset - 0.5, 128
+                for ax in (top, bottom):
+                    ax.add_patch(Rectangle((o, o), s, s, fill=False, lw=0.6, ec="yellow", ls="--"))
+            r = ps.rows.iloc[int(i)]
+            top.set_title(f"{r['eid']}_{r['instance']}_{r['side']}", fontsize=6)
+            bottom.set_title(f"{int(m.sum())} px", fontsize=6)
+        axes[2 * k, 0].text(
+            -0.08, 0.5, site.replace("_", "\n"), transform=axes[2 * k, 0].transAxes,
+            ha="right", va="center", fontsize=8, color=colour,
+        )
+        if not len(picked):
+            axes[2 * k, 0].text(0.5, 0.5, "no passing patches", ha="center", va="center", fontsize=7)
+    fig.suptitle(f"{source} patches: top image, bottom mask overlay ({len(stores)} store(s))", fontsize=9)
+    fig.tight_layout()
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+    log.info("wrote %s", out)
+    return out

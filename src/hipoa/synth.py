@@ -1,0 +1,533 @@
+"""A synthetic UK Biobank hip-DXA cohort, deterministic by seed (``hipoa synth``).
+
+No real UKB data can ship with hipoa, so the demo, the tests and the benchmarks run on this
+generator. It writes the contract's UKB bulk layout under ``out``::
+
+    ukb/20158/{eid}_20158_2_0.zip        Left Femur + Right Femur DICOMs, 1-2 other scans, manifest.cvs
+    points/auto/{eid}_2_{side}.pts       automatic 85-point outline, every image
+    points/manual/{eid}_2_{side}.pts     manual outline, annotated images only
+    masks/{eid}_2_{side}.png             osteophyte labels 1/2/3, annotated images only
+    truth.parquet, truth.csv             one row per (eid, instance, side) image
+
+The DICOMs follow the header profile of UKB's GE Lunar iDXA exports: SOP class CR Image Storage,
+Modality ``CR``, Implicit VR Little Endian, 8-bit MONOCHROME2, about 600 x 680 pixels, no
+``(0028,0030) Pixel Spacing`` but ``(0040,0303) Exposed Area`` [width_mm, height_mm] giving
+0.25 mm pixels, and the scan named only by ``(0018,1030) Protocol Name`` (and
+``(0040,0254) Performed Procedure Step Description``). Member names are UIDs that do not reveal
+the scan. Patient identity is a placeholder (``ANON^SYNTH``, a random non-eid ``PatientID``, no
+birth date).
+
+Anatomy, points and osteophytes are drawn by :mod:`hipoa.anatomy`. ``faults`` plants the broken
+inputs ingest must flag (see :data:`FAULTS`), one per participant, cycling through the kinds.
+
+Every participant ``i`` draws from its own ``numpy.random.default_rng([seed, i])``, so the
+number of worker processes never changes a byte of the output.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+import multiprocessing as mp
+import os
+import zipfile
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pydicom
+from PIL import Image
+from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.uid import ImplicitVRLittleEndian, generate_uid
+
+from hipoa import __version__
+from hipoa import anatomy
+from hipoa.points import write_pts
+from hipoa.progress import Progress
+from hipoa.sites import DEFAULT_SITES
+
+log = logging.getLogger(__name__)
+
+INSTANCE = 2
+"""UKB visit instance of the imaging visit; every synthetic image belongs to it."""
+ARRAY = 0
+FIELD = 20158
+SPACING_MM = 0.25
+"""Pixel size of the hip scans (ExposedArea / matrix size), mm."""
+SIZES: tuple[tuple[int, int], ...] = ((600, 680), (576, 648), (624, 704), (600, 640))
+"""Hip matrix sizes (rows, cols); UKB's sample Left Femur is 600 x 680. Multiples of 4 so the
+Exposed Area is a whole number of mm."""
+SIZE_WEIGHTS = (0.55, 0.15, 0.15, 0.15)
+
+FAULTS: dict[str, str] = {
+    "corrupt_zip": "unreadable_zip",
+    "truncated_dicom": "unreadable_dicom",
+    "wrong_point_count": "points_invalid",
+    "missing_points": "points_missing",
+    "no_hip_scan": "no_hip_dicom",
+    "points_off_image": "points_outside_image",
+}
+"""Plantable fault -> the ``qc_reason`` ingest (or crop) must give that image."""
+ZIP_WIDE_FAULTS = frozenset({"corrupt_zip"})
+"""Faults that hit both hips of the participant; the others hit the left hip only."""
+
+PROTOCOLS = {"L": "Left Femur", "R": "Right Femur"}
+OTHER_SCANS = ("AP Spine", "Total Body")
+CR_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.1"
+UID_PREFIX = "1.2.826.0.1.3680043.8.498."  # pydicom's root for generated UIDs
+IMPLEMENTATION_UID = generate_uid(entropy_srcs=["hipoa synthetic UK Biobank DXA"])
+_ZIP_DATE = (2016, 1, 1, 0, 0, 0)  # fixed, so zips are byte-identical between runs
+
+SITE_LABELS = {s.name: s.label for s in DEFAULT_SITES}
+
+
+@dataclass(frozen=True)
+class _Task:
+    index: int
+    eid: int
+    annotated: bool
+    fault: str
+
+
+@dataclass(frozen=True)
+class _Settings:
+    out: str
+    seed: int
+    enriched_prevalence: float
+    prevalence: float
+    annotate_sides: str
+
+
+def zip_name(eid: int | str) -> str:
+    return f"{eid}_{FIELD}_{INSTANCE}_{ARRAY}.zip"
+
+
+def image_stem(eid: int | str, side: str) -> str:
+    return f"{eid}_{INSTANCE}_{side}"
+
+
+# ---------------------------------------------------------------------------------------------
+# DICOM
+# ---------------------------------------------------------------------------------------------
+
+
+def dicom_bytes(pixels: np.ndarray, protocol: str, *, sop_uid: str, study_uid: str, series_uid: str,
+                patient_id: str, study_date: str, series_number: int, spacing_mm: float = SPACING_MM) -> bytes:
+    """Encode an 8-bit image as a UKB-iDXA-like CR DICOM file (Implicit VR Little Endian).
+
+    Args:
+        pixels: (rows, cols) uint8, MONOCHROME2 (bright = bone).
+        protocol: ``(0018,1030) Protocol Name``, also written to ``(0040,0254)``.
+        sop_uid, study_uid, series_uid: UIDs.
+        patient_id: Placeholder ``(0010,0020) Patient ID`` (never the eid).
+        study_date: ``YYYYMMDD``, used for every date attribute.
+        series_number: ``(0020,0011)``.
+        spacing_mm: Pixel size; written only as ``(0040,0303) Exposed Area`` = [width, height] mm.
+
+    Returns:
+        The DICOM Part 10 file (preamble, ``DICM``, file meta, data set).
+    """
+    if pixels.dtype != np.uint8 or pixels.ndim != 2:
+        raise ValueError(f"{protocol}: pixels must be 2-D uint8, got {pixels.dtype} {pixels.shape}")
+    rows, cols = pixels.shape
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID = CR_IMAGE_STORAGE
+    meta.MediaStorageSOPInstanceUID = sop_uid
+    meta.TransferSyntaxUID = ImplicitVRLittleEndian
+    meta.ImplementationClassUID = IMPLEMENTATION_UID
+    meta.ImplementationVersionName = "HIPOA_SYNTH"
+
+    ds = Dataset()
+    ds.file_meta = meta
+    ds.SpecificCharacterSet = "ISO_IR 100"
+    ds.ImageType = ["ORIGINAL", "PRIMARY"]
+    ds.SOPClassUID = CR_IMAGE_STORAGE
+    ds.SOPInstanceUID = sop_uid
+    ds.StudyDate = ds.SeriesDate = ds.AcquisitionDate = ds.ContentDate = study_date
+    ds.StudyTime = "101500"
+    ds.SeriesTime = ds.AcquisitionTime = ds.ContentTime = f"10{15 + series_number:02d}00"
+    ds.AccessionNumber = ""
+    ds.Modality = "CR"
+    ds.ConversionType = "WSD"
+    ds.Manufacturer = "GE Healthcare"
+    ds.InstitutionName = ""
+    ds.ReferringPhysicianName = ""
+    ds.StudyDescription = ""
+    ds.SeriesDescription = ""
+    ds.ManufacturerModelName = "Lunar iDXA"
+    ds.PatientName = "ANON^SYNTH"
+    ds.PatientID = patient_id
+    ds.PatientBirthDate = ""
+    ds.PatientSex = ""
+    ds.BodyPartExamined = ""
+    ds.DeviceSerialNumber = "SYNTH0001"
+    ds.SoftwareVersions = f"hipoa {__version__} synth"
+    ds.ProtocolName = protocol
+    ds.ViewPosition = ""
+    ds.StudyInstanceUID = study_uid
+    ds.SeriesInstanceUID = series_uid
+    ds.StudyID = ""
+    ds.SeriesNumber = series_number
+    ds.InstanceNumber = 1
+    ds.PatientOrientation = ""
+    ds.Laterality = ""
+    ds.SamplesPerPixel = 1
+    ds.PhotometricInterpretation = "MONOCHROME2"
+    ds.Rows = rows
+    ds.Columns = cols
+    ds.BitsAllocated = 8
+    ds.BitsStored = 8
+    ds.HighBit = 7
+    ds.PixelRepresentation = 0
+    ds.PerformedProcedureStepDescription = protocol
+    ds.ExposedArea = [int(round(cols * spacing_mm)), int(round(rows * spacing_mm))]
+    ds.PixelData = np.ascontiguousarray(pixels).tobytes()
+    buf = io.BytesIO()
+    pydicom.dcmwrite(buf, ds, enforce_file_format=True)
+    return buf.getvalue()
+
+
+def _manifest_cvs(members: Sequence[tuple[str, int]]) -> bytes:
+    lines = ["File Name,File Size"] + [f"{name},{size}" for name, size in members]
+    return ("\r\n".join(lines) + "\r\n").encode("ascii")
+
+
+def _zip_bytes(members: Sequence[tuple[str, bytes]]) -> bytes:
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w") as zf:
+        for name, data in members:
+            info = zipfile.ZipInfo(name, date_time=_ZIP_DATE)
+            info.compress_type = zipfile.ZIP_DEFLATED
+            info.external_attr = 0o644 << 16
+            zf.writestr(info, data, compresslevel=1)
+    return buf.getvalue()
+
+
+# ---------------------------------------------------------------------------------------------
+# Points
+# ---------------------------------------------------------------------------------------------
+
+
+def manual_points(rng: np.random.Generator, true: np.ndarray) -> np.ndarray:
+    """Manual placement: the true outline plus ~1 px of independent noise. (85, 2) px."""
+    return true + rng.normal(0.0, 0.9, true.shape)
+
+
+def auto_points(rng: np.random.Generator, true: np.ndarray, rows: int, cols: int,
+                gross_rate: float = 0.04) -> np.ndarray:
+    """Automatic placement (BoneFinder-like) of the outline.
+
+    The true outline gets a small random similarity transform (rotation ~1.2 deg, scale ~1.5 %,
+    shift ~2 px), a smooth deformation along each bone's contour (~1.5 px), independent noise
+    (~2 px) and, in ``gross_rate`` of images, a gross error: a run of 6-16 consecutive points
+    displaced by 3-7 mm. Points stay at least 2 px inside the image.
+
+    Returns:
+        (85, 2) float64 px.
+    """
+    c = true.mean(axis=0)
+    ang = np.deg2rad(rng.normal(0.0, 1.2))
+    rot = np.array([[np.cos(ang), -np.sin(ang)], [np.sin(ang), np.cos(ang)]])
+    pts = (true - c) @ rot.T * (1.0 + rng.normal(0.0, 0.015)) + c + rng.normal(0.0, 2.0, 2)
+    smooth = np.zeros_like(true)
+    for part in (anatomy.FEMUR, anatomy.PELVIS):
+        n = part.stop - part.start
+        raw = rng.normal(0.0, 1.0, (n + 8, 2))
+        kern = np.exp(-0.5 * (np.arange(-4, 5) / 2.0) ** 2)
+        sm = np.stack([np.convolve(raw[:, j], kern / np.sqrt((kern ** 2).sum()), mode="valid") for j in (0, 1)], 1)
+        smooth[part] = 1.5 * sm[:n]
+    pts = pts + smooth + rng.normal(0.0, 2.0, true.shape)
+    if rng.random() < gross_rate:
+        run = int(rng.integers(6, 17))
+        start = int(rng.integers(0, anatomy.N_POINTS - run))
+        shift_mm = rng.uniform(3.0, 7.0)
+        ang = rng.uniform(0.0, 2.0 * np.pi)
+        taper = np.sin(np.linspace(0.0, np.pi, run + 2)[1:-1]) ** 0.5
+        pts[start:start + run] += (taper[:, None] * shift_mm / SPACING_MM) * np.array([np.cos(ang), np.sin(ang)])
+    pts[:, 0] = np.clip(pts[:, 0], 2.0, cols - 3.0)
+    pts[:, 1] = np.clip(pts[:, 1], 2.0, rows - 3.0)
+    return pts
+
+
+# ---------------------------------------------------------------------------------------------
+# One participant
+# ---------------------------------------------------------------------------------------------
+
+
+def _hip(rng: np.random.Generator, who: anatomy.Participant, rows: int, cols: int,
+         present: dict[int, bool], side: str) -> anatomy.HipRender:
+    # Redraw the rare geometry whose reference length (points 12-39) leaves ~55-70 mm.
+    for _ in range(20):
+        geo = anatomy.draw_geometry(rng, who, rows, cols, SPACING_MM)
+        ref = float(np.linalg.norm(geo.points[12] - geo.points[39])) * SPACING_MM
+        if 56.0 <= ref <= 69.0:
+            break
+    spurs = anatomy.draw_osteophytes(rng, geo, present)
+    hip = anatomy.render_hip(rng, who, geo, spurs)
+    return anatomy.mirror_hip(hip) if side == "R" else hip
+
+
+def _participant(task: _Task, cfg: _Settings) -> list[dict]:
+    """Write one participant's zip, points and masks; return its truth rows (L, R)."""
+    rng = np.random.default_rng([cfg.seed, task.index])
+    out = Path(cfg.out)
+    eid = task.eid
+    who = anatomy.draw_participant(rng)
+    rows, cols = SIZES[int(rng.choice(len(SIZES), p=SIZE_WEIGHTS))]
+    patient_id = f"SYN{int(rng.integers(0, 16 ** 10)):010X}"
+    study_date = (np.datetime64("2014-04-01") + int(rng.integers(0, 6 * 365))).astype(str).replace("-", "")
+    ent = [str(cfg.seed), str(task.index)]
+    study_uid = generate_uid(UID_PREFIX, ent + ["study"])
+
+    truth = []
+    members: list[tuple[str, bytes]] = []
+    fault = task.fault
+    for series_number, side in enumerate(("L", "R"), start=1):
+        annotated = task.annotated and side in cfg.annotate_sides
+        p = cfg.enriched_prevalence if annotated else cfg.prevalence
+        present = {label: bool(rng.random() < p) for label in (1, 2, 3)}
+        hip = _hip(rng, who, rows, cols, present, side)
+        stem = image_stem(eid, side)
+        auto = auto_points(rng, hip.points, rows, cols)
+        manual = manual_points(rng, hip.points)
+        side_fault = fault if (fault and (side == "L" or fault in ZIP_WIDE_FAULTS)) else ""
+
+        if side_fault == "wrong_point_count":
+            auto = np.delete(auto, int(rng.integers(0, anatomy.N_POINTS)), axis=0)
+        elif side_fault == "points_off_image":
+            auto = auto + np.array([2.0 * cols, 1.5 * rows])
+        if side_fault != "missing_points":
+            write_pts(out / "points" / "auto" / f"{stem}.pts", auto)
+        if annotated:
+            write_pts(out / "points" / "manual" / f"{stem}.pts", manual)
+            Image.fromarray(hip.labels).save(out / "masks" / f"{stem}.png", compress_level=6)
+
+        sop_uid = generate_uid(UID_PREFIX, ent + [side])
+        data = dicom_bytes(hip.image, PROTOCOLS[side], sop_uid=sop_uid, study_uid=study_uid,
+                           series_uid=generate_uid(UID_PREFIX, ent + [side, "series"]), patient_id=patient_id,
+                           study_date=study_date, series_number=series_number)
+        if side_fault == "truncated_dicom":
+            data = data[: int(len(data) * rng.uniform(0.4, 0.7))]
+        if side_fault != "no_hip_scan":
+            members.append((f"{sop_uid}.dcm", data))
+
+        row = {
+            "eid": eid, "instance": INSTANCE, "side": side, "annotated": annotated,
+            "rows": rows, "cols": cols,
+        }
+        for name, label in SITE_LABELS.items():
+            area = float(np.count_nonzero(hip.labels == label)) * SPACING_MM * SPACING_MM
+            row[f"{name}_present"] = area > 0.0
+            row[f"{name}_area_mm2"] = area
+        row["reference_length_mm"] = float(np.linalg.norm(hip.points[12] - hip.points[39])) * SPACING_MM
+        row["fault"] = side_fault
+        row["expected_reason"] = FAULTS.get(side_fault, "")
+        truth.append(row)
+
+    n_other = int(rng.integers(1, 3))
+    for j, protocol in enumerate(rng.permutation(OTHER_SCANS)[:n_other]):
+        uid = generate_uid(UID_PREFIX, ent + [str(protocol)])
+        members.append((f"{uid}.dcm", dicom_bytes(
+            anatomy.render_other_scan(rng, str(protocol)), str(protocol), sop_uid=uid, study_uid=study_uid,
+            series_uid=generate_uid(UID_PREFIX, ent + [str(protocol), "series"]), patient_id=patient_id,
+            study_date=study_date, series_number=3 + j)))
+    members = [members[k] for k in rng.permutation(len(members))]
+    members.append(("manifest.cvs", _manifest_cvs([(n, len(d)) for n, d in members])))
+    blob = _zip_bytes(members)
+    if fault == "corrupt_zip":
+        # a download cut short: the central directory at the end is gone
+        blob = blob[: int(len(blob) * rng.uniform(0.3, 0.8))]
+    (out / "ukb" / str(FIELD) / zip_name(eid)).write_bytes(blob)
+    return truth
+
+
+def _run(args: tuple[_Task, _Settings]) -> list[dict]:
+    return _participant(*args)
+
+
+# ---------------------------------------------------------------------------------------------
+# Cohort
+# ---------------------------------------------------------------------------------------------
+
+
+def make_cohort(out: Path, participants: int, seed: int, annotated_fraction: float = 0.3,
+                enriched_prevalence: float = 0.5, prevalence: float = 0.15, faults: int = 0,
+                workers: int = 1, annotate_sides: str = "L") -> pd.DataFrame:
+    """Write a synthetic UKB hip-DXA cohort under ``out`` and return its truth table.
+
+    Args:
+        out: Cohort directory (created; existing files of the same names are overwritten).
+        participants: Number of participants (two hip images each).
+        seed: Everything follows from it: same seed and arguments, same bytes.
+        annotated_fraction: Fraction of participants whose hips in ``annotate_sides`` have manual
+            points and a mask (exactly ``round(fraction * participants)``).
+        enriched_prevalence: Per-site osteophyte probability in annotated images (enriched for
+            training, as in the paper).
+        prevalence: Per-site osteophyte probability in the other images (~10-20 % in UKB).
+        faults: Number of participants with a planted fault, cycling through :data:`FAULTS`.
+        workers: Processes; does not change the output.
+        annotate_sides: Sides that get annotations (``"L"``, ``"R"`` or ``"LR"``).
+
+    Returns:
+        One row per (eid, instance, side) image: ``eid`` (int64), ``instance`` (int16), ``side``,
+        ``annotated``, ``rows``, ``cols``, ``{site}_present`` (bool), ``{site}_area_mm2`` (float64,
+        label area in the full-size mask at the DICOM spacing, 0 when absent),
+        ``reference_length_mm``, ``fault`` ("" or a :data:`FAULTS` key) and ``expected_reason``.
+        Also written to ``out/truth.parquet`` and ``out/truth.csv``.
+
+    Raises:
+        ValueError: naming the argument and the value when one is out of range.
+    """
+    if participants < 1 or participants > 9_000_000:
+        raise ValueError(f"participants must be 1..9000000, got {participants}")
+    for name, value in (("annotated_fraction", annotated_fraction), ("enriched_prevalence", enriched_prevalence),
+                        ("prevalence", prevalence)):
+        if not 0.0 <= value <= 1.0:
+            raise ValueError(f"{name} must be in [0, 1], got {value}")
+    if not 0 <= faults <= participants:
+        raise ValueError(f"faults must be in 0..participants ({participants}), got {faults}")
+    if not annotate_sides or set(annotate_sides) - {"L", "R"}:
+        raise ValueError(f"annotate_sides must be 'L', 'R' or 'LR', got {annotate_sides!r}")
+    if workers < 1:
+        raise ValueError(f"workers must be >= 1, got {workers}")
+
+    out = Path(out)
+    for sub in (Path("ukb") / str(FIELD), Path("points") / "auto", Path("points") / "manual", Path("masks")):
+        (out / sub).mkdir(parents=True, exist_ok=True)
+
+    # Cohort-level draws: an entropy list of another length than the participants' [seed, i].
+    crng = np.random.default_rng([seed, 0x5EED, 0xC0407])
+    eids = np.sort(crng.choice(9_000_000, size=participants, replace=False)) + 1_000_000
+    n_annot = int(round(annotated_fraction * participants))
+    annotated = np.zeros(participants, bool)
+    annotated[crng.permutation(participants)[:n_annot]] = True
+    fault_of = [""] * participants
+    kinds = list(FAULTS)
+    for j, i in enumerate(crng.permutation(participants)[:faults]):
+        fault_of[int(i)] = kinds[j % len(kinds)]
+
+    cfg = _Settings(out=str(out), seed=int(seed), enriched_prevalence=float(enriched_prevalence),
+                    prevalence=float(prevalence), annotate_sides=annotate_sides)
+    tasks = [(_Task(i, int(eids[i]), bool(annotated[i]), fault_of[i]), cfg) for i in range(participants)]
+    rows: list[dict] = []
+    progress = Progress(participants, "synth", log, unit="participants")
+    workers = min(workers, participants)
+    if workers == 1:
+        for t in tasks:
+            rows.extend(_run(t))
+            progress.update()
+    else:
+        ctx = mp.get_context("fork" if "fork" in mp.get_all_start_methods() else "spawn")
+        with ctx.Pool(workers) as pool:
+            for part in pool.imap_unordered(_run, tasks, chunksize=max(1, min(8, participants // (8 * workers)))):
+                rows.extend(part)
+                progress.update()
+    rate = progress.close()
+
+    truth = pd.DataFrame(rows).sort_values(["eid", "side"], kind="stable").reset_index(drop=True)
+    truth["eid"] = truth["eid"].astype("int64")
+    truth["instance"] = truth["instance"].astype("int16")
+    truth["rows"] = truth["rows"].astype("int32")
+    truth["cols"] = truth["cols"].astype("int32")
+    truth.to_parquet(out / "truth.parquet", index=False)
+    truth.to_csv(out / "truth.csv", index=False)
+    log.info("synth: %d participants, %d images (%d annotated, %d with a planted fault) in %s at %.1f participants/s",
+             participants, len(truth), int(truth["annotated"].sum()), int((truth["fault"] != "").sum()), out, rate)
+    return truth
+
+
+# ---------------------------------------------------------------------------------------------
+# Preview
+# ---------------------------------------------------------------------------------------------
+
+
+def _read_hip(zip_path: Path, side: str) -> np.ndarray:
+    """The hip image of ``side`` from a cohort zip (by ProtocolName), (rows, cols) uint8."""
+    with zipfile.ZipFile(zip_path) as zf:
+        for name in zf.namelist():
+            if not name.endswith(".dcm"):
+                continue
+            ds = pydicom.dcmread(io.BytesIO(zf.read(name)))
+            if str(ds.get("ProtocolName", "")) == PROTOCOLS[side]:
+                return ds.pixel_array
+    raise ValueError(f"{zip_path}: no {PROTOCOLS[side]!r} DICOM")
+
+
+def render_preview(cohort_dir: Path, out_png: Path, n: int = 8, seed: int = 0) -> Path:
+    """Montage of ``n`` hips of a cohort with automatic points and osteophyte masks overlaid.
+
+    Prefers annotated images with osteophytes, from both sides. Masks are coloured like the
+    paper's Fig. 1 (label 1 blue, 2 red, 3 green); points 12, 15, 30, 39 and 78 are highlighted
+    and numbered.
+
+    Returns:
+        ``out_png``.
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    cohort_dir = Path(cohort_dir)
+    truth = pd.read_parquet(cohort_dir / "truth.parquet")
+    ok = truth[truth["fault"] == ""].copy()
+    present_cols = [f"{s}_present" for s in SITE_LABELS]
+    ok["n_sites"] = ok[present_cols].sum(axis=1)
+    rng = np.random.default_rng(seed)
+    ok["r"] = rng.random(len(ok))
+    picked: list[pd.Series] = []
+    for side in ("L", "R"):
+        want = (n + 1) // 2 if side == "L" else n // 2
+        cand = ok[ok["side"] == side].sort_values(["n_sites", "annotated", "r"], ascending=False)
+        picked.extend(r for _, r in cand.head(want).iterrows())
+    if len(picked) < n:
+        rest = ok.drop(index=[r.name for r in picked]).sort_values("r")
+        picked.extend(r for _, r in rest.head(n - len(picked)).iterrows())
+    if not picked:
+        raise ValueError(f"{cohort_dir}: no fault-free images to preview")
+
+    ncol = min(4, len(picked))
+    nrow = -(-len(picked) // ncol)
+    fig, axes = plt.subplots(nrow, ncol, figsize=(4.2 * ncol, 3.9 * nrow), squeeze=False)
+    colours = {1: (0.15, 0.35, 1.0), 2: (1.0, 0.1, 0.1), 3: (0.1, 0.9, 0.2)}
+    key = (12, 15, 30, 39, 78)
+    for ax in axes.ravel():
+        ax.set_axis_off()
+    for ax, row in zip(axes.ravel(), picked):
+        eid, side = int(row["eid"]), str(row["side"])
+        img = _read_hip(cohort_dir / "ukb" / str(FIELD) / zip_name(eid), side)
+        ax.imshow(img, cmap="gray", vmin=0, vmax=255, interpolation="bilinear")
+        mask_path = cohort_dir / "masks" / f"{image_stem(eid, side)}.png"
+        if mask_path.exists():
+            labels = np.asarray(Image.open(mask_path))
+            over = np.zeros(labels.shape + (4,), np.float32)
+            for lab, c in colours.items():
+                over[labels == lab] = (*c, 0.55)
+            ax.imshow(over, interpolation="nearest")
+        pts_path = cohort_dir / "points" / "auto" / f"{image_stem(eid, side)}.pts"
+        if pts_path.exists():
+            from hipoa.points import read_pts
+
+            pts = read_pts(pts_path)
+            ax.plot(pts[:, 0], pts[:, 1], ".", ms=2.0, color=(1.0, 0.85, 0.1))
+            ax.plot(pts[list(key), 0], pts[list(key), 1], "o", ms=3.5, mfc="none", mec="magenta", mew=1.0)
+            for j in key:
+                ax.annotate(str(j), pts[j], xytext=(4, -4), textcoords="offset points", color="magenta", fontsize=7)
+        sites = ", ".join(f"{lab}:{row[f'{name}_area_mm2']:.0f}" for name, lab in SITE_LABELS.items()
+                          if row[f"{name}_present"])
+        ax.set_title(f"{eid} {side}{' annotated' if row['annotated'] else ''}  mm2 {sites or '-'}", fontsize=8)
+    fig.suptitle("hipoa synth: auto points (12/15/30/39/78 numbered), osteophyte masks "
+                 "(1 blue inferior, 2 red superior femoral head, 3 green lateral acetabulum)", fontsize=9)
+    fig.tight_layout()
+    out_png = Path(out_png)
+    out_png.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out_png, dpi=110)
+    plt.close(fig)
+    log.info("synth: preview of %d hips -> %s", len(picked), out_png)
+    return out_png
+
+
+def default_workers() -> int:
+    return max(1, os.cpu_count() or 1)

@@ -1,0 +1,642 @@
+"""Per-site data splits and U-Net training (Ebsim et al., sections 4.1 and 4.2).
+
+Splits (:func:`make_splits`) are by participant and seeded. Training and validation learn from
+patches cropped at manual points (the store's ``manual/`` context patches); the test split is
+evaluated on patches cropped at automatic points, as the model is used (the paper's test sets).
+
+Training (:func:`train_site`) follows the paper: Adam with Keras's default parameters, sparse
+categorical cross-entropy on the two-class per-pixel softmax, 15 epochs, and the weights of the
+epoch with the lowest validation loss are kept. Each training and validation image gives
+``1 + n_augment`` samples (the un-augmented centre crop and ``n_augment`` random rotations,
+scalings and displacements, :mod:`hipoa.augment`); the validation samples are drawn once with a
+fixed seed, so every epoch (and every training seed) is scored on the same validation set.
+Batches are streamed from the Zarr store in blocks of a few hundred context patches, so memory is
+set by the block size, not by the size of the training set.
+"""
+
+from __future__ import annotations
+
+import csv
+import datetime as dt
+import json
+import logging
+import math
+import shutil
+import time
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from hipoa import __version__
+from hipoa.augment import AugmentSettings, augment, check_context, draw_params, identity_params
+from hipoa.metrics import choose_min_area, dice, predicted_area_px, presence_from_probability
+from hipoa.progress import Progress, _fmt_seconds
+from hipoa.sites import PATCH_SIZE
+
+log = logging.getLogger(__name__)
+
+KEY = ["eid", "instance", "side"]
+SPLITS = ("train", "val", "test", "unused")
+PIXEL_THRESHOLD = 0.5
+VAL_AUGMENT_SEED = 20_211_014
+"""Seed of the validation augmentations: fixed, so every epoch and every run see the same set."""
+PRESENCE_RULE = (
+    "pixel is osteophyte if its probability >= pixel_threshold; an image has an osteophyte if at "
+    "least min_area_px patch pixels are; min_area_px maximises Youden's J on the validation split "
+    "(ties -> smaller)"
+)
+
+
+# ---- data selection --------------------------------------------------------------------------
+
+
+def open_site_patches(stores: Sequence[str | Path] | str | Path, site: str, source: str):
+    """``hipoa.store.open_patches`` for one path or several."""
+    from hipoa.store import open_patches
+
+    if isinstance(stores, (str, Path)):
+        stores = [stores]
+    return open_patches([Path(s) for s in stores], site, source)
+
+
+def _keys(rows: pd.DataFrame) -> pd.DataFrame:
+    return pd.DataFrame(
+        {
+            "eid": rows["eid"].astype(str).to_numpy(),
+            "instance": rows["instance"].astype(np.int64).to_numpy(),
+            "side": rows["side"].astype(str).to_numpy(),
+        }
+    )
+
+
+def patch_indices(rows: pd.DataFrame, wanted: pd.DataFrame, what: str = "patch store") -> np.ndarray:
+    """Positions in ``rows`` (a PatchSet's table) of the ``(eid, instance, side)`` keys of ``wanted``.
+
+    Returns:
+        ``(len(wanted),)`` int64 indices, in ``wanted``'s order.
+
+    Raises:
+        KeyError: naming the first missing key(s).
+    """
+    have = _keys(rows)
+    have["_pos"] = np.arange(len(have))
+    want = _keys(wanted)
+    merged = want.merge(have, on=KEY, how="left", validate="many_to_one")
+    missing = merged["_pos"].isna()
+    if missing.any():
+        first = merged.loc[missing, KEY].head(3).to_dict("records")
+        raise KeyError(f"{int(missing.sum())} split rows have no patch in the {what}, e.g. {first}")
+    return merged["_pos"].to_numpy(np.int64)
+
+
+def make_splits(
+    *,
+    stores: Sequence[str | Path],
+    site: str,
+    seed: int,
+    val_fraction: float = 0.15,
+    test_fraction: float = 0.2,
+) -> pd.DataFrame:
+    """Split a site's annotated images into train / val / test by participant.
+
+    Candidates are annotated rows without a ``qc_reason``; positive means
+    ``{site}_true_area_mm2 > 0``. Participants (all their images, instances and sides) are
+    shuffled with ``seed`` separately among those with and without any positive image (so small
+    cohorts still get positives everywhere) and cut into test, val and train by the fractions.
+    In train and val, only images with a manual-point patch are usable, and negatives are sampled
+    to match the positives (the paper's Table 1); the rest become ``unused``. The test split keeps
+    every candidate image of its participants, with its natural balance, and is evaluated on
+    automatic-point patches.
+
+    Args:
+        stores: Patch stores (Zarr) of one or more shards and sides.
+        site: Site key.
+        seed: Seed of the participant shuffle and the negative sampling.
+        val_fraction: Fraction of participants for validation.
+        test_fraction: Fraction of participants for testing.
+
+    Returns:
+        DataFrame with columns ``eid`` (str), ``instance`` (int16), ``side`` (str), ``split``
+        (one of ``train``, ``val``, ``test``, ``unused``), ``positive`` (bool), sorted by key.
+
+    Raises:
+        ValueError: on bad fractions or when the stores hold no annotated image for the site.
+    """
+    if not (0 <= val_fraction < 1 and 0 <= test_fraction < 1 and val_fraction + test_fraction < 1):
+        raise ValueError(f"need 0 <= val, test fractions and val + test < 1, got {val_fraction}, {test_fraction}")
+    auto = open_site_patches(stores, site, "auto")
+    rows = auto.rows
+    area_col = f"{site}_true_area_mm2"
+    if area_col not in rows:
+        raise KeyError(f"patch stores have no column {area_col!r}; is {site!r} one of their sites?")
+    qc = rows["qc_reason"].fillna("").astype(str)
+    area = rows[area_col].astype(float)
+    candidate = rows["annotated"].astype(bool).to_numpy() & (qc == "").to_numpy() & area.notna().to_numpy()
+    cand = _keys(rows)[candidate].reset_index(drop=True)
+    if cand.empty:
+        raise ValueError(f"no annotated images without qc_reason for site {site!r} in {len(rows)} rows of {stores}")
+    cand["positive"] = (area[candidate] > 0).to_numpy()
+
+    manual = _keys(open_site_patches(stores, site, "manual").rows)
+    manual["has_manual"] = True
+    cand = cand.merge(manual.drop_duplicates(KEY), on=KEY, how="left")
+    cand["has_manual"] = cand["has_manual"].fillna(False).astype(bool)
+    cand = cand.sort_values(KEY, kind="stable").reset_index(drop=True)
+
+    rng = np.random.default_rng(seed)
+    by_eid = cand.groupby("eid")["positive"].any()
+    split_of: dict[str, str] = {}
+    for stratum in (True, False):
+        eids = np.array(sorted(by_eid.index[by_eid == stratum]))
+        eids = eids[rng.permutation(len(eids))]
+        n_test = int(round(test_fraction * len(eids)))
+        n_val = int(round(val_fraction * len(eids)))
+        for i, e in enumerate(eids):
+            split_of[e] = "test" if i < n_test else "val" if i < n_test + n_val else "train"
+    cand["split"] = cand["eid"].map(split_of)
+
+    for name in ("train", "val"):
+        in_split = cand["split"] == name
+        cand.loc[in_split & ~cand["has_manual"], "split"] = "unused"
+        usable = in_split & cand["has_manual"]
+        pos = np.flatnonzero(usable & cand["positive"])
+        neg = np.flatnonzero(usable & ~cand["positive"])
+        if len(neg) > len(pos):
+            drop = np.setdiff1d(neg, rng.choice(neg, size=len(pos), replace=False))
+            cand.loc[drop, "split"] = "unused"
+        elif len(neg) < len(pos):
+            log.warning("%s %s: %d positives but only %d negatives; keeping all", site, name, len(pos), len(neg))
+
+    out = cand[KEY + ["split", "positive"]].copy()
+    out["instance"] = out["instance"].astype(np.int16)
+    counts = out.groupby(["split", "positive"]).size().unstack(fill_value=0)
+    log.info("splits for %s (seed %d), images by split x positive:\n%s", site, seed, counts.to_string())
+    return out
+
+
+def read_splits(splits: str | Path | pd.DataFrame) -> pd.DataFrame:
+    """Read a split table (Parquet path or DataFrame) and check its columns."""
+    df = splits if isinstance(splits, pd.DataFrame) else pd.read_parquet(splits)
+    missing = {*KEY, "split", "positive"} - set(df.columns)
+    if missing:
+        raise ValueError(f"split table {splits if not isinstance(splits, pd.DataFrame) else ''} lacks columns {sorted(missing)}")
+    bad = set(df["split"].unique()) - set(SPLITS)
+    if bad:
+        raise ValueError(f"split table has unknown split names {sorted(bad)}; expected {SPLITS}")
+    return df
+
+
+def split_counts(splits: pd.DataFrame) -> dict[str, dict[str, int]]:
+    """``{split: {"n": images, "positive": positive images}}``."""
+    out = {}
+    for name in SPLITS:
+        s = splits[splits["split"] == name]
+        out[name] = {"n": int(len(s)), "positive": int(s["positive"].sum())}
+    return out
+
+
+# ---- streaming samples -----------------------------------------------------------------------
+
+
+class SampleStream:
+    """Batches of (augmented) samples streamed from context patches in a patch store.
+
+    Each image gives ``1 + n_augment`` samples: sample 0 is the centre crop, the others random
+    transforms. Images are read in blocks (groups of store-adjacent images, so reads stay chunk
+    friendly), the block's samples are made and shuffled, and batches are yielded; memory is one
+    block's samples. With ``fixed=True`` the transforms are drawn once and the order never changes
+    (validation); otherwise each call (epoch) draws new transforms and a new order.
+
+    Calling the object starts an epoch and returns an iterator of ``(x, y)``: ``x`` ``(B, 128, 128,
+    1)`` float32 images and ``y`` ``(B, 128, 128)`` uint8 masks (0/1).
+    """
+
+    def __init__(
+        self,
+        image,
+        mask,
+        indices: np.ndarray,
+        *,
+        n_augment: int,
+        settings: AugmentSettings,
+        batch_size: int,
+        seed: int,
+        fixed: bool,
+        block_samples: int = 2048,
+        group: int = 16,
+    ) -> None:
+        self.image, self.mask = image, mask
+        self.indices = np.sort(np.asarray(indices, dtype=np.int64))
+        self.per_image = 1 + int(n_augment)
+        self.settings = settings
+        self.batch_size = int(batch_size)
+        self.seed = int(seed)
+        self.fixed = fixed
+        self.group = int(group)
+        self.groups_per_block = max(1, block_samples // (self.per_image * self.group))
+        self.epoch = 0
+        self._fixed_params = None
+        if fixed:
+            rng = np.random.default_rng(self.seed)
+            self._fixed_params = self._params(len(self.indices), rng)
+
+    @property
+    def n_samples(self) -> int:
+        return len(self.indices) * self.per_image
+
+    def __len__(self) -> int:
+        return math.ceil(self.n_samples / self.batch_size)
+
+    def _params(self, n_images: int, rng: np.random.Generator) -> np.ndarray:
+        p = draw_params(n_images * self.per_image, self.settings, rng).reshape(n_images, self.per_image, 4)
+        p[:, 0] = identity_params(n_images)
+        return p
+
+    def __call__(self) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        epoch, self.epoch = self.epoch, self.epoch + 1
+        rng = np.random.default_rng([self.seed, epoch])
+        n = len(self.indices)
+        groups = [np.arange(i, min(i + self.group, n)) for i in range(0, n, self.group)]
+        if not self.fixed:
+            groups = [groups[i] for i in rng.permutation(len(groups))]
+        buf_x: list[np.ndarray] = []
+        buf_y: list[np.ndarray] = []
+        buffered = 0
+        for b in range(0, len(groups), self.groups_per_block):
+            pos = np.sort(np.concatenate(groups[b : b + self.groups_per_block]))
+            idx = self.indices[pos]
+            ctx_img = np.asarray(self.image[idx].compute() if hasattr(self.image, "compute") else self.image[idx])
+            ctx_mask = np.asarray(self.mask[idx].compute() if hasattr(self.mask, "compute") else self.mask[idx])
+            params = self._fixed_params[pos] if self.fixed else self._params(len(pos), rng)
+            reps = np.repeat(np.arange(len(pos)), self.per_image)
+            x, y = augment(ctx_img[reps], ctx_mask[reps], params.reshape(-1, 4))
+            y = (y > 0).astype(np.uint8)
+            if not self.fixed:
+                order = rng.permutation(len(x))
+                x, y = x[order], y[order]
+            buf_x.append(x)
+            buf_y.append(y)
+            buffered += len(x)
+            while buffered >= self.batch_size:
+                bx, by = np.concatenate(buf_x), np.concatenate(buf_y)
+                yield bx[: self.batch_size, ..., None], by[: self.batch_size]
+                buf_x, buf_y = [bx[self.batch_size :]], [by[self.batch_size :]]
+                buffered -= self.batch_size
+        if buffered:
+            bx, by = np.concatenate(buf_x), np.concatenate(buf_y)
+            yield bx[..., None], by
+
+    def dataset(self):
+        """The stream as a ``tf.data.Dataset`` (re-entered each epoch), prefetching two batches."""
+        import tensorflow as tf
+
+        ds = tf.data.Dataset.from_generator(
+            self,
+            output_signature=(
+                tf.TensorSpec((None, PATCH_SIZE, PATCH_SIZE, 1), tf.float32),
+                tf.TensorSpec((None, PATCH_SIZE, PATCH_SIZE), tf.uint8),
+            ),
+        )
+        return ds.apply(tf.data.experimental.assert_cardinality(len(self))).prefetch(2)
+
+
+# ---- prediction helper (training and evaluation) ---------------------------------------------
+
+
+def predict_probability(model, image, indices: np.ndarray, *, batch_size: int = 64, block: int = 512, crop: int = 0) -> np.ndarray:
+    """Osteophyte probability maps for patches read in blocks from a (Dask or NumPy) array.
+
+    Args:
+        model: U-Net returning ``(B, S, S, 2)`` softmax.
+        image: ``(n, C, C)`` patches; with ``crop`` > 0 the centre ``C - 2 * crop`` crop is used.
+        indices: Rows of ``image`` to predict, any order.
+        batch_size: Batch size of ``model.predict``.
+        block: Patches read from the store at a time.
+        crop: Margin to cut from each side (``(C - 128) // 2`` for context patches).
+
+    Returns:
+        ``(len(indices), S, S)`` float32, softmax channel 1, in ``indices`` order.
+    """
+    indices = np.asarray(indices, dtype=np.int64)
+    out = []
+    for b in range(0, len(indices), block):
+        idx = indices[b : b + block]
+        order = np.argsort(idx, kind="stable")
+        x = image[np.sort(idx)]
+        x = np.asarray(x.compute() if hasattr(x, "compute") else x, dtype=np.float32)
+        if crop:
+            x = x[:, crop : crop + PATCH_SIZE, crop : crop + PATCH_SIZE]
+        p = np.asarray(model.predict(x[..., None], batch_size=batch_size, verbose=0))[..., 1]
+        unsort = np.empty_like(order)
+        unsort[order] = np.arange(len(order))
+        out.append(p[unsort].astype(np.float32))
+    size = out[0].shape[1] if out else PATCH_SIZE
+    return np.concatenate(out) if out else np.zeros((0, size, size), np.float32)
+
+
+def take_rows(array, indices: np.ndarray) -> np.ndarray:
+    """``array[indices]`` as NumPy, in ``indices`` order, reading a Dask array in sorted order."""
+    indices = np.asarray(indices, dtype=np.int64)
+    order = np.argsort(indices, kind="stable")
+    x = array[indices[order]]
+    x = np.asarray(x.compute() if hasattr(x, "compute") else x)
+    unsort = np.empty_like(order)
+    unsort[order] = np.arange(len(order))
+    return x[unsort]
+
+
+def read_masks(mask, indices: np.ndarray, *, crop: int = 0) -> np.ndarray:
+    """``(len(indices), 128, 128)`` uint8 0/1 masks, in ``indices`` order (optionally centre-cropped)."""
+    m = take_rows(mask, indices)
+    if crop:
+        m = m[:, crop : crop + PATCH_SIZE, crop : crop + PATCH_SIZE]
+    return (m > 0).astype(np.uint8)
+
+
+# ---- training --------------------------------------------------------------------------------
+
+
+def _callbacks(site: str, epochs: int, steps: int, n_samples: int):
+    import keras
+
+    class EpochLog(keras.callbacks.Callback):
+        """Logs loss, val loss, s/epoch, patches/s and ETA per epoch; batch progress within one."""
+
+        def __init__(self) -> None:
+            super().__init__()
+            self.seconds: list[float] = []
+
+        def on_train_begin(self, logs=None):
+            self.t_train = time.monotonic()
+
+        def on_epoch_begin(self, epoch, logs=None):
+            self.t_epoch = time.monotonic()
+            self.progress = Progress(steps, f"train {site} epoch {epoch + 1}/{epochs}", log, unit="batches", every_s=30)
+
+        def on_train_batch_end(self, batch, logs=None):
+            self.progress.update(1)
+
+        def on_epoch_end(self, epoch, logs=None):
+            self.progress.close()
+            sec = time.monotonic() - self.t_epoch
+            self.seconds.append(sec)
+            logs = logs or {}
+            eta = float(np.mean(self.seconds)) * (epochs - epoch - 1)
+            log.info(
+                "train %s: epoch %d/%d, loss %.4f, val_loss %.4f, %.1f s/epoch, %.1f patches/s, elapsed %s, ETA %s",
+                site, epoch + 1, epochs, logs.get("loss", float("nan")), logs.get("val_loss", float("nan")),
+                sec, n_samples / sec if sec > 0 else float("nan"),
+                _fmt_seconds(time.monotonic() - self.t_train), _fmt_seconds(eta),
+            )
+
+    class KeepBest(keras.callbacks.Callback):
+        """Keeps the weights of the epoch with the lowest validation loss and restores them at the end."""
+
+        def __init__(self) -> None:
+            super().__init__()
+            self.best = math.inf
+            self.best_epoch = -1
+            self.weights = None
+
+        def on_epoch_end(self, epoch, logs=None):
+            value = (logs or {}).get("val_loss", math.nan)
+            if value < self.best:
+                self.best, self.best_epoch = float(value), epoch
+                self.weights = [w.copy() for w in self.model.get_weights()]
+
+        def on_train_end(self, logs=None):
+            if self.weights is not None:
+                self.model.set_weights(self.weights)
+
+    return EpochLog(), KeepBest()
+
+
+def train_site(
+    *,
+    stores: Sequence[str | Path],
+    splits: str | Path | pd.DataFrame,
+    site: str,
+    out: str | Path,
+    epochs: int = 15,
+    batch_size: int = 32,
+    depth: int = 4,
+    base_filters: int = 64,
+    dropout: float = 0.3,
+    n_augment: int = 7,
+    rotation: float = 0.1,
+    scale: float = 0.1,
+    displacement: float = 0.0,
+    seed: int = 1,
+    precision: str = "auto",
+) -> dict:
+    """Train one site's U-Net and choose its presence rule.
+
+    Args:
+        stores: Patch stores holding the split's images.
+        splits: Split table (:func:`make_splits`), Parquet path or DataFrame.
+        site: Site key.
+        out: The model file to write, ``.../unet.keras``. Beside it: ``unet.json`` (settings,
+            data counts, validation scores, presence rule) and ``history.csv`` (per-epoch loss).
+        epochs, batch_size: Training length and batch size (paper: 15 epochs).
+        depth, base_filters, dropout: U-Net size (paper: 4, 64, 0.3), :func:`hipoa.unet.build_unet`.
+        n_augment: Extra augmented samples per image (paper: 7; 19 for the acetabulum).
+        rotation, scale, displacement: Augmentation ranges (:class:`hipoa.augment.AugmentSettings`).
+        seed: Seed of weights, dropout and training augmentation (``keras.utils.set_random_seed``).
+        precision: ``auto`` or a policy name (:func:`hipoa.precision.choose_policy`).
+
+    Returns:
+        The dict written to ``unet.json``.
+    """
+    import keras
+
+    from hipoa.precision import choose_policy, with_policy
+    from hipoa.unet import build_unet
+
+    out = Path(out)
+    if epochs < 1 or batch_size < 1 or n_augment < 0:
+        raise ValueError(f"need epochs >= 1, batch_size >= 1, n_augment >= 0, got {epochs}, {batch_size}, {n_augment}")
+    settings = AugmentSettings(rotation=rotation, scale=scale, displacement=displacement)
+    table = read_splits(splits)
+    keras.utils.set_random_seed(seed)
+    policy = choose_policy(precision)
+
+    manual = open_site_patches(stores, site, "manual")
+    context = int(manual.image.shape[1])
+    check_context(settings, context)
+    crop = (context - PATCH_SIZE) // 2
+    train_rows = table[table["split"] == "train"]
+    val_rows = table[table["split"] == "val"]
+    if train_rows.empty or val_rows.empty:
+        raise ValueError(f"site {site}: need train and val images, got {len(train_rows)} train, {len(val_rows)} val")
+    train_idx = patch_indices(manual.rows, train_rows, "manual patches")
+    val_idx = patch_indices(manual.rows, val_rows, "manual patches")
+
+    train_stream = SampleStream(
+        manual.image, manual.mask, train_idx, n_augment=n_augment, settings=settings,
+        batch_size=batch_size, seed=seed, fixed=False,
+    )
+    val_stream = SampleStream(
+        manual.image, manual.mask, val_idx, n_augment=n_augment, settings=settings,
+        batch_size=batch_size, seed=VAL_AUGMENT_SEED, fixed=True,
+    )
+    model = build_unet(size=PATCH_SIZE, depth=depth, base_filters=base_filters, dropout=dropout, dtype=policy)
+    optimizer = keras.optimizers.Adam()  # the paper: default parameters (learning rate 1e-3)
+    if policy == "mixed_float16":
+        optimizer = keras.optimizers.LossScaleOptimizer(optimizer)
+    model.compile(optimizer=optimizer, loss=keras.losses.SparseCategoricalCrossentropy())
+    log.info(
+        "train %s: U-Net depth %d, %d base filters, %d parameters, %s; %d train images x %d = %d samples, "
+        "%d val images x %d = %d samples per epoch",
+        site, depth, base_filters, model.count_params(), policy, len(train_idx), 1 + n_augment,
+        train_stream.n_samples, len(val_idx), 1 + n_augment, val_stream.n_samples,
+    )
+    epoch_log, keep_best = _callbacks(site, epochs, len(train_stream), train_stream.n_samples)
+    t0 = time.monotonic()
+    history = model.fit(
+        train_stream.dataset(), validation_data=val_stream.dataset(), epochs=epochs,
+        callbacks=[epoch_log, keep_best], shuffle=False, verbose=0,  # the stream shuffles itself
+    )
+    train_seconds = time.monotonic() - t0
+
+    # Presence rule and validation scores on un-augmented validation patches (the model as used:
+    # automatic-point patches where the store has them, else the manual centre crops).
+    val_truth = val_rows["positive"].to_numpy(bool)
+    source = "auto"
+    try:
+        auto = open_site_patches(stores, site, "auto")
+        idx = patch_indices(auto.rows, val_rows, "auto patches")
+        prob = predict_probability(model, auto.image, idx, batch_size=batch_size)
+        truth_mask = read_masks(auto.mask, idx)
+    except KeyError as exc:
+        log.warning("train %s: %s; choosing the presence rule on manual centre crops", site, exc)
+        source = "manual"
+        prob = predict_probability(model, manual.image, val_idx, batch_size=batch_size, crop=crop)
+        truth_mask = read_masks(manual.mask, val_idx, crop=crop)
+    area = predicted_area_px(prob, PIXEL_THRESHOLD)
+    if val_truth.all() or not val_truth.any():
+        min_area, scores = 1, {"n": int(len(val_truth)), "n_positive": int(val_truth.sum())}
+        log.warning("train %s: validation split is all one class; min_area_px defaults to 1", site)
+    else:
+        min_area, scores = choose_min_area(area, val_truth)
+    present, mask, _, _ = presence_from_probability(prob, PIXEL_THRESHOLD, min_area)
+    d = dice(mask, truth_mask)
+    scores.update(
+        source=source,
+        dice_mean_positive=float(d[val_truth].mean()) if val_truth.any() else float("nan"),
+        dice_mean_all=float(d.mean()),
+    )
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with_policy(model, "float32").save(out)
+    seconds = epoch_log.seconds
+    hist = pd.DataFrame(history.history)
+    hist.insert(0, "epoch", np.arange(1, len(hist) + 1))
+    hist["seconds"] = seconds[: len(hist)]
+    hist.to_csv(out.parent / "history.csv", index=False, quoting=csv.QUOTE_MINIMAL)
+    info = {
+        "site": site,
+        "hipoa_version": __version__,
+        "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        "settings": {
+            "epochs": epochs, "batch_size": batch_size, "depth": depth, "base_filters": base_filters,
+            "dropout": dropout, "n_augment": n_augment, "rotation": rotation, "scale": scale,
+            "displacement": displacement, "seed": seed, "precision": precision, "policy": policy,
+            "optimizer": "Adam (Keras defaults)", "loss": "sparse categorical cross-entropy",
+            "kept": "weights of the epoch with the lowest validation loss (val_loss)",
+            "val_augment_seed": VAL_AUGMENT_SEED,
+        },
+        "architecture": {
+            "size": PATCH_SIZE, "depth": depth, "base_filters": base_filters, "dropout": dropout,
+            "n_classes": 2, "parameters": int(model.count_params()), "saved_policy": "float32",
+        },
+        "data": {
+            "stores": [str(s) for s in ([stores] if isinstance(stores, (str, Path)) else stores)],
+            "splits": None if isinstance(splits, pd.DataFrame) else str(splits),
+            "context_size": context,
+            "counts": split_counts(table),
+            "samples_per_epoch": {"train": train_stream.n_samples, "val": val_stream.n_samples},
+        },
+        "training": {
+            "epochs_run": len(hist),
+            "best_epoch": keep_best.best_epoch + 1,
+            "best_val_loss": keep_best.best,
+            "seconds": train_seconds,
+            "seconds_per_epoch": float(np.mean(seconds)) if seconds else float("nan"),
+            "patches_per_second": train_stream.n_samples / float(np.mean(seconds)) if seconds else float("nan"),
+        },
+        "validation": scores,
+        "presence": {"pixel_threshold": PIXEL_THRESHOLD, "min_area_px": int(min_area), "rule": PRESENCE_RULE},
+    }
+    out.with_suffix(".json").write_text(json.dumps(json_safe(info), indent=2) + "\n")
+    log.info(
+        "train %s: best epoch %d (val_loss %.4f), min_area_px %d, val sensitivity %.3f specificity %.3f, "
+        "val Dice (positives) %.3f; wrote %s",
+        site, keep_best.best_epoch + 1, keep_best.best, min_area, scores.get("sensitivity", math.nan),
+        scores.get("specificity", math.nan), scores["dice_mean_positive"], out,
+    )
+    return info
+
+
+def json_safe(obj):
+    """JSON has no NaN: write them as null."""
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    if isinstance(obj, dict):
+        return {k: json_safe(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [json_safe(v) for v in obj]
+    if isinstance(obj, np.generic):
+        return json_safe(obj.item())
+    return obj
+
+
+def model_info_path(model: str | Path) -> Path:
+    """The JSON beside a model: same stem, ``.json``."""
+    return Path(model).with_suffix(".json")
+
+
+def load_existing(*, model: str | Path, out: str | Path) -> dict:
+    """Use an existing model instead of training: check it loads and fits, copy it and its JSON.
+
+    Args:
+        model: An existing ``.keras`` U-Net with a ``.json`` of the same stem beside it.
+        out: Where the workflow expects the model (``results/models/{site}/unet.keras``).
+
+    Returns:
+        The JSON's content, with ``loaded_from`` added.
+
+    Raises:
+        FileNotFoundError: naming the missing model or JSON.
+        ValueError: naming the file and the shapes when it is not a 128x128 -> 128x128x2 U-Net, or
+            when its JSON lacks the presence rule.
+    """
+    import keras
+
+    src, out = Path(model), Path(out)
+    info_path = model_info_path(src)
+    if not src.is_file():
+        raise FileNotFoundError(f"model to load not found: {src}")
+    if not info_path.is_file():
+        raise FileNotFoundError(f"{src}: its settings file {info_path} is missing (it holds the presence rule)")
+    m = keras.saving.load_model(src, compile=False)
+    if tuple(m.input_shape[1:]) != (PATCH_SIZE, PATCH_SIZE, 1) or tuple(m.output_shape[1:3]) != (PATCH_SIZE, PATCH_SIZE):
+        raise ValueError(f"{src}: expected input (128, 128, 1) and output (128, 128, k), got {m.input_shape} -> {m.output_shape}")
+    info = json.loads(info_path.read_text())
+    presence = info.get("presence", {})
+    if "pixel_threshold" not in presence or "min_area_px" not in presence:
+        raise ValueError(f"{info_path}: no presence rule (presence.pixel_threshold, presence.min_area_px), got {presence}")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    if src.resolve() != out.resolve():
+        shutil.copyfile(src, out)
+    info["loaded_from"] = str(src)
+    model_info_path(out).write_text(json.dumps(info, indent=2) + "\n")
+    hist_src, hist_out = src.parent / "history.csv", out.parent / "history.csv"
+    if hist_src.is_file():
+        if hist_src.resolve() != hist_out.resolve():
+            shutil.copyfile(hist_src, hist_out)
+    else:
+        hist_out.write_text("epoch,loss,val_loss,seconds\n")
+    log.info("loaded %s (min_area_px %s) -> %s", src, presence["min_area_px"], out)
+    return info

@@ -1,0 +1,386 @@
+#!/usr/bin/env bash
+# Real-SLURM check of the hipoa workflow.
+#
+# Starts a throwaway one-node SLURM cluster on localhost (munged, MariaDB + slurmdbd for
+# accounting, slurmctld, slurmd with two fake GPUs), runs the demo with
+# `snakemake --profile profiles/slurm` in a fresh copy of the workflow, checks in the accounting
+# database that the GPU rules ran as GPU jobs (TRES gres/gpu, partition gpu) and the CPU rules
+# did not, runs the same demo with `--profile profiles/local` in another copy, and compares the
+# phenotype Parquet files (pandas assert_frame_equal; metadata equal except `created`).
+# Every daemon it starts is stopped by the PID it recorded, on success, failure or signal.
+#
+# Needs root and Debian (installs slurmctld slurmd slurm-client munge slurmdbd mariadb-server
+# with apt-get when missing). No systemd, no cgroups. Everything else lives in a fresh
+# temporary directory with free TCP ports, so the script can be rerun at will.
+#
+# Usage: tests/slurm/run_slurm_demo.sh [options] [-- extra snakemake arguments for both runs]
+#   --workflow DIR   project directory holding workflow/ config/ profiles/ (default: this repo)
+#   --gpu-rules "R1 R2"  rules that must run as GPU jobs (default: "train_unet predict_masks")
+#   --timeout S      limit for each snakemake run in seconds (default 1800; SIGINT on expiry)
+#   --skip-local     do not run the local demo nor compare the Parquet files
+#   --keep           keep the temporary directory (logs, both runs) after success
+# Exit status: 0 when every check passed, non-zero otherwise.
+set -euo pipefail
+
+ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)
+HERE=$ROOT/tests/slurm
+WORKFLOW_DIR=$ROOT
+GPU_RULES="train_unet predict_masks"
+SMK_TIMEOUT=1800
+SKIP_LOCAL=0
+KEEP=0
+EXTRA_ARGS=()
+CLUSTER=hipoa-test
+DEMO_ACCOUNT=hipoa-demo
+PACKAGES=(munge slurm-client slurmctld slurmd slurmdbd mariadb-server)
+
+log() { printf '[slurm-demo %s] %s\n' "$(date +%H:%M:%S)" "$*"; }
+die() {
+    log "FAIL: $*"
+    exit 1
+}
+
+while (($#)); do
+    case $1 in
+    --workflow) WORKFLOW_DIR=$(cd "$2" && pwd) && shift 2 ;;
+    --gpu-rules) GPU_RULES=$2 && shift 2 ;;
+    --timeout) SMK_TIMEOUT=$2 && shift 2 ;;
+    --skip-local) SKIP_LOCAL=1 && shift ;;
+    --keep) KEEP=1 && shift ;;
+    --) shift && EXTRA_ARGS=("$@") && break ;;
+    -h | --help) sed -n '2,/^set -euo/p' "$0" | sed '$d; s/^# \{0,1\}//' && exit 0 ;;
+    *) die "unknown argument '$1' (see --help)" ;;
+    esac
+done
+
+[[ $(id -u) -eq 0 ]] || die "must run as root (installs Debian packages, starts daemons); uid is $(id -u)"
+[[ -f $WORKFLOW_DIR/workflow/Snakefile || -f $WORKFLOW_DIR/Snakefile ]] ||
+    die "no workflow/Snakefile in --workflow '$WORKFLOW_DIR'"
+
+T0=$(date +%s)
+elapsed() { echo $(($(date +%s) - $1)); }
+
+# ---------------------------------------------------------------- packages
+install_packages() {
+    local missing=() p
+    for p in "${PACKAGES[@]}"; do
+        dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q '^install ok installed$' ||
+            missing+=("$p")
+    done
+    if ((${#missing[@]} == 0)); then
+        log "Debian packages present: ${PACKAGES[*]}"
+        return
+    fi
+    command -v apt-get >/dev/null || die "apt-get not found; cannot install ${missing[*]}"
+    log "installing ${missing[*]} with apt-get"
+    # Keep maintainer scripts from starting the system's own daemons (no systemd here; we
+    # start private instances below). Only add a policy-rc.d when there is none.
+    local policy=/usr/sbin/policy-rc.d added_policy=0
+    if [[ ! -e $policy ]]; then
+        printf '#!/bin/sh\nexit 101\n' >"$policy" && chmod 755 "$policy" && added_policy=1
+    fi
+    local rc=0
+    {
+        DEBIAN_FRONTEND=noninteractive apt-get update -qq &&
+            DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
+                "${missing[@]}"
+    } >"${TMPDIR:-/tmp}/hipoa-slurm-apt.log" 2>&1 || rc=$?
+    ((added_policy)) && rm -f "$policy"
+    ((rc == 0)) || {
+        tail -n 20 "${TMPDIR:-/tmp}/hipoa-slurm-apt.log"
+        die "apt-get install ${missing[*]} failed (rc $rc)"
+    }
+}
+install_packages
+T_INSTALL=$(elapsed "$T0")
+
+# ---------------------------------------------------------------- process bookkeeping
+WORK=$(mktemp -d "${TMPDIR:-/tmp}/hipoa-slurm.XXXXXX")
+chmod 755 "$WORK"
+DAEMON_NAMES=()
+DAEMON_PIDS=()
+SMK_PID=
+SLURM_UP=0
+
+pid_alive() { [[ -n $1 ]] && kill -0 "$1" 2>/dev/null; }
+
+stop_pid() { # name pid: SIGTERM, wait up to 20 s, then SIGKILL
+    local name=$1 pid=$2 i
+    pid_alive "$pid" || return 0
+    kill -TERM "$pid" 2>/dev/null || true
+    for ((i = 0; i < 80; i++)); do
+        pid_alive "$pid" || break
+        sleep 0.25
+    done
+    if pid_alive "$pid"; then
+        log "$name (pid $pid) ignored SIGTERM; sending SIGKILL"
+        kill -KILL "$pid" 2>/dev/null || true
+    fi
+    wait "$pid" 2>/dev/null || true
+    log "stopped $name (pid $pid)"
+}
+
+cleanup() {
+    local rc=$? i jobs
+    set +e
+    trap - EXIT INT TERM
+    if pid_alive "$SMK_PID"; then
+        # SIGINT makes snakemake cancel its SLURM jobs before it exits.
+        log "interrupting snakemake (pid $SMK_PID) with SIGINT"
+        kill -INT "$SMK_PID"
+        for ((i = 0; i < 240; i++)); do
+            pid_alive "$SMK_PID" || break
+            sleep 0.25
+        done
+        stop_pid snakemake "$SMK_PID"
+    fi
+    if ((SLURM_UP)); then
+        jobs=$(squeue -h -o %i 2>/dev/null)
+        if [[ -n $jobs ]]; then
+            log "cancelling leftover jobs: $(echo $jobs)"
+            scancel $jobs
+            for ((i = 0; i < 60; i++)); do
+                [[ -z $(squeue -h -o %i 2>/dev/null) ]] && break
+                sleep 0.5
+            done
+        fi
+    fi
+    for ((i = ${#DAEMON_PIDS[@]} - 1; i >= 0; i--)); do
+        stop_pid "${DAEMON_NAMES[i]}" "${DAEMON_PIDS[i]}"
+    done
+    if ((rc != 0)); then
+        rm -rf "$WORK/mysql" # the database is large and of no use after the run
+        log "exit status $rc; logs kept in $WORK (log/, run-*/.snakemake/)"
+    elif ((KEEP)); then
+        log "kept $WORK"
+    else
+        rm -rf "$WORK"
+    fi
+    exit "$rc"
+}
+trap cleanup EXIT
+trap 'exit 130' INT
+trap 'exit 143' TERM
+
+start_daemon() { # name command...: run in the foreground mode of the daemon, in background
+    local name=$1
+    shift
+    "$@" >"$WORK/log/$name.out" 2>&1 &
+    DAEMON_NAMES+=("$name")
+    DAEMON_PIDS+=($!)
+    echo "$name $!" >>"$WORK/run/pids"
+    log "started $name (pid $!)"
+}
+
+show_log() { # name: tail of the daemon's logs
+    local f
+    for f in "$WORK/log/$1".*; do
+        [[ -f $f ]] && { echo "--- $f" && tail -n 25 "$f"; }
+    done
+}
+
+wait_until() { # description timeout_s watched_daemon command...
+    local what=$1 timeout=$2 name=$3 pid i
+    shift 3
+    pid=${DAEMON_PIDS[-1]}
+    for ((i = 0; i < timeout * 4; i++)); do
+        "$@" >/dev/null 2>&1 && return 0
+        if ! pid_alive "$pid"; then
+            show_log "$name"
+            die "$name exited while waiting for $what"
+        fi
+        sleep 0.25
+    done
+    show_log "$name"
+    die "timed out after ${timeout}s waiting for $what"
+}
+
+# ---------------------------------------------------------------- configuration
+mkdir -p "$WORK"/{etc,log,run,dev,munge,mysql,mysql-tmp,state/slurmctld,state/slurmd}
+HOST=$(hostname -s)
+read -r CTLD_PORT SLURMD_PORT DBD_PORT DB_PORT < <(python3 -c '
+import socket
+socks = [socket.socket() for _ in range(4)]
+for s in socks:
+    s.bind(("127.0.0.1", 0))
+print(*(s.getsockname()[1] for s in socks))
+')
+DB_PASS=$(od -An -N12 -tx1 /dev/urandom | tr -d ' \n')
+fill() { # template output
+    sed -e "s|@WORK@|$WORK|g" -e "s|@HOST@|$HOST|g" -e "s|@CLUSTER@|$CLUSTER|g" \
+        -e "s|@CTLD_PORT@|$CTLD_PORT|g" -e "s|@SLURMD_PORT@|$SLURMD_PORT|g" \
+        -e "s|@DBD_PORT@|$DBD_PORT|g" -e "s|@DB_PORT@|$DB_PORT|g" -e "s|@DB_PASS@|$DB_PASS|g" \
+        -e "s|@CPUS@|16|g" -e "s|@MEM_MB@|131072|g" "$1" >"$2"
+}
+fill "$HERE/slurm.conf.in" "$WORK/etc/slurm.conf"
+fill "$HERE/gres.conf.in" "$WORK/etc/gres.conf"
+fill "$HERE/slurmdbd.conf.in" "$WORK/etc/slurmdbd.conf"
+chmod 600 "$WORK/etc/slurmdbd.conf"
+# Clients, daemons and the jobs (sbatch --export=ALL) all read this cluster's configuration.
+export SLURM_CONF=$WORK/etc/slurm.conf
+for i in 0 1; do mknod "$WORK/dev/fakegpu$i" c 1 3; done
+log "work dir $WORK; host $HOST; ports slurmctld $CTLD_PORT slurmd $SLURMD_PORT" \
+    "slurmdbd $DBD_PORT mariadb $DB_PORT"
+
+# ---------------------------------------------------------------- daemons
+T1=$(date +%s)
+# munged: as the munge user, private key, socket and logs.
+head -c 1024 /dev/urandom >"$WORK/munge/munge.key"
+chown -R munge:munge "$WORK/munge"
+chmod 755 "$WORK/munge"
+chmod 600 "$WORK/munge/munge.key"
+start_daemon munged setpriv --reuid=munge --regid=munge --init-groups \
+    munged --foreground --socket="$WORK/munge/munge.sock" --key-file="$WORK/munge/munge.key" \
+    --pid-file="$WORK/munge/munged.pid" --log-file="$WORK/munge/munged.log" \
+    --seed-file="$WORK/munge/munged.seed"
+wait_until "munge credentials" 20 munged \
+    bash -c "munge -S '$WORK/munge/munge.sock' -n | unmunge -S '$WORK/munge/munge.sock'"
+
+# MariaDB: a private instance on 127.0.0.1 for slurmdbd.
+touch "$WORK/log/mariadbd.log"
+chown mysql:mysql "$WORK/mysql" "$WORK/mysql-tmp" "$WORK/log/mariadbd.log"
+mariadb-install-db --no-defaults --user=mysql --datadir="$WORK/mysql" \
+    --auth-root-authentication-method=socket --skip-test-db >"$WORK/log/mariadb-install.log" 2>&1 ||
+    {
+        tail -n 20 "$WORK/log/mariadb-install.log"
+        die "mariadb-install-db failed"
+    }
+start_daemon mariadbd mariadbd --no-defaults --user=mysql --datadir="$WORK/mysql" \
+    --tmpdir="$WORK/mysql-tmp" --socket="$WORK/mysql/mysqld.sock" --port="$DB_PORT" \
+    --bind-address=127.0.0.1 --skip-name-resolve --pid-file="$WORK/mysql-tmp/mariadbd.pid" \
+    --log-error="$WORK/log/mariadbd.log" --innodb-buffer-pool-size=64M \
+    --innodb-log-file-size=16M --innodb-use-native-aio=0 --open-files-limit=4096
+SQL=(mariadb --no-defaults --socket="$WORK/mysql/mysqld.sock" -u root)
+wait_until "MariaDB" 60 mariadbd "${SQL[@]}" -e 'SELECT 1'
+"${SQL[@]}" -e "CREATE USER 'slurm'@'127.0.0.1' IDENTIFIED BY '$DB_PASS';
+    GRANT ALL ON slurm_acct_db.* TO 'slurm'@'127.0.0.1';"
+
+# slurmdbd, then the cluster, an account and the root user in it.
+start_daemon slurmdbd slurmdbd -D
+wait_until "slurmdbd" 90 slurmdbd sacctmgr -n list cluster
+sacctmgr -i add cluster "$CLUSTER" >/dev/null
+sacctmgr -i add account "$DEMO_ACCOUNT" Cluster="$CLUSTER" Description=hipoa-demo \
+    Organization=hipoa >/dev/null
+sacctmgr -i add user root Account="$DEMO_ACCOUNT" Cluster="$CLUSTER" >/dev/null
+
+start_daemon slurmctld slurmctld -D -i
+SLURM_UP=1
+wait_until "slurmctld" 60 slurmctld scontrol ping
+start_daemon slurmd slurmd -D -N "$HOST"
+node_idle() { [[ $(sinfo -h -n "$HOST" -o %t | sort -u) == idle ]]; }
+wait_until "node $HOST idle in sinfo" 60 slurmd node_idle
+T_CLUSTER=$(elapsed "$T1")
+log "cluster up in ${T_CLUSTER}s:"
+sinfo -o '%P %a %D %t %N %G'
+scontrol show node "$HOST" | grep -E 'Gres=|CfgTRES='
+
+# ---------------------------------------------------------------- the runs
+copy_workflow() { # destination: a fresh copy of the project's workflow files
+    local d
+    mkdir -p "$1"
+    for d in workflow config profiles envs Snakefile; do
+        [[ -e $WORKFLOW_DIR/$d ]] && cp -a "$WORKFLOW_DIR/$d" "$1/"
+    done
+    rm -rf "$1/.snakemake"
+}
+
+run_snakemake() { # label directory snakemake-args...: runs under a timeout, output to a log
+    local label=$1 dir=$2 rc=0 t
+    shift 2
+    t=$(date +%s)
+    log "snakemake ($label) in $dir: snakemake $*"
+    (cd "$dir" && exec timeout -s INT -k 120 "$SMK_TIMEOUT" snakemake "$@") \
+        >"$WORK/log/snakemake-$label.log" 2>&1 &
+    SMK_PID=$!
+    wait "$SMK_PID" || rc=$?
+    SMK_PID=
+    log "snakemake ($label) finished with status $rc in $(elapsed "$t")s"
+    if ((rc != 0)); then
+        tail -n 60 "$WORK/log/snakemake-$label.log"
+        ((rc == 124)) && die "snakemake ($label) timed out after ${SMK_TIMEOUT}s"
+        die "snakemake ($label) failed (status $rc); log: $WORK/log/snakemake-$label.log"
+    fi
+}
+
+# Partition and account come from the environment, as on a user's cluster: CPU rules go to
+# the default partition (the plugin asks sinfo), GPU rules to HIPOA_SLURM_GPU_PARTITION, all
+# jobs to the account in SBATCH_ACCOUNT.
+unset HIPOA_SLURM_PARTITION SBATCH_PARTITION HIPOA_SLURM_ACCOUNT SLURM_ACCOUNT
+export SBATCH_ACCOUNT=$DEMO_ACCOUNT HIPOA_SLURM_GPU_PARTITION=gpu
+
+RUN_SLURM=$WORK/run-slurm
+copy_workflow "$RUN_SLURM"
+T2=$(date +%s)
+run_snakemake slurm "$RUN_SLURM" --profile profiles/slurm --profile "$HERE/profile" \
+    "${EXTRA_ARGS[@]}"
+T_SLURM=$(elapsed "$T2")
+
+SMK_LOG=$WORK/log/snakemake-slurm.log
+RUN_ID=$(sed -n 's/.*SLURM run ID: \([^ ]*\).*/\1/p' "$SMK_LOG" | head -n 1)
+log "SLURM run ID $RUN_ID; sbatch calls:"
+grep -o 'sbatch call: .*' "$SMK_LOG" | sed -e 's/--wrap=.*/--wrap=<snakemake job step>/' \
+    -e 's/^/  /' || die "no 'sbatch call' line in $SMK_LOG"
+log "job ids:"
+grep -o 'Job [0-9]* has been submitted with SLURM jobid [0-9]*' "$SMK_LOG" | sed 's/^/  /'
+
+# Accounting: one line per job allocation of this run.
+SACCT=$WORK/log/sacct.txt
+sacct -X -n -P --name="$RUN_ID" -S "$(date -d '-1 day' +%Y-%m-%dT%H:%M:%S)" \
+    -o JobID,Comment,Partition,Account,AllocTRES,State,Elapsed >"$SACCT"
+log "sacct (JobID|Comment|Partition|Account|AllocTRES|State|Elapsed):"
+sed 's/^/  /' "$SACCT"
+N_SUBMITTED=$(grep -c 'has been submitted with SLURM jobid' "$SMK_LOG" || true)
+N_ACCOUNTED=$(wc -l <"$SACCT")
+((N_SUBMITTED > 0)) || die "snakemake submitted no SLURM job"
+((N_ACCOUNTED == N_SUBMITTED)) ||
+    die "sacct lists $N_ACCOUNTED jobs of run $RUN_ID, snakemake submitted $N_SUBMITTED"
+python3 - "$SACCT" "$DEMO_ACCOUNT" $GPU_RULES <<'EOF'
+"""Check per job: COMPLETED, account, and GPU TRES + gpu partition exactly for GPU rules."""
+import re
+import sys
+
+path, account, gpu_rules = sys.argv[1], sys.argv[2], sys.argv[3:]
+errors, gpu_jobs = [], {rule: [] for rule in gpu_rules}
+for line in open(path):
+    jobid, comment, partition, acct, tres, state, _elapsed = line.rstrip("\n").split("|")
+    rule = re.sub(r"^rule_", "", comment).split("_wildcards_")[0]
+    has_gpu = re.search(r"gres/gpu=\d+", tres) is not None
+    if state != "COMPLETED":
+        errors.append(f"job {jobid} ({rule}) is {state}")
+    if acct != account:
+        errors.append(f"job {jobid} ({rule}) ran under account {acct!r}, not {account!r}")
+    if rule in gpu_jobs:
+        gpu_jobs[rule].append(jobid)
+        if not has_gpu or partition != "gpu":
+            errors.append(f"GPU rule {rule} job {jobid}: partition {partition}, TRES {tres}")
+    elif has_gpu or partition != "main":
+        errors.append(f"CPU rule {rule} job {jobid}: partition {partition}, TRES {tres}")
+for rule, ids in gpu_jobs.items():
+    if not ids:
+        errors.append(f"no SLURM job for GPU rule {rule}")
+summary = ", ".join(f"{rule}: {len(ids)} (jobs {' '.join(ids)})" for rule, ids in gpu_jobs.items())
+print(f"GPU jobs (gres/gpu in AllocTRES, partition gpu): {summary}")
+if errors:
+    print("\n".join(f"  ERROR {e}" for e in errors))
+    sys.exit(1)
+print("all SLURM jobs COMPLETED under account", account, "; CPU rules on partition main without GPUs")
+EOF
+
+if ((SKIP_LOCAL)); then
+    T_LOCAL=0
+    log "skipping the local run and the Parquet comparison (--skip-local)"
+else
+    RUN_LOCAL=$WORK/run-local
+    copy_workflow "$RUN_LOCAL"
+    LOCAL_ARGS=(--cores 2)
+    [[ -f $RUN_LOCAL/profiles/local/config.yaml ]] && LOCAL_ARGS=(--profile profiles/local)
+    T3=$(date +%s)
+    run_snakemake local "$RUN_LOCAL" "${LOCAL_ARGS[@]}" "${EXTRA_ARGS[@]}"
+    T_LOCAL=$(elapsed "$T3")
+    python3 "$HERE/compare_parquet.py" "$RUN_SLURM" "$RUN_LOCAL" ||
+        die "phenotype Parquet files of the SLURM and the local run differ"
+fi
+
+log "TIMING install ${T_INSTALL}s, cluster start ${T_CLUSTER}s, SLURM demo ${T_SLURM}s" \
+    "(${N_SUBMITTED} jobs), local demo ${T_LOCAL}s, total $(elapsed "$T0")s"
+log "PASSED"

@@ -1,0 +1,389 @@
+"""Ingest (hipoa.ingest): the UKB layout or a manifest CSV -> the manifest Parquet."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import zipfile
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pyarrow.parquet as pq
+import pytest
+from PIL import Image
+from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.uid import ComputedRadiographyImageStorage, ImplicitVRLittleEndian, generate_uid
+
+from hipoa.cli import main
+from hipoa.ingest import (
+    MANIFEST_COLUMNS,
+    MANIFEST_SCHEMA,
+    build_manifest,
+    pattern_to_glob,
+    shard_of,
+    write_manifest,
+)
+from hipoa.points import write_pts
+
+ROWS, COLS = 60, 68  # ExposedArea [17, 15] mm -> 0.25 mm each way
+IMAGES = "ukb/20158/{eid}_20158_{instance}_{array}.zip"
+AUTO = "points/auto/{eid}_{instance}_{side}.pts"
+MANUAL = "points/manual/{eid}_{instance}_{side}.pts"
+MASKS = "masks/{eid}_{instance}_{side}.png"
+
+
+def hip_dicom(protocol: str, *, seed: int = 0, exposed_area: tuple[int, int] | None = (17, 15)) -> bytes:
+    """A small hip DICOM with UKB's iDXA header profile (CR, Implicit VR LE, 8-bit MONOCHROME2)."""
+    arr = np.random.default_rng(seed).integers(0, 256, size=(ROWS, COLS), dtype=np.uint8)
+    uid = generate_uid(entropy_srcs=[protocol, str(seed)])
+    ds = Dataset()
+    ds.file_meta = FileMetaDataset()
+    ds.file_meta.MediaStorageSOPClassUID = ComputedRadiographyImageStorage
+    ds.file_meta.MediaStorageSOPInstanceUID = uid
+    ds.file_meta.TransferSyntaxUID = ImplicitVRLittleEndian
+    ds.SOPClassUID, ds.SOPInstanceUID = ComputedRadiographyImageStorage, uid
+    ds.Modality = "CR"
+    ds.ProtocolName = protocol
+    ds.Rows, ds.Columns = ROWS, COLS
+    ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 8, 8, 7, 0
+    if exposed_area is not None:
+        ds.ExposedArea = list(exposed_area)
+    ds.PixelData = arr.tobytes()
+    buf = io.BytesIO()
+    ds.save_as(buf, enforce_file_format=True)
+    return buf.getvalue()
+
+
+def write_zip(path: Path, members: dict[str, bytes]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with zipfile.ZipFile(path, "w", compression=zipfile.ZIP_DEFLATED) as zf:
+        for name, data in members.items():
+            zf.writestr(name, data)
+
+
+def ukb_members(eid: int, *, left: bytes | bool | None = None, right: bytes | bool | None = None) -> dict[str, bytes]:
+    members = {"manifest.cvs": b"file,description\n"}
+    members[f"1.2.826.0.1.{eid}.1"] = hip_dicom("AP Spine", seed=eid + 1)
+    if left is not False:
+        members[f"1.2.826.0.1.{eid}.2"] = left if left is not None else hip_dicom("Left Femur", seed=eid)
+    if right is not False:
+        members[f"1.2.826.0.1.{eid}.3"] = right if right is not None else hip_dicom("Right Femur", seed=eid + 2)
+    return members
+
+
+def good_points(seed: int, n: int = 85) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    return np.column_stack([rng.uniform(5, COLS - 5, n), rng.uniform(5, ROWS - 5, n)])
+
+
+def write_mask(path: Path, shape: tuple[int, int] = (ROWS, COLS)) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(np.zeros(shape, dtype=np.uint8)).save(path)
+
+
+EXPECTED_L = {  # eid -> qc_reason of its left hip
+    "1000001": "",
+    "1000002": "",
+    "1000003": "unreadable_zip",
+    "1000004": "no_hip_dicom",
+    "1000005": "unreadable_dicom",
+    "1000006": "points_missing",
+    "1000007": "points_invalid",
+    "1000008": "points_outside_image",
+    "1000009": "",
+    "1000011": "unreadable_dicom",
+    "2": "",
+}
+
+
+def make_layout(root: Path) -> Path:
+    """A small UKB layout with one planted problem per left hip (see EXPECTED_L)."""
+    ukb = root / "ukb" / "20158"
+    auto = root / "points" / "auto"
+    manual = root / "points" / "manual"
+    for d in (ukb, auto, manual):
+        d.mkdir(parents=True, exist_ok=True)
+    for eid in (1000001, 1000002, 1000006, 1000007, 1000008, 1000009, 2):
+        write_zip(ukb / f"{eid}_20158_2_0.zip", ukb_members(eid))
+    (ukb / "1000003_20158_2_0.zip").write_bytes(b"PK\x03\x04 not a zip at all " * 20)
+    write_zip(ukb / "1000004_20158_2_0.zip", ukb_members(1000004, left=False))
+    write_zip(ukb / "1000005_20158_2_0.zip", ukb_members(1000005, left=hip_dicom("Left Femur", seed=5)[:-700]))
+    write_zip(ukb / "1000011_20158_2_0.zip", ukb_members(1000011, left=hip_dicom("Left Femur", exposed_area=None)))
+    # a second visit array of 1000001, instance 2: a duplicate image
+    write_zip(ukb / "1000001_20158_2_1.zip", ukb_members(1000001))
+    # and a later instance: a distinct key
+    write_zip(ukb / "1000001_20158_3_0.zip", ukb_members(1000001))
+
+    eids = ["1000001", "1000002", "1000003", "1000004", "1000005", "1000007", "1000008", "1000009", "1000011", "2"]
+    for i, eid in enumerate(eids):
+        for side in "LR":
+            write_pts(auto / f"{eid}_2_{side}.pts", good_points(i))
+    write_pts(auto / "1000001_3_L.pts", good_points(99))
+    write_pts(auto / "1000001_3_R.pts", good_points(99))
+    write_pts(auto / "1000006_2_R.pts", good_points(6))  # left auto points missing
+    write_pts(auto / "1000007_2_L.pts", good_points(7, n=84))
+    bad = good_points(8)
+    bad[40] = [COLS + 3.0, 10.0]
+    write_pts(auto / "1000008_2_L.pts", bad)
+    # annotations: 1000001 fully; 1000009 with broken manual points; 1000002 manual points only
+    write_mask(root / "masks" / "1000001_2_L.png")
+    write_pts(manual / "1000001_2_L.pts", good_points(1))
+    write_mask(root / "masks" / "1000009_2_L.png")
+    (manual / "1000009_2_L.pts").write_text("version: 1\nn_points: 85\n{\n1 2\n")
+    write_pts(manual / "1000002_2_L.pts", good_points(2))
+    return root
+
+
+@pytest.fixture(scope="module")
+def layout(tmp_path_factory) -> Path:
+    return make_layout(tmp_path_factory.mktemp("cohort"))
+
+
+def layout_manifest(root: Path, side: str = "L", **kw) -> pd.DataFrame:
+    return build_manifest(
+        images=str(root / IMAGES),
+        points_auto=str(root / AUTO),
+        points_manual=str(root / MANUAL),
+        masks=str(root / MASKS),
+        side=side,
+        n_shards=kw.pop("n_shards", 4),
+        **kw,
+    )
+
+
+@pytest.fixture(scope="module")
+def manifest_l(layout) -> pd.DataFrame:
+    return layout_manifest(layout)
+
+
+def test_every_reason_flagged_and_no_row_lost(manifest_l):
+    df = manifest_l
+    assert list(df.columns) == list(MANIFEST_COLUMNS)
+    assert len(df) == 13  # 13 zips, one left-hip row each
+    inst2 = df[(df["instance"] == 2) & (df["array"] == 0)].set_index("eid")["qc_reason"].to_dict()
+    assert inst2 == EXPECTED_L
+    dup = df[(df["eid"] == "1000001") & (df["instance"] == 2)]
+    assert dup["array"].tolist() == [0, 1] and dup["qc_reason"].tolist() == ["", "duplicate_image"]
+    later = df[(df["eid"] == "1000001") & (df["instance"] == 3)]
+    assert later["qc_reason"].tolist() == [""]
+
+
+def test_row_order_and_dtypes(manifest_l):
+    df = manifest_l
+    keys = list(zip(df["eid"], df["instance"], df["side"]))
+    assert keys == sorted(keys)
+    assert df["eid"].iloc[0] == "1000001" and df["eid"].iloc[-1] == "2"  # sorted as strings
+    assert str(df["instance"].dtype) == "int16" and str(df["shard"].dtype) == "int32"
+    assert str(df["rows"].dtype) == "Int32" and df["annotated"].dtype == bool
+    assert (df["side"] == "L").all()
+
+
+def test_header_fields(manifest_l, layout):
+    ok = manifest_l[manifest_l["eid"] == "1000002"].iloc[0]
+    assert (ok["rows"], ok["cols"]) == (ROWS, COLS)
+    assert (ok["spacing_row_mm"], ok["spacing_col_mm"]) == (0.25, 0.25)
+    assert ok["member"] == "1.2.826.0.1.1000002.2"
+    assert ok["image"] == str(layout / "ukb/20158/1000002_20158_2_0.zip")
+    assert ok["points_auto"] == str(layout / "points/auto/1000002_2_L.pts")
+    # unreadable zip: nothing known about the image
+    bad = manifest_l[manifest_l["eid"] == "1000003"].iloc[0]
+    assert bad["member"] == "" and pd.isna(bad["rows"]) and np.isnan(bad["spacing_row_mm"])
+    # truncated pixel data: header still read
+    cut = manifest_l[manifest_l["eid"] == "1000005"].iloc[0]
+    assert cut["member"] == "1.2.826.0.1.1000005.2"
+
+
+def test_masks_and_manual_points(manifest_l, layout):
+    by = manifest_l[(manifest_l["instance"] == 2) & (manifest_l["array"] == 0)].set_index("eid")
+    assert by.loc["1000001", "annotated"] and by.loc["1000001", "mask"] == str(layout / "masks/1000001_2_L.png")
+    assert by.loc["1000001", "points_manual"] == str(layout / "points/manual/1000001_2_L.pts")
+    # annotated, manual points truncated: still phenotyped from auto points, manual left empty
+    assert by.loc["1000009", "annotated"] and by.loc["1000009", "points_manual"] == ""
+    assert by.loc["1000009", "qc_reason"] == ""
+    # manual points without a mask: recorded, not annotated
+    assert not by.loc["1000002", "annotated"] and by.loc["1000002", "mask"] == ""
+    assert by.loc["1000002", "points_manual"].endswith("1000002_2_L.pts")
+    # 1000001 (both arrays of instance 2: the mask pattern has no {array}) and 1000009
+    assert int(manifest_l["annotated"].sum()) == 3
+
+
+def test_manual_points_problem_is_logged(layout, caplog):
+    caplog.set_level("WARNING", logger="hipoa.ingest")
+    layout_manifest(layout)
+    assert any("1000009_2_L" in r.getMessage() and "manual" in r.getMessage() for r in caplog.records)
+
+
+def test_right_side(layout):
+    df = layout_manifest(layout, side="R")
+    assert len(df) == 13 and (df["side"] == "R").all()
+    by = df[(df["instance"] == 2) & (df["array"] == 0)].set_index("eid")["qc_reason"]
+    assert by["1000004"] == "" and by["1000005"] == "" and by["1000006"] == ""  # their left hips were the problem
+    assert by["1000003"] == "unreadable_zip"
+    assert df.loc[df["eid"] == "1000004", "member"].item() == "1.2.826.0.1.1000004.3"
+
+
+def test_shards(manifest_l):
+    for eid, shard in zip(manifest_l["eid"], manifest_l["shard"]):
+        digest = hashlib.blake2b(eid.encode(), digest_size=8).digest()
+        assert shard == int.from_bytes(digest, "big") % 4
+    assert shard_of(1000001, 7) == shard_of("1000001", 7)
+    assert manifest_l.groupby("eid")["shard"].nunique().max() == 1  # a participant's images together
+    with pytest.raises(ValueError, match="n_shards"):
+        shard_of("1", 0)
+
+
+def test_adding_participants_does_not_move_shards(tmp_path):
+    small = make_layout(tmp_path / "a")
+    before = layout_manifest(small, n_shards=3)
+    for eid in range(5000000, 5000012):
+        write_zip(small / "ukb" / "20158" / f"{eid}_20158_2_0.zip", ukb_members(eid))
+        write_pts(small / "points" / "auto" / f"{eid}_2_L.pts", good_points(eid))
+    after = layout_manifest(small, n_shards=3)
+    assert len(after) == len(before) + 12
+    merged = before.merge(after, on=["eid", "instance", "array", "side"], suffixes=("_b", "_a"))
+    assert len(merged) == len(before)
+    assert (merged["shard_b"] == merged["shard_a"]).all()
+    assert set(after["shard"]) == {0, 1, 2}
+
+
+def test_manifest_csv_equals_layout(layout, manifest_l):
+    records = []
+    for path in sorted((layout / "ukb" / "20158").glob("*.zip")):
+        eid, _, instance, array = path.stem.split("_")
+        for side in "LR":
+            values = {"eid": eid, "instance": instance, "side": side}
+            rel = {k: p.format(**values, array=array) for k, p in (("image", IMAGES), ("points_auto", AUTO),
+                                                                    ("points_manual", MANUAL), ("mask", MASKS))}
+            if not (layout / rel["mask"]).exists():
+                rel["mask"] = ""  # the contract's CSV leaves absent optional files empty
+            records.append({"eid": eid, "instance": instance, "side": side, **rel, "array": array})
+    csv = layout / "manifest.csv"
+    pd.DataFrame(records).to_csv(csv, index=False)
+    from_csv = build_manifest(manifest=csv, side="L", n_shards=4)
+    pd.testing.assert_frame_equal(from_csv, manifest_l)
+    # Parquet works the same, and without the optional array column
+    pq_path = layout / "manifest.parquet"
+    pd.DataFrame(records).drop(columns="array").to_parquet(pq_path)
+    from_pq = build_manifest(manifest=pq_path, side="L", n_shards=4)
+    assert from_pq["qc_reason"].tolist().count("duplicate_image") == 1
+    assert len(from_pq) == len(manifest_l)
+
+
+def test_manifest_with_plain_dicoms(tmp_path):
+    (tmp_path / "dcm").mkdir()
+    (tmp_path / "dcm" / "a.dcm").write_bytes(hip_dicom("Left Femur", seed=1))
+    (tmp_path / "dcm" / "b.dcm").write_bytes(hip_dicom("Left Femur", seed=2)[:-300])
+    write_pts(tmp_path / "a.pts", good_points(1))
+    write_pts(tmp_path / "b.pts", good_points(2))
+    pd.DataFrame(
+        {
+            "eid": ["11", "12", "13", "11"],
+            "instance": [2, 2, 2, 2],
+            "side": ["L", "L", "L", "R"],
+            "image": ["dcm/a.dcm", "dcm/b.dcm", "dcm/missing.dcm", "dcm/a.dcm"],
+            "points_auto": ["a.pts", "b.pts", "a.pts", ""],
+            "points_manual": ["", "", "", ""],
+            "mask": ["", "", "", ""],
+        }
+    ).to_csv(tmp_path / "m.csv", index=False)
+    df = build_manifest(manifest=tmp_path / "m.csv", side="L", n_shards=2)
+    assert df["eid"].tolist() == ["11", "12", "13"]
+    assert df["qc_reason"].tolist() == ["", "unreadable_dicom", "unreadable_dicom"]
+    assert df["member"].tolist() == ["", "", ""]
+    assert df["image"].iloc[0] == str(tmp_path / "dcm" / "a.dcm")
+    assert df["spacing_col_mm"].iloc[0] == 0.25
+
+
+def test_bad_manifest_table_raises(tmp_path):
+    pd.DataFrame({"eid": [1], "side": ["L"]}).to_csv(tmp_path / "m.csv", index=False)
+    with pytest.raises(ValueError, match=r"m.csv.*instance"):
+        build_manifest(manifest=tmp_path / "m.csv", side="L", n_shards=1)
+
+
+def test_argument_errors(layout):
+    with pytest.raises(ValueError, match="exactly one"):
+        build_manifest(side="L", n_shards=1)
+    with pytest.raises(ValueError, match="points_auto"):
+        build_manifest(images=str(layout / IMAGES), side="L", n_shards=1)
+    with pytest.raises(ValueError, match="no image matches"):
+        build_manifest(images=str(layout / "nowhere/{eid}_{instance}.zip"), points_auto=AUTO, side="L", n_shards=1)
+    with pytest.raises(ValueError, match="unknown wildcard"):
+        build_manifest(images=str(layout / "ukb/{eid}_{visit}.zip"), points_auto=AUTO, side="L", n_shards=1)
+
+
+def test_pattern_to_glob():
+    g, rx = pattern_to_glob("d[1]/{eid}/{eid}_20158_{instance}_{array}.zip")
+    assert g == "d[[]1]/*/*_20158_*_*.zip"
+    m = rx.fullmatch("d[1]/123/123_20158_2_0.zip")
+    assert m and m.group("eid") == "123" and m.group("instance") == "2" and m.group("array") == "0"
+    assert rx.fullmatch("d[1]/123/124_20158_2_0.zip") is None  # a repeated wildcard must agree
+    assert rx.fullmatch("d[1]/123/123_20158_x_0.zip") is None
+
+
+def test_workers_give_the_same_manifest(layout, manifest_l):
+    pd.testing.assert_frame_equal(layout_manifest(layout, workers=2), manifest_l)
+
+
+def test_write_manifest_parquet_types(manifest_l, tmp_path):
+    out = tmp_path / "results" / "manifest" / "L.parquet"
+    write_manifest(manifest_l, out)
+    schema = pq.read_schema(out)
+    assert schema.names == MANIFEST_SCHEMA.names
+    assert [str(t) for t in schema.types] == [str(t) for t in MANIFEST_SCHEMA.types]
+    back = pd.read_parquet(out)
+    pd.testing.assert_frame_equal(back, manifest_l)
+
+
+def test_cli_ingest(layout, tmp_path, capsys):
+    out = tmp_path / "L.parquet"
+    rc = main([
+        "ingest", "--images", str(layout / IMAGES), "--points-auto", str(layout / AUTO),
+        "--masks", str(layout / MASKS), "--side", "L", "--shards", "3", "--out", str(out),
+    ])
+    assert rc == 0
+    df = pd.read_parquet(out)
+    assert len(df) == 13 and df["shard"].max() <= 2
+    printed = capsys.readouterr().out
+    assert "13 L images" in printed and "points_outside_image" in printed and "unreadable_zip" in printed
+    # --images without --points-auto is refused with exit status 2
+    assert main(["ingest", "--images", str(layout / IMAGES), "--side", "L", "--shards", "3", "--out", str(out)]) == 2
+
+
+# ---------------------------------------------------------------------------------------------
+# The project's synthetic cohort with planted faults
+
+
+def test_synthetic_cohort_faults(tmp_path):
+    from hipoa.synth import FAULTS, make_cohort
+
+    root = tmp_path / "cohort"
+    make_cohort(root, participants=12, seed=3, faults=6)
+    truth = pd.read_parquet(root / "truth.parquet")
+    truth["eid"] = truth["eid"].astype(str)
+    frames = [
+        build_manifest(
+            images=str(root / "ukb/20158/{eid}_20158_{instance}_{array}.zip"),
+            points_auto=str(root / "points/auto/{eid}_{instance}_{side}.pts"),
+            points_manual=str(root / "points/manual/{eid}_{instance}_{side}.pts"),
+            masks=str(root / "masks/{eid}_{instance}_{side}.png"),
+            side=side,
+            n_shards=2,
+        )
+        for side in "LR"
+    ]
+    got = pd.concat(frames, ignore_index=True)
+    assert len(got) == len(truth) == 24  # both hips of 12 participants, nothing lost or invented
+    keys = ["eid", "instance", "side"]
+    counts = got.groupby(keys).size()
+    for rec in truth.itertuples():
+        key = (rec.eid, int(rec.instance), rec.side)
+        assert counts.get(key, 0) == 1, f"{key}: {counts.get(key, 0)} manifest rows"
+    merged = truth.merge(got.astype({"instance": "int64"}), on=keys, how="left")
+    faulted = merged[merged["fault"].fillna("") != ""]
+    assert set(faulted["fault"]) == set(FAULTS)  # six faulty participants: every kind planted
+    expected = faulted["fault"].map({"points_off_image": "points_outside_image"}).fillna(faulted["expected_reason"])
+    assert (faulted["qc_reason"] == expected).all(), faulted[["eid", "side", "fault", "expected_reason", "qc_reason"]]
+    clean = merged[merged["fault"].fillna("") == ""]
+    assert (clean["qc_reason"] == "").all(), clean.loc[clean["qc_reason"] != "", ["eid", "side", "qc_reason"]]

@@ -1,0 +1,84 @@
+"""Tests of hipoa.report on tiny hand-made phenotype tables and evaluation JSONs."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pandas as pd
+import pytest
+from PIL import Image
+
+from hipoa import report
+
+SITES = ["inferior_femoral_head", "lateral_acetabulum"]
+
+
+def _table(side: str, present_inf: list, present_ace: list, reasons: list[str]) -> pd.DataFrame:
+    n = len(reasons)
+    return pd.DataFrame({
+        "eid": [str(i) for i in range(n)],
+        "instance": np.full(n, 2, dtype=np.int16),
+        "side": side,
+        "qc_pass": [r == "" for r in reasons],
+        "qc_reason": reasons,
+        "inferior_femoral_head_present": pd.array(present_inf, dtype="Int8"),
+        "inferior_femoral_head_area_mm2": pd.array([5.0 if p == 1 else (0.0 if p == 0 else None) for p in present_inf], dtype="Float64"),
+        "lateral_acetabulum_present": pd.array(present_ace, dtype="Int8"),
+        "lateral_acetabulum_area_mm2": pd.array([12.0 if p == 1 else (0.0 if p == 0 else None) for p in present_ace], dtype="Float64"),
+        "any_present": pd.array([None if a is None else int(bool(a or b)) for a, b in zip(present_inf, present_ace)], dtype="Int8"),
+    })
+
+
+@pytest.fixture
+def tables(tmp_path):
+    left = _table("L", [1, 0, 0, None], [1, 1, 0, None], ["", "", "", "points_missing"])
+    right = _table("R", [0, None, None], [0, None, None], ["", "no_hip_dicom", "points_missing"])
+    paths = []
+    for side, t in (("L", left), ("R", right)):
+        path = tmp_path / f"osteophytes_{side}.parquet"
+        t.to_parquet(path)
+        paths.append(path)
+    return paths
+
+
+def test_qc_counts_by_reason_and_side(tables):
+    counts = report.qc_counts(report.read_phenotypes(tables))
+    assert list(counts.index) == ["pass", "points_missing", "no_hip_dicom"]
+    assert counts.loc["pass", "L"] == 3 and counts.loc["pass", "R"] == 1
+    assert counts.loc["points_missing", "total"] == 2
+    assert counts.loc["no_hip_dicom", "L"] == 0
+    assert counts["total"].sum() == 7  # every image counted once
+
+
+def test_prevalence_excludes_na(tables):
+    prev = report.prevalence(report.read_phenotypes(tables), SITES).set_index(["side", "site"])
+    assert prev.loc[("L", "inferior_femoral_head"), "measured"] == 3
+    assert prev.loc[("L", "inferior_femoral_head"), "present"] == 1
+    assert prev.loc[("L", "lateral_acetabulum"), "prevalence"] == pytest.approx(2 / 3)
+    assert prev.loc[("R", "any"), "prevalence"] == 0.0
+
+
+def test_evaluation_table_puts_paper_rows_beside_ours(tmp_path):
+    path = tmp_path / "lateral_acetabulum.json"
+    path.write_text(json.dumps({"site": "lateral_acetabulum", "n": 10, "n_positive": 4,
+                                "sensitivity": 0.75, "specificity": 0.5, "f1": None,
+                                "dice_mean": 0.6, "dice_std": 0.1}))
+    table = report.evaluation_table(report.read_scores([path]))
+    assert list(table["model"]) == ["hipoa (this run)", "paper U-Net 3", "paper U-Net 4 (displacement)"]
+    assert table.loc[0, "sensitivity"] == 0.75 and np.isnan(table.loc[0, "f1"])
+    assert table.loc[2, "sensitivity"] == 0.94  # Table 2, U-Net 4
+
+
+def test_write_report_figures(tables, tmp_path):
+    out = tmp_path / "report"
+    report.write_report_figures(
+        phenotypes=tables, scores=[], evaluation=out / "evaluation.html", qc=out / "qc.html",
+        areas=out / "areas.png", prevalence_png=out / "prevalence.png",
+    )
+    assert "no site was trained" in (out / "evaluation.html").read_text().lower()
+    qc = (out / "qc.html").read_text()
+    assert "points_missing" in qc and "no_hip_dicom" in qc
+    for png in ("areas.png", "prevalence.png"):
+        with Image.open(out / png) as im:
+            assert im.size[0] > 100 and im.size[1] > 100

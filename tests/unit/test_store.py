@@ -1,0 +1,384 @@
+"""crop_shard -> Zarr store -> open_patches, on a tiny cohort of real DICOM-in-zip files."""
+
+from __future__ import annotations
+
+import io
+import logging
+import zipfile
+from pathlib import Path
+
+import dask.array as da
+import numpy as np
+import pandas as pd
+import pydicom
+import pytest
+import zarr
+from PIL import Image
+from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.uid import ImplicitVRLittleEndian, generate_uid
+
+from hipoa.cli import main
+from hipoa.dicom import read_image
+from hipoa.patches import (
+    CONTEXT_SIZE,
+    crop_shard,
+    inside_mask,
+    mirror_points,
+    normalise_patch,
+    patch_affine,
+    sample_patch,
+)
+from hipoa.points import read_pts, write_pts
+from hipoa.sites import DEFAULT_SITES
+from hipoa.store import open_patches, read_rows, save_montage, store_attrs
+
+ROWS, COLS = 220, 260
+EXPOSED_AREA = (65, 66)  # (0040,0303) [width_mm, height_mm], VR US: dx = 0.25, dy = 0.3 mm
+SPACING = (66 / ROWS, 65 / COLS)  # (dy, dx), anisotropic on purpose
+
+
+# ------------------------------------------------------------------------------- tiny cohort
+
+
+def hip_points(rng: np.random.Generator) -> np.ndarray:
+    """85 points: femur 0-44 around a head at (110, 120), pelvis 45-84 on a larger arc (left hip)."""
+    centre = np.array([110.0, 120.0]) + rng.uniform(-4, 4, 2)
+    t = np.linspace(0.3 * np.pi, 2.3 * np.pi, 45)
+    femur = centre + 35 * np.c_[np.cos(t), np.sin(t)]
+    t = np.linspace(0.9 * np.pi, 1.9 * np.pi, 40)
+    pelvis = centre + 48 * np.c_[np.cos(t), np.sin(t)]
+    return np.vstack([femur, pelvis])
+
+
+def hip_image(rng: np.random.Generator, pts: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """uint8 image (bright head disk + noise) and a label mask with a blob at each site's centre."""
+    y, x = np.mgrid[0:ROWS, 0:COLS]
+    centre = pts[:45].mean(axis=0)
+    head = ((x - centre[0]) ** 2 + (y - centre[1]) ** 2) <= 35**2
+    img = 40 + 120 * head + rng.normal(0, 8, (ROWS, COLS))
+    mask = np.zeros((ROWS, COLS), np.uint8)
+    for site in DEFAULT_SITES:
+        if rng.random() < 0.7:
+            cx, cy = pts[site.centre] + rng.uniform(-2, 2, 2)
+            blob = ((x - cx) / 4.0) ** 2 + ((y - cy) / 3.0) ** 2 <= 1
+            mask[blob] = site.label
+            img[blob] += 60
+    return np.clip(img, 0, 255).astype(np.uint8), mask
+
+
+def dicom_bytes(pixels: np.ndarray, protocol: str, uid: str, *, truncate: bool = False) -> bytes:
+    """An 8-bit MONOCHROME2 CR in Implicit VR Little Endian with ExposedArea and no PixelSpacing (UKB iDXA)."""
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID = "1.2.840.10008.5.1.4.1.1.1"  # CR Image Storage
+    meta.MediaStorageSOPInstanceUID = uid
+    meta.TransferSyntaxUID = ImplicitVRLittleEndian
+    ds = Dataset()
+    ds.file_meta = meta
+    ds.SOPClassUID = meta.MediaStorageSOPClassUID
+    ds.SOPInstanceUID = uid
+    ds.Modality = "CR"
+    ds.ProtocolName = protocol
+    ds.Rows, ds.Columns = pixels.shape
+    ds.SamplesPerPixel = 1
+    ds.PhotometricInterpretation = "MONOCHROME2"
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 8, 8, 7, 0
+    ds.ExposedArea = list(EXPOSED_AREA)
+    data = pixels.astype(np.uint8).tobytes()
+    ds.PixelData = data[: len(data) // 3] if truncate else data
+    buf = io.BytesIO()
+    ds.save_as(buf, enforce_file_format=True)
+    return buf.getvalue()
+
+
+def write_zip(path: Path, members: dict[str, bytes]) -> None:
+    with zipfile.ZipFile(path, "w", compression=zipfile.ZIP_DEFLATED) as zf:
+        for name, data in members.items():
+            zf.writestr(name, data)
+        zf.writestr("manifest.cvs", "hip scans\n")
+
+
+def make_cohort(root: Path, n: int = 10, seed: int = 0) -> pd.DataFrame:
+    """``n`` participants, left hips, with every other one annotated, plus planted faults.
+
+    Returns a manifest in docs/DESIGN.md's columns; ``shard`` = participant index % 2. Faults
+    (row eids): f-trunc truncated pixel data, f-zip not a zip, f-pts malformed points, f-nopts
+    missing points, f-edge a site at the image edge, f-preset a manifest qc_reason, f-mask a
+    mask of the wrong size (annotated but unusable).
+    """
+    rng = np.random.default_rng(seed)
+    root.mkdir(parents=True, exist_ok=True)
+    records = []
+
+    def add(eid: str, *, pts: np.ndarray, img: np.ndarray, mask: np.ndarray | None, side: str = "L",
+            manual: np.ndarray | None = None, shard: int = 0, truncate: bool = False, qc: str = "",
+            zip_bytes: bytes | None = None, pts_text: str | None = None, pts_path: str | None = None,
+            mask_img: np.ndarray | None = None) -> None:
+        protocol = {"L": "Left Femur", "R": "Right Femur"}[side]
+        zpath = root / f"{eid}_20158_2_0_{side}.zip"  # one zip per hip keeps the fixture simple
+        if zip_bytes is None:
+            member = f"1.2.3.{eid}.dcm"
+            write_zip(zpath, {"spine.dcm": b"not the hip", member: dicom_bytes(img, protocol, generate_uid(entropy_srcs=[eid, side]), truncate=truncate)})
+        else:
+            member = "hip.dcm"
+            zpath.write_bytes(zip_bytes)
+        p_auto = root / f"auto_{eid}_2_{side}.pts"
+        if pts_text is not None:
+            p_auto.write_text(pts_text)
+        else:
+            write_pts(p_auto, pts)
+        p_manual, p_mask = "", ""
+        if mask is not None or mask_img is not None:
+            p_mask = str(root / f"{eid}_2_{side}.png")
+            Image.fromarray(mask_img if mask_img is not None else mask).save(p_mask)
+            p_manual = str(root / f"manual_{eid}_2_{side}.pts")
+            write_pts(p_manual, pts if manual is None else manual)
+        records.append(
+            dict(eid=eid, instance=2, array=0, side=side, image=str(zpath), member=member,
+                 points_auto=pts_path if pts_path is not None else str(p_auto), points_manual=p_manual,
+                 mask=p_mask, rows=ROWS, cols=COLS, spacing_row_mm=SPACING[0], spacing_col_mm=SPACING[1],
+                 annotated=bool(p_mask), shard=shard, qc_reason=qc)
+        )
+
+    for k in range(n):
+        pts = hip_points(rng)
+        img, mask = hip_image(rng, pts)
+        annotated = k % 2 == 0
+        manual = pts + rng.normal(0, 1.0, pts.shape) if annotated else None
+        add(f"{1000 + k}", pts=pts, img=img, mask=mask if annotated else None, manual=manual, shard=k % 2)
+    pts = hip_points(rng)
+    img, mask = hip_image(rng, pts)
+    add("f-trunc", pts=pts, img=img, mask=mask, truncate=True)
+    add("f-zip", pts=pts, img=img, mask=None, zip_bytes=b"this is not a zip file")
+    add("f-pts", pts=pts, img=img, mask=None, pts_text="version: 1\nn_points: 85\n{\n1 2\n}\n")
+    add("f-nopts", pts=pts, img=img, mask=None, pts_path=str(root / "does_not_exist.pts"))
+    edge = pts.copy()
+    edge[78] = [3.0, 5.0]  # the acetabulum patch hangs off the top-left corner
+    add("f-edge", pts=edge, img=img, mask=mask)
+    add("f-preset", pts=pts, img=img, mask=mask, qc="no_hip_dicom")
+    add("f-mask", pts=pts, img=img, mask=None, mask_img=np.zeros((10, 10), np.uint8))
+    # a right hip that is the mirror image of row 0's left hip (same participant scene)
+    first = records[0]
+    img0 = read_image(first["image"], first["member"]).pixels.astype(np.uint8)
+    pts0 = read_pts(first["points_auto"])
+    mask0 = np.asarray(Image.open(first["mask"]))
+    add("1000", pts=mirror_points(pts0, COLS), img=img0[:, ::-1], mask=mask0[:, ::-1], side="R",
+        manual=mirror_points(read_pts(first["points_manual"]), COLS))
+    df = pd.DataFrame.from_records(records)
+    return df.astype({"instance": "int16", "array": "int16", "rows": "Int32", "cols": "Int32", "shard": "int32"})
+
+
+@pytest.fixture(scope="module")
+def cohort(tmp_path_factory) -> tuple[Path, pd.DataFrame]:
+    root = tmp_path_factory.mktemp("cohort")
+    return root, make_cohort(root / "data")
+
+
+@pytest.fixture(scope="module")
+def shard0(cohort) -> tuple[Path, dict, pd.DataFrame]:
+    root, manifest = cohort
+    out = root / "shard-0000.zarr"
+    counts = crop_shard(manifest=manifest, shard=0, out=out, sites=list(DEFAULT_SITES))
+    return out, counts, manifest[manifest["shard"] == 0].reset_index(drop=True)
+
+
+# ------------------------------------------------------------------------------- the store
+
+
+def test_every_row_once_in_manifest_order_with_planted_faults_flagged(shard0):
+    out, counts, rows_in = shard0
+    rows = read_rows(out)
+    assert list(rows["eid"]) == list(rows_in["eid"])
+    assert list(rows["side"]) == list(rows_in["side"])
+    reason = dict(zip(rows["eid"] + rows["side"], rows["qc_reason"]))
+    assert reason["f-truncL"] == "unreadable_dicom"
+    assert reason["f-zipL"] == "unreadable_zip"  # DicomError.reason passed through
+    assert reason["f-ptsL"] == "points_invalid"
+    assert reason["f-noptsL"] == "points_missing"
+    assert reason["f-edgeL"] == "patch_outside_image"
+    assert reason["f-presetL"] == "no_hip_dicom"
+    good = [k for k in reason if not k.startswith("f-") or k == "f-maskL"]
+    assert all(reason[k] == "" for k in good)
+    assert counts["rows"] == len(rows_in) and counts["flagged"] == 6
+    assert counts["reasons"]["unreadable_dicom"] == 1
+    for site in DEFAULT_SITES:
+        g = zarr.open_group(str(out), mode="r")[f"auto/{site.name}"]
+        assert g["image"].shape == (len(rows_in), 128, 128) and g["image"].dtype == np.float16
+        assert g["mask"].dtype == np.uint8 and g["affine"].shape == (len(rows_in), 2, 3)
+        flagged = rows["qc_reason"].ne("").to_numpy()
+        image = g["image"][:]
+        assert not image[flagged].any()  # QC failures: zeros
+        assert (np.abs(image[~flagged]).reshape((~flagged).sum(), -1).max(axis=1) > 0.5).all()
+    # the edge row keeps its affine and per-site inside, the acetabulum being the culprit
+    i = int(np.flatnonzero(rows["eid"] == "f-edge")[0])
+    inside = {s.name: float(zarr.open_group(str(out), mode="r")[f"auto/{s.name}/inside"][i]) for s in DEFAULT_SITES}
+    assert inside["lateral_acetabulum"] < 0.5 and inside["superior_femoral_head"] == 1.0
+    assert not (out.parent / (out.name + ".tmp")).exists()
+
+
+def test_mask_problems_make_rows_not_annotated(shard0):
+    out, _, rows_in = shard0
+    rows = read_rows(out).set_index(["eid", "side"])
+    assert rows_in.set_index(["eid", "side"]).loc[("f-mask", "L"), "annotated"]  # the manifest thought so
+    assert not rows.loc[("f-mask", "L"), "annotated"]
+    assert np.isnan(rows.loc[("f-mask", "L"), "superior_femoral_head_true_area_mm2"])
+    # unreadable image: the mask cannot be checked against it
+    assert not rows.loc[("f-trunc", "L"), "annotated"]
+
+
+def test_rows_columns_and_true_areas(shard0):
+    out, _, rows_in = shard0
+    rows = read_rows(out)
+    expected = ["eid", "instance", "side", "qc_reason", "annotated", "reference_length_mm", "spacing_row_mm",
+                "spacing_col_mm", "rows", "cols"] + [f"{s.name}_true_area_mm2" for s in DEFAULT_SITES]
+    assert list(rows.columns) == expected
+    assert rows["instance"].dtype == np.int16 and rows["rows"].dtype == np.int32
+    assert rows["annotated"].dtype == bool
+    ok = rows["qc_reason"].eq("")
+    np.testing.assert_allclose(rows.loc[ok, "spacing_col_mm"], SPACING[1])
+    np.testing.assert_allclose(rows.loc[ok, "spacing_row_mm"], SPACING[0])
+    assert (rows.loc[ok, "rows"] == ROWS).all() and (rows.loc[ok, "cols"] == COLS).all()
+    assert rows.loc[ok, "reference_length_mm"].between(10, 25).all()
+    for i, r in rows_in.iterrows():
+        if not rows.loc[i, "annotated"]:
+            assert np.isnan(rows.loc[i, "inferior_femoral_head_true_area_mm2"])
+            continue
+        mask = np.asarray(Image.open(r["mask"]))
+        for s in DEFAULT_SITES:
+            want = np.count_nonzero(mask == s.label) * SPACING[0] * SPACING[1]
+            assert rows.loc[i, f"{s.name}_true_area_mm2"] == pytest.approx(want)
+
+
+def test_auto_patches_equal_direct_geometry(shard0):
+    """The stored patch of a clean row is the documented sampling of its DICOM, mirroring included."""
+    out, _, rows_in = shard0
+    root = zarr.open_group(str(out), mode="r")
+    for i in (0, len(rows_in) - 1):  # a left hip and the right twin
+        r = rows_in.iloc[i]
+        hip = read_image(r["image"], r["member"])
+        pts = read_pts(r["points_auto"])
+        for s in DEFAULT_SITES:
+            a = patch_affine(pts, s, hip.spacing_mm, COLS, r["side"])
+            want = normalise_patch(sample_patch(hip.pixels, a), inside_mask(a, 128, hip.pixels.shape))
+            g = root[f"auto/{s.name}"]
+            np.testing.assert_allclose(g["affine"][i], a)
+            np.testing.assert_allclose(g["image"][i].astype(np.float32), want, atol=2e-2)
+
+
+def test_right_twin_has_the_same_patches_and_masks(shard0):
+    out, _, rows_in = shard0
+    root = zarr.open_group(str(out), mode="r")
+    left, right = 0, len(rows_in) - 1
+    assert rows_in.loc[right, "side"] == "R" and rows_in.loc[right, "eid"] == rows_in.loc[left, "eid"]
+    for s in DEFAULT_SITES:
+        g = root[f"auto/{s.name}"]
+        np.testing.assert_allclose(g["image"][right].astype(np.float32), g["image"][left].astype(np.float32), atol=1e-3)
+        np.testing.assert_array_equal(g["mask"][right], g["mask"][left])
+        # the affines differ (x runs backwards) but both put the centre on the same anatomy
+        assert g["affine"][right][0, 0] == pytest.approx(-g["affine"][left][0, 0])
+    rows = read_rows(out)
+    for s in DEFAULT_SITES:
+        assert rows.loc[right, f"{s.name}_true_area_mm2"] == rows.loc[left, f"{s.name}_true_area_mm2"]
+
+
+def test_manual_patches_are_context_crops_from_manual_points(shard0):
+    out, counts, rows_in = shard0
+    rows = read_rows(out)
+    root = zarr.open_group(str(out), mode="r")
+    want = [i for i in range(len(rows)) if rows.loc[i, "annotated"] and rows.loc[i, "qc_reason"] != "patch_outside_image"]
+    for s in DEFAULT_SITES:
+        g = root[f"manual/{s.name}"]
+        assert list(g["row"][:]) == want
+        m = len(want)
+        assert g["image"].shape == (m, CONTEXT_SIZE, CONTEXT_SIZE) and g["image"].dtype == np.float16
+        assert g["mask"].shape == (m, CONTEXT_SIZE, CONTEXT_SIZE) and g["affine"].shape == (m, 2, 3)
+        for j, i in enumerate(want):
+            r = rows_in.iloc[i]
+            manual = read_pts(r["points_manual"])
+            a = patch_affine(manual, s, SPACING, COLS, r["side"], size=CONTEXT_SIZE)
+            np.testing.assert_allclose(g["affine"][j], a, atol=1e-6)
+            # mask pixels sampled through the stored affine carry the site's label in the input mask
+            mask = np.asarray(Image.open(r["mask"]))
+            np.testing.assert_array_equal(g["mask"][j], sample_patch(mask, a, CONTEXT_SIZE, order=0) == s.label)
+    assert counts["manual"] == len(want)
+    assert store_attrs(out)["context_size"] == CONTEXT_SIZE
+
+
+def test_store_attrs(shard0):
+    out, _, _ = shard0
+    attrs = store_attrs(out)
+    for key in ("hipoa_version", "side", "shard", "patch_size", "context_size", "normalisation", "fill",
+                "sites", "min_inside_fraction", "points_source", "context_note"):
+        assert key in attrs
+    assert attrs["patch_size"] == 128 and attrs["shard"] == 0 and attrs["fill"] == 0.0
+    assert attrs["sites"]["lateral_acetabulum"] == {"centre": 78, "reference": [12, 39], "dp": 0.01, "label": 3}
+    assert "z-score" in attrs["normalisation"]
+
+
+def test_open_patches_concatenates_shards_lazily(cohort, shard0):
+    root, manifest = cohort
+    out0, _, rows0 = shard0
+    out1 = root / "shard-0001.zarr"
+    crop_shard(manifest=manifest, shard=1, out=out1, sites=list(DEFAULT_SITES))
+    n0, n1 = len(rows0), int((manifest["shard"] == 1).sum())
+    ps = open_patches([out0, out1], "superior_femoral_head")
+    assert isinstance(ps.image, da.Array) and isinstance(ps.mask, da.Array)
+    assert ps.image.shape == (n0 + n1, 128, 128) and ps.image.dtype == np.float16
+    assert ps.mask.shape == (n0 + n1, 128, 128) and ps.mask.dtype == np.uint8
+    assert ps.affine.shape == (n0 + n1, 2, 3) and ps.affine.dtype == np.float64
+    assert len(ps) == n0 + n1 and list(ps.rows.index) == list(range(n0 + n1))
+    assert list(ps.rows["store"].unique()) == [str(out0), str(out1)]
+    assert list(ps.rows["index"]) == list(range(n0)) + list(range(n1))
+    assert set(ps.rows["points_source"]) == {"auto"}
+    assert ps.rows["inside"].dtype == np.float32
+    direct = zarr.open_group(str(out1), mode="r")["auto/superior_femoral_head/image"][2]
+    np.testing.assert_array_equal(ps.image[n0 + 2].compute(), direct)
+    manual = open_patches([out0, out1], "superior_femoral_head", source="manual")
+    assert manual.image.shape[1:] == (CONTEXT_SIZE, CONTEXT_SIZE) and manual.core_offset == 24
+    assert manual.rows["annotated"].all() and set(manual.rows["points_source"]) == {"manual"}
+    assert len(manual) == manual.affine.shape[0] == manual.image.shape[0]
+    with pytest.raises(KeyError, match="no_such_site"):
+        open_patches([out0], "no_such_site")
+
+
+def test_empty_shard_writes_an_empty_store(cohort, tmp_path):
+    _, manifest = cohort
+    out = tmp_path / "empty.zarr"
+    counts = crop_shard(manifest=manifest, shard=7, out=out, sites=list(DEFAULT_SITES))
+    assert counts["rows"] == 0
+    ps = open_patches([out], "lateral_acetabulum", source="manual")
+    assert ps.image.shape == (0, CONTEXT_SIZE, CONTEXT_SIZE) and len(ps.rows) == 0
+
+
+def test_rerun_replaces_the_store(cohort, tmp_path):
+    _, manifest = cohort
+    out = tmp_path / "s.zarr"
+    crop_shard(manifest=manifest, shard=1, out=out, sites=list(DEFAULT_SITES)[:1])
+    crop_shard(manifest=manifest, shard=1, out=out, sites=list(DEFAULT_SITES))
+    assert sorted(zarr.open_group(str(out), mode="r")["auto"].group_keys()) == sorted(s.name for s in DEFAULT_SITES)
+
+
+def test_bad_arguments_raise(cohort, tmp_path):
+    _, manifest = cohort
+    with pytest.raises(ValueError, match="context"):
+        crop_shard(manifest=manifest, shard=0, out=tmp_path / "x.zarr", sites=list(DEFAULT_SITES), context=130 + 1)
+    with pytest.raises(ValueError, match="n_points"):
+        crop_shard(manifest=manifest, shard=0, out=tmp_path / "x.zarr", sites=list(DEFAULT_SITES), n_points=50)
+    with pytest.raises(ValueError, match="lacks columns"):
+        crop_shard(manifest=manifest.drop(columns=["member"]), shard=0, out=tmp_path / "x.zarr", sites=list(DEFAULT_SITES))
+
+
+def test_cli_crop_and_show_patches(cohort, tmp_path):
+    root, manifest = cohort
+    path = tmp_path / "m.parquet"
+    manifest.to_parquet(path)
+    out = tmp_path / "shard-0001.zarr"
+    assert main(["crop-patches", "--manifest", str(path), "--shard", "1", "--out", str(out),
+                 "--sites", '{"lateral_acetabulum": {"centre": 78, "reference": [12, 39], "dp": 0.01, "label": 3}}',
+                 "--context", "160", "--min-inside", "0.8"]) == 0
+    attrs = store_attrs(out)
+    assert list(attrs["sites"]) == ["lateral_acetabulum"] and attrs["context_size"] == 160
+    assert attrs["min_inside_fraction"] == 0.8
+    png = tmp_path / "montage.png"
+    assert main(["show-patches", "--stores", str(out), "--out", str(png), "--n", "3", "--source", "manual"]) == 0
+    with Image.open(png) as im:
+        assert im.size[0] > 200 and im.size[1] > 200

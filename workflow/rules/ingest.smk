@@ -1,0 +1,26 @@
+# One manifest row per (eid, instance, side) image, never dropped; headers only, so 40k zips
+# ingest in minutes. The shard of each row (blake2b(eid) mod patches.shards) is decided here.
+
+
+rule ingest:
+    input:
+        unpack(ingest_input),
+    output:
+        manifest="results/manifest/{side}.parquet",
+    log:
+        "logs/ingest/{side}.log",
+    benchmark:
+        "benchmarks/ingest/{side}.tsv"
+    params:
+        source=ingest_source,
+        shards=config["patches"]["shards"],
+        n_points=config["n_points"],
+    threads: 4
+    resources:
+        mem_mb=4000,
+        runtime=180,
+    conda:
+        CONDA_CPU
+    shell:
+        "hipoa ingest {params.source} --side {wildcards.side} --shards {params.shards} "
+        "--n-points {params.n_points} --workers {threads} --out {output.manifest} 2> {log}"

@@ -1,0 +1,54 @@
+# Landmark-normalised patches per site, one Zarr store per (side, shard), and a QC montage.
+
+
+rule crop_patches:
+    input:
+        manifest="results/manifest/{side}.parquet",
+    output:
+        store=directory("results/patches/{side}/shard-{shard}.zarr"),
+    log:
+        "logs/crop_patches/{side}/shard-{shard}.log",
+    benchmark:
+        "benchmarks/crop_patches/{side}/shard-{shard}.tsv"
+    params:
+        sites=sites_json(),
+        context=config["patches"]["context"],
+        min_inside=config["patches"]["min_inside_fraction"],
+        n_points=config["n_points"],
+    threads: 1
+    resources:
+        mem_mb=4000,
+        runtime=60,
+    conda:
+        CONDA_CPU
+    shell:
+        "hipoa crop-patches --manifest {input.manifest} --shard {wildcards.shard} "
+        "--out {output.store} --sites '{params.sites}' --context {params.context} "
+        "--min-inside {params.min_inside} --n-points {params.n_points} 2> {log}"
+
+
+rule show_patches:
+    input:
+        stores=patch_stores_of_side,
+    output:
+        montage=report(
+            "results/qc/patches_{side}_{source}.png",
+            caption="../report/patches.rst",
+            category="Quality control",
+            labels={"figure": "patches", "side": "{side}", "points": "{source}"},
+        ),
+    log:
+        "logs/show_patches/{side}_{source}.log",
+    benchmark:
+        "benchmarks/show_patches/{side}_{source}.tsv"
+    params:
+        n=8,
+    threads: 1
+    resources:
+        mem_mb=2000,
+        runtime=15,
+    conda:
+        CONDA_CPU
+    shell:
+        "hipoa show-patches --stores {input.stores} --out {output.montage} "
+        "--n {params.n} --source {wildcards.source} 2> {log}"

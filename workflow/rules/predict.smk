@@ -1,0 +1,60 @@
+# Every patch cropped from automatic points through every site's model, one job per shard;
+# then the per-side phenotype table for GWAS (Parquet + plink2/regenie TSVs).
+
+
+rule predict_masks:
+    input:
+        store="results/patches/{side}/shard-{shard}.zarr",
+        models=[model_path(site) for site in SITES],
+        cards=[model_card(site) for site in SITES],
+    output:
+        **predict_masks_outputs(),
+        table="results/predictions/{side}/shard-{shard}.parquet",
+    log:
+        "logs/predict_masks/{side}/shard-{shard}.log",
+    benchmark:
+        "benchmarks/predict_masks/{side}/shard-{shard}.tsv"
+    params:
+        models=model_args,
+        masks=predict_masks_flags,
+        batch_size=config["predictions"]["batch_size"],
+        precision=config["predictions"]["precision"],
+    threads: 2
+    resources:
+        gpu=1,
+        mem_mb=16000,
+        runtime=120,
+    conda:
+        CONDA_GPU
+    shell:
+        "hipoa predict-masks --stores {input.store} --model {params.models} --out {output.table} "
+        "{params.masks} --batch-size {params.batch_size} --precision {params.precision} 2> {log}"
+
+
+rule phenotypes:
+    input:
+        unpack(phenotypes_input),
+    output:
+        **phenotypes_outputs(),
+        table="results/phenotypes/osteophytes_{side}.parquet",
+        pheno="results/phenotypes/osteophytes_{side}.pheno.tsv",
+        fields="results/phenotypes/osteophytes_{side}.dict.tsv",
+        summary="results/phenotypes/osteophytes_{side}.summary.txt",
+    log:
+        "logs/phenotypes/{side}.log",
+    benchmark:
+        "benchmarks/phenotypes/{side}.tsv"
+    params:
+        models=model_args,
+        flags=phenotypes_flags,
+        config_hash=config_hash(),
+    threads: 1
+    resources:
+        mem_mb=8000,
+        runtime=60,
+    conda:
+        CONDA_CPU
+    shell:
+        "hipoa phenotypes --manifest {input.manifest} --predictions {input.predictions} "
+        "--model {params.models} {params.flags} --side {wildcards.side} --out {output.table} "
+        "--config-hash {params.config_hash} 2> {log} | tee {output.summary}"

@@ -1,0 +1,46 @@
+# Figures and tables for `snakemake --report results/report.html`.
+
+
+rule report_figures:
+    input:
+        phenotypes=expand("results/phenotypes/osteophytes_{side}.parquet", side=SIDES),
+        scores=expand("results/evaluation/{site}.json", site=TRAINED_SITES),
+    output:
+        evaluation=report(
+            "results/report/evaluation.html",
+            caption="../report/evaluation.rst",
+            category="Evaluation",
+            labels={"figure": "Table 2"},
+        ),
+        qc=report(
+            "results/report/qc_counts.html",
+            caption="../report/qc_counts.rst",
+            category="Quality control",
+            labels={"figure": "QC counts by reason"},
+        ),
+        areas=report(
+            "results/report/areas.png",
+            caption="../report/areas.rst",
+            category="Phenotypes",
+            labels={"figure": "predicted areas"},
+        ),
+        prevalence=report(
+            "results/report/prevalence.png",
+            caption="../report/prevalence.rst",
+            category="Phenotypes",
+            labels={"figure": "prevalence"},
+        ),
+    log:
+        "logs/report_figures.log",
+    benchmark:
+        "benchmarks/report_figures.tsv"
+    threads: 1
+    resources:
+        mem_mb=4000,
+        runtime=15,
+    conda:
+        CONDA_CPU
+    shell:
+        "hipoa report-figures --phenotypes {input.phenotypes} --scores {input.scores} "
+        "--evaluation {output.evaluation} --qc {output.qc} --areas {output.areas} "
+        "--prevalence {output.prevalence} 2> {log}"
