@@ -3,6 +3,8 @@
 Prints, from one run on the same images:
 
 - bare read: images/s of ``zipfile.ZipFile`` + ``pydicom.dcmread`` + ``.pixel_array`` per hip;
+- read_image: images/s of ``hipoa.dicom.read_image`` alone (the reader crop_shard uses), to show
+  how much of crop_shard's time is reading;
 - crop_shard: images/s of the whole shard job (read, mirror, 3 sites x sample/normalise, masks and
   manual context crops of annotated images, Zarr write);
 - their ratio, and the store's bytes per image (with the extrapolation to 40,000 images).
@@ -125,18 +127,20 @@ def _own_cohort(root: Path, n: int, seed: int, annotated_fraction: float) -> pd.
     return pd.DataFrame.from_records(records)
 
 
-def _synth_cohort(root: Path, n: int, seed: int) -> pd.DataFrame | None:
-    """Cohort from hipoa.synth + manifests from hipoa.ingest (both sides, one shard), or None."""
+def _synth_cohort(root: Path, n: int, seed: int, annotated_fraction: float) -> pd.DataFrame | None:
+    """``n`` hip images (n/2 participants, both hips) from hipoa.synth + hipoa.ingest, or None."""
     try:
         from hipoa.ingest import build_manifest
         from hipoa.synth import make_cohort
     except ImportError:
         return None
-    info = make_cohort(out=root, participants=n, seed=seed)
-    layout = getattr(info, "layout", None) or (info.get("layout") if isinstance(info, dict) else None)
-    if not layout:
-        log.warning("hipoa.synth.make_cohort returned no layout patterns; using the built-in generator")
-        return None
+    make_cohort(root, participants=max(1, n // 2), seed=seed, annotated_fraction=annotated_fraction)
+    layout = dict(
+        images=str(root / "ukb/20158/{eid}_20158_{instance}_{array}.zip"),
+        points_auto=str(root / "points/auto/{eid}_{instance}_{side}.pts"),
+        points_manual=str(root / "points/manual/{eid}_{instance}_{side}.pts"),
+        masks=str(root / "masks/{eid}_{instance}_{side}.png"),
+    )
     frames = [build_manifest(side=side, n_shards=1, **layout) for side in ("L", "R")]
     return pd.concat(frames, ignore_index=True)
 
@@ -155,6 +159,16 @@ def bare_read(manifest: pd.DataFrame) -> float:
     return time.perf_counter() - t0
 
 
+def hipoa_read(manifest: pd.DataFrame) -> float:
+    """Seconds for ``hipoa.dicom.read_image`` of each hip (what crop_shard reads with)."""
+    from hipoa.dicom import read_image
+
+    t0 = time.perf_counter()
+    for image, member in zip(manifest["image"], manifest["member"]):
+        read_image(image, member or None)
+    return time.perf_counter() - t0
+
+
 def store_bytes(path: Path) -> int:
     return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
 
@@ -164,7 +178,7 @@ def main() -> int:
     parser.add_argument("--n", type=int, default=300, help="images (one shard)")
     parser.add_argument("--repeat", type=int, default=3, help="repeats of each timing (best is reported)")
     parser.add_argument("--cpu", type=int, default=None, help="CPU to pin to (default: the last allowed one)")
-    parser.add_argument("--annotated-fraction", type=float, default=0.1, help="built-in generator only")
+    parser.add_argument("--annotated-fraction", type=float, default=0.1, help="fraction of annotated images (synth: of participants, left hips)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--workdir", default=None, help="keep the cohort and store here (default: a temp dir)")
     parser.add_argument("--own-cohort", action="store_true", help="use the built-in generator even if hipoa.synth exists")
@@ -182,29 +196,34 @@ def main() -> int:
     cohort_dir = work / "cohort"
     cohort_dir.mkdir(exist_ok=True)
     t0 = time.perf_counter()
-    manifest = None if args.own_cohort else _synth_cohort(cohort_dir, args.n, args.seed)
+    manifest = None if args.own_cohort else _synth_cohort(cohort_dir, args.n, args.seed, args.annotated_fraction)
     source = "hipoa.synth"
     if manifest is None:
         manifest = _own_cohort(cohort_dir, args.n, args.seed, args.annotated_fraction)
         source = "built-in generator"
     manifest["shard"] = 0
+    # time what is readable: rows flagged by ingest are skipped by crop and have no DICOM to read
+    manifest = manifest[manifest["qc_reason"].fillna("") == ""].reset_index(drop=True)
     n = len(manifest)
     print(f"cohort: {n} hip images from {source} ({manifest['annotated'].sum()} annotated), made in {time.perf_counter() - t0:.0f} s")
     print(f"pinned to CPU {cpu} of {allowed}; BLAS/OpenMP threads 1; machine load {os.getloadavg()[0]:.2f}")
 
     out = work / "shard-0000.zarr"
     sites = list(DEFAULT_SITES)
-    bare, crop = [], []
+    bare, crop, hread = [], [], []
     bare_read(manifest.head(20))  # warm the page cache and imports alike for both
     crop_shard(manifest=manifest.head(20), shard=0, out=out, sites=sites)
     for _ in range(args.repeat):
         bare.append(bare_read(manifest))
+        hread.append(hipoa_read(manifest))
         t = time.perf_counter()
         counts = crop_shard(manifest=manifest, shard=0, out=out, sites=sites)
         crop.append(time.perf_counter() - t)
     b, c = min(bare), min(crop)
     nbytes = store_bytes(out)
     print(f"bare read  : {n / b:7.1f} images/s  (best of {args.repeat}: {b:.2f} s; all {', '.join(f'{x:.2f}' for x in bare)})")
+    h = min(hread)
+    print(f"read_image : {n / h:7.1f} images/s  (hipoa.dicom.read_image alone, best of {args.repeat}: {h:.2f} s)")
     print(f"crop_shard : {n / c:7.1f} images/s  (best of {args.repeat}: {c:.2f} s; all {', '.join(f'{x:.2f}' for x in crop)})")
     print(f"ratio crop/bare: {b / c:.2f}  (goal >= 0.5; crop goal >= 200 images/s)")
     print(f"store: {nbytes:,} bytes = {nbytes / n:,.0f} bytes/image -> {nbytes / n * 40_000 / 1e9:.2f} GB per 40k-image side "

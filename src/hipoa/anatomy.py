@@ -131,6 +131,9 @@ def _fill(shape: tuple[int, int], poly: np.ndarray) -> np.ndarray:
 def _stroke(shape: tuple[int, int], line: np.ndarray, width_px: float) -> np.ndarray:
     """float32 ``shape`` map, 1 on a thick polyline ``(k, 2)`` (x, y pixels)."""
     img = Image.new("L", (shape[1], shape[0]), 0)
+    line = np.asarray(line)
+    if len(line) > 40:  # round joints are drawn per vertex: keep ~40
+        line = line[np.unique(np.linspace(0, len(line) - 1, 40).round().astype(int))]
     ImageDraw.Draw(img).line(np.asarray(line, dtype=np.float64).ravel().tolist(), fill=255,
                              width=max(1, int(round(width_px))), joint="curve")
     return np.asarray(img, dtype=np.float32) / 255.0
@@ -217,6 +220,12 @@ def draw_geometry(rng: np.random.Generator, who: Participant, rows: int, cols: i
     neck_len = R * rng.uniform(2.25, 2.5)  # head centre -> axes crossing
     hw = 14.0 * k * rng.uniform(0.92, 1.08)  # shaft half-width
     Rs = R + js
+    # Placement in the image (applied at the end): rotation about the head centre, position.
+    # The head sits ~63 mm from the top: room above the acetabulum for the lateral_acetabulum
+    # patch (128 px x 0.01 x reference length, ~80 mm wide) and below for the lesser trochanter.
+    rho = rng.uniform(-5.0, 5.0)
+    head_dx_mm = rng.uniform(-5.0, 5.0)
+    head_y_mm = 63.0 + (rows * spacing_mm - 150.0) / 2.0 + rng.uniform(-2.5, 2.5)
 
     # Shaft and neck axes: the neck points at nsa degrees from the shaft's downward direction.
     d_ang = np.deg2rad(90.0 + tilt)
@@ -238,9 +247,12 @@ def draw_geometry(rng: np.random.Generator, who: Participant, rows: int, cols: i
     sj = R * np.cos(beta)
     v_lt = 26.0 * k * rng.uniform(0.9, 1.1)  # lesser trochanter below the axes crossing
     lt_out = 9.0 * k * rng.uniform(0.8, 1.2)
-    v_gt = 30.0 * k * rng.uniform(0.93, 1.07)  # greater trochanter tip above the crossing
-    gt_u = 7.0 * k * rng.uniform(0.6, 1.3)
-    v_bot = v_lt + 16.0 * k
+    v_gt = 29.0 * k * rng.uniform(0.93, 1.07)  # greater trochanter tip above the crossing
+    gt_u = 7.0 * k * rng.uniform(0.5, 1.1)
+    # The shaft's outline (points 0 and 44) goes 12 mm below the lesser trochanter, or less when
+    # the image ends sooner (9 mm margin, allowing for the placement's rotation).
+    room = rows * spacing_mm - 9.0 - head_y_mm
+    v_bot = float(np.clip((room - P[1]) / max(d[1], 0.5), v_lt + 4.0 * k, v_lt + 12.0 * k))
 
     # Femur outline, medial distal -> head -> lateral distal; extensions leave the image.
     ctrl: list[tuple[np.ndarray, int | None]] = [
@@ -309,22 +321,21 @@ def draw_geometry(rng: np.random.Generator, who: Participant, rows: int, cols: i
         deg = np.rad2deg(a)
         r = Rs + 4.5 * kp * np.clip((235.0 - deg) / 55.0, 0.0, 1.0)
         ctrl_p.append((r * np.array([np.cos(a), np.sin(a)]), 59 if j == 0 else (78 if j == len(alphas) - 1 else None)))
-    p78 = ctrl_p[-1][0]
-    il = p78 + np.array([0.0, 0.0])
+    il = ctrl_p[-1][0]  # the ilium's lateral border rises from the lateral margin, 78
     aiis = rng.uniform(3.0, 7.0) * kp
     ctrl_p += [
-        (il + np.array([2.5, -5.0]) * kp, None),
-        (il + np.array([3.0 + aiis * 0.5, -12.0 * kp]), None),
-        (il + np.array([1.0 + aiis, -17.0 * kp]), None),
-        (il + np.array([0.5 + aiis * 0.4, -22.0 * kp]), None),
-        (il + np.array([1.5 + aiis * 0.8, -29.0 * kp]), 84),
+        (il + np.array([2.0, -4.0]) * kp, None),
+        (il + np.array([2.5 + aiis * 0.5, -9.0 * kp]), None),
+        (il + np.array([1.0 + aiis, -13.0 * kp]), None),
+        (il + np.array([0.5 + aiis * 0.4, -17.0 * kp]), None),
+        (il + np.array([1.5 + aiis * 0.8, -22.0 * kp]), 84),
         (il + np.array([3.0 + aiis, -150.0]), None),
     ]
     cpp = np.array([c for c, _ in ctrl_p])
     pdense, pidx = _catmull_rom(cpp, per_mm=3.0)
     panch = {lab: int(pidx[i]) for i, (_, lab) in enumerate(ctrl_p) if lab is not None}
     pel_pts = _label_points(pdense, panch, 45, 84)
-    i52, i55, i57, i58, i59, i78 = (panch[j] for j in (52, 55, 57, 58, 59, 78))
+    i55, i57, i59, i78 = (panch[j] for j in (55, 57, 59, 78))
 
     far = 200.0
     ramus_y = td_y + rng.uniform(2.0, 6.0) * kp
@@ -352,9 +363,8 @@ def draw_geometry(rng: np.random.Generator, who: Participant, rows: int, cols: i
 
     # Place: rotate about the head centre, scale to pixels, position in the image.
     sp = spacing_mm
-    rho = rng.uniform(-5.0, 5.0)
     Rm = _rot(rho)
-    H_mm = np.array([0.40 * cols * sp + rng.uniform(-5, 5), 61.0 + rng.uniform(-3, 3)])
+    H_mm = np.array([0.40 * cols * sp + head_dx_mm, head_y_mm])
 
     def place(a: np.ndarray) -> np.ndarray:
         return ((np.asarray(a, dtype=np.float64) @ Rm.T) + H_mm) / sp - 0.5
@@ -403,7 +413,8 @@ def _normal_at(curve: np.ndarray, p: np.ndarray) -> tuple[np.ndarray, np.ndarray
 
 
 def spur_polygon(rng: np.random.Generator, attach: np.ndarray, direction: np.ndarray, area_px: float,
-                 bend: float, embed_px: float) -> np.ndarray:
+                 bend: float, embed_px: float, root: np.ndarray | None = None,
+                 aspect_range: tuple[float, float] = (0.5, 1.9), max_half_base_px: float = 28.0) -> np.ndarray:
     """A bony spur: a tapering, possibly curved horn or lip grown from ``attach``.
 
     Args:
@@ -412,17 +423,25 @@ def spur_polygon(rng: np.random.Generator, attach: np.ndarray, direction: np.nda
         area_px: Target area in pixels (of the horn outside the bone; roughly).
         bend: Curvature, fraction of the length the tip deviates sideways (signed).
         embed_px: How far the base is sunk into the bone so it joins smoothly.
+        root: Where the base starts inside the bone; default ``attach - embed_px * direction``.
+        aspect_range: Range of length / base width (lumps ~0.5, beaks ~2).
+        max_half_base_px: Cap on the half-width of the base; larger spurs grow longer instead.
 
     Returns:
         ``(k, 2)`` closed polygon, px.
     """
-    aspect = rng.uniform(0.5, 1.9)
+    aspect = rng.uniform(*aspect_range)
     half_base = np.sqrt(area_px / (3.0 * aspect))
+    if half_base > max_half_base_px:
+        half_base = max_half_base_px
+        aspect = area_px / (3.0 * half_base ** 2)
     length = 2.0 * half_base * aspect + embed_px
     perp = np.array([-direction[1], direction[0]])
     uu = np.linspace(0.0, 1.0, 32)
-    centre = attach[None] + ((uu * length - embed_px)[:, None] * direction[None]
-                             + (bend * length * uu ** 2)[:, None] * perp[None])
+    if root is None:
+        root = attach - embed_px * direction
+    centre = root[None] + ((uu * length)[:, None] * direction[None]
+                           + (bend * length * uu ** 2)[:, None] * perp[None])
     tang = np.gradient(centre, axis=0)
     tang /= np.linalg.norm(tang, axis=1, keepdims=True)
     nrm = np.stack([-tang[:, 1], tang[:, 0]], axis=1)
@@ -470,18 +489,27 @@ def draw_osteophytes(rng: np.random.Generator, geo: HipGeometry, present: dict[i
             dens = rng.uniform(0.75, 1.0)
         else:
             # the lateral acetabular lip continues the roof laterally and down over the head
-            t, _ = _normal_at(geo.pelvis_curve, p)
+            t = _unit(geo.roof_line[-1] - geo.roof_line[-8])  # the roof's direction at its margin
             radial = _unit(p - geo.head_centre)
-            dvec = _unit(t * rng.uniform(0.6, 1.0) + radial * rng.uniform(0.0, 0.5))
+            dvec = _unit(t + radial * rng.uniform(-0.45, 0.25))
             area = np.exp(rng.uniform(np.log(4.0), np.log(200.0))) * s * s
             # curve towards the head (clockwise on screen for a left hip)
-            bend = rng.uniform(0.0, 0.35)
+            bend = rng.uniform(0.1, 0.45)
             perp = np.array([-dvec[1], dvec[0]])
             if np.dot(perp, geo.head_centre - p) < 0:
                 bend = -bend
-            dens = rng.uniform(0.45, 0.75)
+            dens = rng.uniform(0.6, 0.9)
         embed = rng.uniform(1.0, 2.0) * s
-        out.append(Osteophyte(label, spur_polygon(rng, p, dvec, area, bend, embed), float(dens)))
+        root = None
+        if label == 3:
+            # the lip's base is sunk into the pelvis (between the roof, 77, and the ilium, 79),
+            # not back along the roof into the joint space
+            into = _unit(_unit(geo.points[77] - p) + _unit(geo.points[79] - p))
+            root = p + embed * into
+        poly = spur_polygon(rng, p, dvec, area, bend, embed, root,
+                            aspect_range=(0.5, 1.9) if label != 3 else (1.1, 2.4),
+                            max_half_base_px=(7.0 if label != 3 else 4.5) * s)
+        out.append(Osteophyte(label, poly, float(dens)))
     return out
 
 
@@ -498,6 +526,28 @@ class HipRender:
     labels: np.ndarray  # (rows, cols) uint8, 0 background, 1/2/3 osteophyte sites
     points: np.ndarray  # (85, 2) float64 px, true outline
     spacing_mm: float
+
+
+def _spur_region(spur: np.ndarray, host: np.ndarray, radius_px: float) -> np.ndarray:
+    """Pixels a spur adds to its bone: the spur outside the host, with the notches where its
+    outline meets the bone's filled in (a morphological closing near the spur), as new bone
+    blends into the cortex.
+
+    Args:
+        spur: (rows, cols) bool, the spur polygon.
+        host: (rows, cols) bool, the bone it grows from.
+        radius_px: Closing radius, px.
+    """
+    r = int(np.ceil(radius_px))
+    sl = _bbox(spur, pad=3 * r + 2)
+    local_spur, local_host = spur[sl], host[sl]
+    yy, xx = np.mgrid[-r: r + 1, -r: r + 1]
+    disk = xx ** 2 + yy ** 2 <= radius_px ** 2
+    closed = ndi.binary_closing(local_spur | local_host, structure=disk)
+    near = ndi.binary_dilation(local_spur, structure=disk)
+    out = np.zeros_like(spur)
+    out[sl] = ((closed & near) | local_spur) & ~local_host
+    return out
 
 
 def _down(a: np.ndarray) -> np.ndarray:
@@ -576,12 +626,11 @@ def render_hip(rng: np.random.Generator, who: Participant, geo: HipGeometry,
     spur3 = np.zeros(shape, bool)
     spur3_density = 1.0
     for o in spurs:
-        m = _fill(shape, o.poly)
+        host = femur0 if o.label in (1, 2) else pelvis0
+        region = _spur_region(_fill(shape, o.poly), host, radius_px=1.2 / sp)
         if o.label in (1, 2):
-            region = m & ~femur0
             femur |= region
         else:
-            region = m & ~pelvis0
             pelvis |= region
             spur3 |= region
             spur3_density = o.density
@@ -644,9 +693,10 @@ def render_hip(rng: np.random.Generator, who: Participant, geo: HipGeometry,
     g1 = rng.standard_normal(hshape, dtype=np.float32)
     tex = _blur(g1, 0.4 * s)
     tex *= 1.0 / (tex.std() + 1e-6)
-    g2 = _blur(g1[::-1, :], (2.5 * s, 0.45 * s))
+    # a coarser criss-cross: the trabecular network seen through the whole bone
+    g2 = _blur(g1[::-1, :], (1.4 * s, 0.5 * s)) + _blur(g1[:, ::-1], (0.5 * s, 1.4 * s))
     g2 *= 1.0 / (g2.std() + 1e-6)
-    bone = (femur_d + pelvis_d) * (1.0 + 0.07 * tex + 0.1 * g2) * who.density
+    bone = (femur_d + pelvis_d) * (1.0 + 0.06 * tex + 0.07 * g2) * who.density
 
     # Soft tissue: thick, smooth, thinning towards the lateral skin edge; air beyond it.
     skin = geo.skin_x[0::2, None]

@@ -42,6 +42,63 @@ def subcommand(name: str, help: str, add_arguments: Callable[[argparse.ArgumentP
 
 
 # ---- synth -----------------------------------------------------------------------------------
+def _synth_arguments(p: argparse.ArgumentParser) -> None:
+    import os
+
+    p.add_argument("--out", required=True, metavar="DIR", help="cohort directory (UKB layout + truth.parquet)")
+    p.add_argument("--participants", type=int, metavar="N",
+                   help="participants, two hips each (required unless --preview-only)")
+    p.add_argument("--seed", type=int, default=0, metavar="S", help="random seed; same seed, same bytes (0)")
+    p.add_argument("--annotated-fraction", type=float, default=0.3, metavar="F",
+                   help="fraction of participants with manual points and masks (0.3)")
+    p.add_argument("--enriched-prevalence", type=float, default=0.5, metavar="P",
+                   help="per-site osteophyte probability in annotated images (0.5)")
+    p.add_argument("--prevalence", type=float, default=0.15, metavar="P",
+                   help="per-site osteophyte probability in the other images (0.15)")
+    p.add_argument("--annotate-sides", default="L", choices=["L", "R", "LR"], help="sides that get annotations (L)")
+    p.add_argument("--faults", type=int, default=0, metavar="K",
+                   help="participants with a planted fault, cycling through the six kinds (0)")
+    p.add_argument("--workers", type=int, default=os.cpu_count() or 1, metavar="W",
+                   help="processes; the output does not depend on it (all CPUs)")
+    p.add_argument("--preview", metavar="PNG", help="also write a montage of hips with points and masks")
+    p.add_argument("--preview-only", action="store_true", help="only write --preview from the cohort at --out")
+
+
+@subcommand("synth", "Write a synthetic UK Biobank hip-DXA cohort (demo and tests).", _synth_arguments)
+def _synth(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from hipoa.synth import make_cohort, render_preview
+
+    if args.preview_only:
+        if not args.preview:
+            raise ValueError("synth: --preview-only needs --preview PNG")
+        render_preview(cohort_dir=Path(args.out), out_png=Path(args.preview), seed=args.seed)
+        print(f"{args.preview}: preview of {args.out}")
+        return 0
+    if args.participants is None:
+        raise ValueError("synth: --participants is required (unless --preview-only)")
+    truth = make_cohort(
+        out=Path(args.out),
+        participants=args.participants,
+        seed=args.seed,
+        annotated_fraction=args.annotated_fraction,
+        enriched_prevalence=args.enriched_prevalence,
+        prevalence=args.prevalence,
+        faults=args.faults,
+        workers=args.workers,
+        annotate_sides=args.annotate_sides,
+    )
+    if args.preview:
+        render_preview(cohort_dir=Path(args.out), out_png=Path(args.preview), seed=args.seed)
+    present = truth[[c for c in truth.columns if c.endswith("_present")]].any(axis=1)
+    print(f"{args.out}: {args.participants} participants, {len(truth)} hip images, "
+          f"{int(truth['annotated'].sum())} annotated, {int(present.sum())} with osteophytes, "
+          f"{int((truth['fault'] != '').sum())} with planted faults (seed {args.seed})"
+          + (f"; preview {args.preview}" if args.preview else ""))
+    return 0
+
+
 # ---- end synth -------------------------------------------------------------------------------
 
 # ---- ingest ----------------------------------------------------------------------------------
@@ -146,6 +203,127 @@ def _show_patches(args: argparse.Namespace) -> int:
 # ---- end crop-patches ------------------------------------------------------------------------
 
 # ---- split-data / train-unet / evaluate ------------------------------------------------------
+def _split_data_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--stores", required=True, nargs="+", help="patch stores (shard-*.zarr), all sides")
+    p.add_argument("--site", required=True, help="site key, e.g. lateral_acetabulum")
+    p.add_argument("--seed", required=True, type=int, help="seed of the participant shuffle and negative sampling")
+    p.add_argument("--val-fraction", type=float, default=0.15, help="fraction of participants for validation (0.15)")
+    p.add_argument("--test-fraction", type=float, default=0.2, help="fraction of participants for testing (0.2)")
+    p.add_argument("--out", required=True, help="split table to write, e.g. results/splits/SITE.parquet")
+
+
+@subcommand("split-data", "split a site's annotated images into train/val/test by participant", _split_data_args)
+def _split_data(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from hipoa.train import make_splits, split_counts
+
+    splits = make_splits(
+        stores=[Path(s) for s in args.stores],
+        site=args.site,
+        seed=args.seed,
+        val_fraction=args.val_fraction,
+        test_fraction=args.test_fraction,
+    )
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    splits.to_parquet(out, index=False)
+    counts = split_counts(splits)
+    print(f"{out}: " + ", ".join(f"{k} {v['n']} ({v['positive']} positive)" for k, v in counts.items()))
+    return 0
+
+
+def _train_unet_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--site", required=True, help="site key")
+    p.add_argument("--stores", required=True, nargs="+", help="patch stores (shard-*.zarr)")
+    p.add_argument("--splits", required=True, help="split table (hipoa split-data)")
+    p.add_argument("--out", required=True, help="model to write, results/models/SITE/unet.keras (+ unet.json, history.csv)")
+    p.add_argument("--epochs", type=int, default=15, help="training epochs (15, the paper)")
+    p.add_argument("--batch-size", type=int, default=32, help="batch size (32)")
+    p.add_argument("--depth", type=int, default=4, help="U-Net poolings (4, the original)")
+    p.add_argument("--base-filters", type=int, default=64, help="filters of the first level (64, the original)")
+    p.add_argument("--dropout", type=float, default=0.3, help="dropout rate (0.3, the paper)")
+    p.add_argument("--n-augment", type=int, default=7, help="extra augmented samples per image (7; 19 acetabulum)")
+    p.add_argument("--rotation", type=float, default=0.1, help="max rotation, radians (0.1)")
+    p.add_argument("--scale", type=float, default=0.1, help="max relative scaling (0.1)")
+    p.add_argument("--displacement", type=float, default=0.0, help="max centre shift, fraction of patch width (0; 0.05 acetabulum)")
+    p.add_argument("--seed", type=int, default=1, help="seed of weights, dropout and augmentation (1)")
+    p.add_argument("--precision", default="auto", choices=["auto", "float32", "mixed_bfloat16", "mixed_float16"],
+                   help="compute precision (auto: bfloat16 where the CPU/GPU has it)")
+    p.add_argument("--load", default=None, metavar="EXISTING.keras",
+                   help="use this trained model (and the .json beside it) instead of training")
+
+
+@subcommand("train-unet", "train a site's U-Net (or load an existing one) and choose its presence rule", _train_unet_args)
+def _train_unet(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from hipoa.train import load_existing, train_site
+
+    if args.load:
+        info = load_existing(model=Path(args.load), out=Path(args.out))
+        print(f"{args.out}: loaded from {args.load}, presence {info['presence']}")
+        return 0
+    info = train_site(
+        stores=[Path(s) for s in args.stores],
+        splits=Path(args.splits),
+        site=args.site,
+        out=Path(args.out),
+        epochs=args.epochs,
+        batch_size=args.batch_size,
+        depth=args.depth,
+        base_filters=args.base_filters,
+        dropout=args.dropout,
+        n_augment=args.n_augment,
+        rotation=args.rotation,
+        scale=args.scale,
+        displacement=args.displacement,
+        seed=args.seed,
+        precision=args.precision,
+    )
+    t, v = info["training"], info["validation"]
+    print(
+        f"{args.out}: best epoch {t['best_epoch']}/{t['epochs_run']} (val_loss {t['best_val_loss']:.4f}), "
+        f"{t['seconds_per_epoch']:.1f} s/epoch, {t['patches_per_second']:.1f} patches/s; "
+        f"min_area_px {info['presence']['min_area_px']}, val Dice (positives) {v.get('dice_mean_positive')}"
+    )
+    return 0
+
+
+def _evaluate_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--site", required=True, help="site key")
+    p.add_argument("--model", required=True, help="the site's unet.keras (its .json holds the presence rule)")
+    p.add_argument("--stores", required=True, nargs="+", help="patch stores (shard-*.zarr)")
+    p.add_argument("--splits", required=True, help="split table (hipoa split-data)")
+    p.add_argument("--out", required=True, help="JSON to write, results/evaluation/SITE.json")
+    p.add_argument("--figures-dir", default=None, help="where the confusion and overlay PNGs go (default: --out's folder)")
+
+
+@subcommand("evaluate", "evaluate a site's U-Net on its test split (the paper's Table 2 measures)", _evaluate_args)
+def _evaluate(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from hipoa.evaluate import evaluate_site
+
+    r = evaluate_site(
+        site=args.site,
+        model=Path(args.model),
+        stores=[Path(s) for s in args.stores],
+        splits=Path(args.splits),
+        out=Path(args.out),
+        figures_dir=Path(args.figures_dir) if args.figures_dir else None,
+    )
+
+    def fmt(x):
+        return "NA" if x is None or x != x else f"{x:.3f}"
+
+    print(
+        f"{args.site}: n {r['n']} ({r['n_positive']} positive), sensitivity {fmt(r['sensitivity'])}, "
+        f"specificity {fmt(r['specificity'])}, F1 {fmt(r['f1'])}, Dice {fmt(r['dice_mean'])} +- {fmt(r['dice_std'])} -> {args.out}"
+    )
+    return 0
+
+
 # ---- end train -------------------------------------------------------------------------------
 
 # ---- predict-masks / phenotypes --------------------------------------------------------------

@@ -352,14 +352,16 @@ def normalise_patch(
         ``(S, S)`` float32 ``(patch - mean) / max(std, NORM_EPS)``, 0 outside; all 0 when the core
         has no inside pixel.
     """
-    cp, ci = (patch, inside) if core is None else (patch[core], inside[core])
-    vals = cp[ci] if not ci.all() else cp
+    all_inside = bool(inside.all())
+    cp = patch if core is None else patch[core]
+    vals = cp if all_inside else cp[inside if core is None else inside[core]]
     if vals.size == 0:
         return np.zeros(patch.shape, np.float32)
     mean = float(vals.mean(dtype=np.float64))
     std = float(vals.std(dtype=np.float64))
     out = (patch.astype(np.float32) - np.float32(mean)) * np.float32(1.0 / max(std, NORM_EPS))
-    out[~inside] = FILL
+    if not all_inside:
+        out[~inside] = FILL
     return out
 
 
@@ -546,6 +548,19 @@ def _crop_row(arrays: _Arrays, i: int, row: Any, sites: list[Site], min_inside: 
     return reason
 
 
+class _AllInside(dict):
+    """Read-only all-True inside masks by patch size (most patches lie wholly in the image)."""
+
+    def __missing__(self, size: int) -> np.ndarray:
+        mask = np.ones((size, size), bool)
+        mask.flags.writeable = False
+        self[size] = mask
+        return mask
+
+
+_ALL_INSIDE = _AllInside()
+
+
 def _crop_auto(
     arrays: _Arrays,
     i: int,
@@ -580,9 +595,9 @@ def _crop_auto(
             points_path, sites[worst].name, fractions[worst], min_inside,
         )
         return "patch_outside_image"
-    for site, a in zip(sites, affines):
+    for site, a, f in zip(sites, affines, fractions):
         patch = sample_patch(pixels, a, size, order=1, fill=0.0)
-        inside = inside_mask(a, size, shape)
+        inside = _ALL_INSIDE[size] if f == 1.0 else inside_mask(a, size, shape)
         arrays.auto[site.name]["image"][i] = normalise_patch(patch, inside)
         if mask is not None:
             arrays.auto[site.name]["mask"][i] = sample_patch(mask, a, size, order=0, fill=0) == site.label
@@ -644,12 +659,15 @@ def _crop_manual(
 def _compressor() -> Any:
     from zarr.codecs import BloscCodec
 
-    # bitshuffle groups the float16 exponent/mantissa bits and the mostly-zero mask bytes
-    return BloscCodec(cname="zstd", clevel=3, shuffle="bitshuffle")
+    # Bitshuffle groups the float16 sign/exponent bits and packs the 0/1 masks. On synthetic
+    # UKB-like patches lz4 is ~5x faster than zstd-3 for 7 % more bytes (24 vs 22.5 kB per
+    # 128x128 float16 patch), and the write would otherwise cost as much as the cropping.
+    return BloscCodec(cname="lz4", clevel=5, shuffle="bitshuffle")
 
 
-PATCH_CHUNK = 32
-"""Patches per Zarr chunk: 32 x 128 x 128 float16 = 1 MiB raw, ~0.3-0.6 MiB compressed."""
+PATCH_CHUNK = 64
+"""Patches per Zarr chunk: 64 x 128 x 128 float16 = 2 MiB raw, ~1.5 MiB compressed (a few chunks
+per shard file set, and a sensible Dask chunk for prediction batches)."""
 
 
 def _write_array(group: Any, name: str, data: np.ndarray, attributes: dict[str, Any] | None = None) -> None:

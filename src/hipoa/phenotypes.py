@@ -83,27 +83,27 @@ def training_eids(splits: list[Path]) -> set[str]:
     return eids
 
 
-def _dictionary(sites: list[str]) -> list[tuple[str, str, str, str]]:
-    """(FIELD, TYPE, DESCRIPTION, UNITS) of every Parquet column, in column order."""
+def _dictionary(sites: list[str]) -> list[tuple[str, str, str]]:
+    """(FIELD, DESCRIPTION, UNITS) of every Parquet column, in column order."""
     rows = [
-        ("eid", "int64", "UK Biobank participant ID (string when some IDs are not numeric)", ""),
-        ("instance", "int16", "UK Biobank assessment visit instance of the scan", ""),
-        ("side", "string", "hip: L (left) or R (right)", ""),
-        ("qc_pass", "bool", "true when every site could be measured", ""),
-        ("qc_reason", "string", "empty when qc_pass; else the first reason the image could not be fully measured", ""),
-        ("reference_length_mm", "float64", "distance between the two reference points of the automatic outline", "mm"),
+        ("eid", "UK Biobank participant ID (string when some IDs are not numeric)", ""),
+        ("instance", "UK Biobank assessment visit instance of the scan", ""),
+        ("side", "hip: L (left) or R (right)", ""),
+        ("qc_pass", "true when every site could be measured", ""),
+        ("qc_reason", "empty when qc_pass; else the first reason the image could not be fully measured", ""),
+        ("reference_length_mm", "distance between the two reference points of the automatic outline", "mm"),
     ]
     for s in sites:
         rows += [
-            (f"{s}{PRESENT}", "Int8", f"{s}: osteophyte predicted present (1) or absent (0); NA not measurable", ""),
-            (f"{s}{AREA}", "Float64", f"{s}: predicted osteophyte area; 0 when absent; NA not measurable", "mm^2"),
-            (f"{s}{PROBABILITY}", "Float32", f"{s}: model probability that an osteophyte is present", ""),
+            (f"{s}{PRESENT}", f"{s}: osteophyte predicted present (1) or absent (0); NA not measurable", ""),
+            (f"{s}{AREA}", f"{s}: predicted osteophyte area; 0 when absent; NA not measurable", "mm^2"),
+            (f"{s}{PROBABILITY}", f"{s}: model confidence of presence, the probability its min_area_px most confident pixels reach (present when >= pixel_threshold)", ""),
         ]
     rows += [
-        ("any_present", "Int8", "1 if any site present; 0 if all sites 0; NA if none is 1 and any is NA", ""),
-        ("total_area_mm2", "Float64", "sum of the site areas; NA if any site is NA", "mm^2"),
-        ("annotated", "bool", "the image has a manual osteophyte mask", ""),
-        ("used_in_training", "bool", "participant is in a train or validation split of any site's U-Net", ""),
+        ("any_present", "1 if any site present; 0 if all sites 0; NA if none is 1 and any is NA", ""),
+        ("total_area_mm2", "sum of the site areas; NA if any site is NA", "mm^2"),
+        ("annotated", "the image has a manual osteophyte mask", ""),
+        ("used_in_training", "participant is in a train or validation split of any site's U-Net", ""),
     ]
     return rows
 
@@ -261,7 +261,7 @@ def gather(
     metadata["created"] = _dt.datetime.now(_dt.timezone.utc).replace(microsecond=0).isoformat()
     write_parquet(df, out, metadata)
     write_pheno_tsv(df, out_tsv_path(out, "pheno"), sites)
-    write_dict_tsv(out_tsv_path(out, "dict"), sites)
+    write_dict_tsv(out_tsv_path(out, "dict"), df)
     if masks_dir is not None and mask_stores:
         write_masks(mask_stores=list(mask_stores), out_dir=Path(masks_dir), side=side)
     return df
@@ -308,9 +308,19 @@ def write_pheno_tsv(df: pd.DataFrame, path: Path, sites: list[str]) -> pd.DataFr
     return tsv
 
 
-def write_dict_tsv(path: Path, sites: list[str]) -> None:
-    """Write the data dictionary ``FIELD TYPE DESCRIPTION UNITS``."""
-    d = pd.DataFrame(_dictionary(sites), columns=["FIELD", "TYPE", "DESCRIPTION", "UNITS"])
+def write_dict_tsv(path: Path, df: pd.DataFrame) -> None:
+    """Write the data dictionary ``FIELD TYPE DESCRIPTION UNITS`` of ``df``'s columns.
+
+    TYPE is the pandas dtype (capitalised = nullable: ``Int8``, ``Float64``, ``Float32``).
+    """
+    sites = [c[: -len(PRESENT)] for c in df.columns if c.endswith(PRESENT) and c != "any_present"]
+    entries = {field: (desc, units) for field, desc, units in _dictionary(sites)}
+    missing = [c for c in df.columns if c not in entries]
+    if missing:
+        raise ValueError(f"{path}: no dictionary entry for columns {missing}")
+    d = pd.DataFrame(
+        [(c, str(df[c].dtype), *entries[c]) for c in df.columns], columns=["FIELD", "TYPE", "DESCRIPTION", "UNITS"]
+    )
     d.to_csv(path, sep="\t", index=False, lineterminator="\n")
 
 
@@ -386,12 +396,15 @@ def write_masks(*, mask_stores: list[Path], out_dir: Path, side: str | None = No
         r = root["rows"]
         eid, inst, sd = _strings(r["eid"]), r["instance"][:], _strings(r["side"])
         nrows, ncols = r["rows"][:], r["cols"][:]
-        sites = sorted((s for s in root.group_keys() if s != "rows"), key=lambda s: labels.get(s, 0))
-        missing = [s for s in sites if s not in labels]
-        if missing:
-            raise ValueError(f"{store}: no label for sites {missing} in the store's site table")
+        # Sites predicted = those of the site table with a group (no group listing: Snakemake puts
+        # a .snakemake_timestamp file in directory outputs, which zarr warns about).
+        sites = sorted((s for s in labels if s in root), key=lambda s: labels[s])
+        if not sites:
+            raise ValueError(f"{store}: no predicted sites (site table {sorted(labels)})")
         measured = {s: root[f"{s}/measured"][:] for s in sites}
         affines = {s: root[f"{s}/affine"][:] for s in sites}
+        # a shard's uint8 patch masks are small (200 images: 3 MiB per site); read each chunk once
+        masks = {s: root[f"{s}/mask"][:] for s in sites}
         idx = [i for i in range(len(eid)) if (side is None or sd[i] == side) and any(measured[s][i] for s in sites)]
         progress = Progress(len(idx), f"masks {Path(store).name}", log, unit="images")
         for i in idx:
@@ -399,7 +412,7 @@ def write_masks(*, mask_stores: list[Path], out_dir: Path, side: str | None = No
             for s in sites:
                 if not measured[s][i]:
                     continue
-                placed = patch_mask_to_image(root[f"{s}/mask"][i], affines[s][i], label.shape)
+                placed = patch_mask_to_image(masks[s][i], affines[s][i], label.shape)
                 if placed is not None:
                     window, fg = placed
                     label[window][fg] = labels[s]

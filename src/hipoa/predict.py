@@ -117,7 +117,9 @@ def patch_pixel_area_mm2(affine: np.ndarray, spacing_row_mm: np.ndarray, spacing
     affine = np.asarray(affine, dtype=np.float64)
     if affine.ndim != 3 or affine.shape[1:] != (2, 3):
         raise ValueError(f"affine must have shape (n, 2, 3), got {affine.shape}")
-    det = np.abs(np.linalg.det(affine[:, :, :2]))
+    det = np.full(len(affine), np.nan)
+    finite = np.isfinite(affine).all(axis=(1, 2))  # rows without usable points have NaN affines
+    det[finite] = np.abs(np.linalg.det(affine[finite, :, :2]))
     return det * np.asarray(spacing_row_mm, dtype=np.float64) * np.asarray(spacing_col_mm, dtype=np.float64)
 
 
@@ -339,7 +341,7 @@ def predict_shard(
             g.create_array("affine", shape=(n, 2, 3), dtype="float64")[...] = affine
             g.create_array("measured", shape=(n,), dtype="bool")[...] = ok
         log.info("%s: %d/%d images measurable, %d not (%s)", site, len(idx), n, n - len(idx),
-                 dict(pd.Series(site_reason[~ok]).value_counts()) if n - len(idx) else {})
+                 {str(k): int(v) for k, v in pd.Series(site_reason[~ok]).value_counts().items()})
         if len(idx):
             model = load_model(Path(model_path), policy)
             progress = Progress(len(idx), f"predict {site}", log, unit="patches")

@@ -15,6 +15,7 @@ import math
 from pathlib import Path
 
 import matplotlib
+import matplotlib.ticker
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
@@ -163,6 +164,8 @@ def plot_areas(table: pd.DataFrame, sites: list[str], out: Path) -> None:
                 bins = np.geomspace(max(areas.min() * 0.9, 0.1), areas.max() * 1.1, 20)
                 ax.hist(areas, bins=bins, alpha=0.6, label=f"{side} (n={len(areas)})")
         ax.set_xscale("log")
+        ax.xaxis.set_major_formatter(matplotlib.ticker.FormatStrFormatter("%g"))
+        ax.xaxis.set_minor_formatter(matplotlib.ticker.FormatStrFormatter("%g"))
         ax.set_title(site.replace("_", " "))
         ax.set_xlabel("predicted area (mm$^2$)")
         ax.set_ylabel("images")

@@ -257,7 +257,7 @@ def save_montage(*, stores: list[Path], out: Path, n: int = 8, source: str = "au
                     ax.add_patch(Rectangle((o, o), s, s, fill=False, lw=0.6, ec="yellow", ls="--"))
             r = ps.rows.iloc[int(i)]
             top.set_title(f"{r['eid']}_{r['instance']}_{r['side']}", fontsize=6)
-            bottom.set_title(f"{int(m.sum())} px", fontsize=6)
+            bottom.set_title(f"{int(m.sum())} px" if r["annotated"] else "not annotated", fontsize=6)
         axes[2 * k, 0].text(
             -0.08, 0.5, site.replace("_", "\n"), transform=axes[2 * k, 0].transAxes,
             ha="right", va="center", fontsize=8, color=colour,

@@ -29,7 +29,6 @@ from __future__ import annotations
 import io
 import logging
 import multiprocessing as mp
-import os
 import zipfile
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -56,7 +55,7 @@ ARRAY = 0
 FIELD = 20158
 SPACING_MM = 0.25
 """Pixel size of the hip scans (ExposedArea / matrix size), mm."""
-SIZES: tuple[tuple[int, int], ...] = ((600, 680), (576, 648), (624, 704), (600, 640))
+SIZES: tuple[tuple[int, int], ...] = ((600, 680), (608, 672), (624, 704), (640, 680))
 """Hip matrix sizes (rows, cols); UKB's sample Left Femur is 600 x 680. Multiples of 4 so the
 Exposed Area is a whole number of mm."""
 SIZE_WEIGHTS = (0.55, 0.15, 0.15, 0.15)
@@ -150,7 +149,6 @@ def dicom_bytes(pixels: np.ndarray, protocol: str, *, sop_uid: str, study_uid: s
     ds.SeriesTime = ds.AcquisitionTime = ds.ContentTime = f"10{15 + series_number:02d}00"
     ds.AccessionNumber = ""
     ds.Modality = "CR"
-    ds.ConversionType = "WSD"
     ds.Manufacturer = "GE Healthcare"
     ds.InstitutionName = ""
     ds.ReferringPhysicianName = ""
@@ -168,10 +166,12 @@ def dicom_bytes(pixels: np.ndarray, protocol: str, *, sop_uid: str, study_uid: s
     ds.ViewPosition = ""
     ds.StudyInstanceUID = study_uid
     ds.SeriesInstanceUID = series_uid
-    ds.StudyID = ""
+    ds.StudyID = "1"
     ds.SeriesNumber = series_number
     ds.InstanceNumber = 1
     ds.PatientOrientation = ""
+    # Type 2C in General Series: dciodvfy wants it present; empty (not "L"/"R") like UKB's exports,
+    # so nothing but ProtocolName tells the hips apart.
     ds.Laterality = ""
     ds.SamplesPerPixel = 1
     ds.PhotometricInterpretation = "MONOCHROME2"
@@ -258,11 +258,15 @@ def auto_points(rng: np.random.Generator, true: np.ndarray, rows: int, cols: int
 
 def _hip(rng: np.random.Generator, who: anatomy.Participant, rows: int, cols: int,
          present: dict[int, bool], side: str) -> anatomy.HipRender:
-    # Redraw the rare geometry whose reference length (points 12-39) leaves ~55-70 mm.
-    for _ in range(20):
+    # Redraw the rare geometry whose reference length (points 12-39) leaves ~55-70 mm or whose
+    # outline comes within 4 mm of the image edge.
+    margin = 4.0 / SPACING_MM
+    for _ in range(50):
         geo = anatomy.draw_geometry(rng, who, rows, cols, SPACING_MM)
         ref = float(np.linalg.norm(geo.points[12] - geo.points[39])) * SPACING_MM
-        if 56.0 <= ref <= 69.0:
+        x, y = geo.points[:, 0], geo.points[:, 1]
+        if (56.0 <= ref <= 69.0 and x.min() >= margin and y.min() >= margin
+                and x.max() <= cols - 1 - margin and y.max() <= rows - 1 - margin):
             break
     spurs = anatomy.draw_osteophytes(rng, geo, present)
     hip = anatomy.render_hip(rng, who, geo, spurs)
@@ -352,13 +356,37 @@ def _run(args: tuple[_Task, _Settings]) -> list[dict]:
 # ---------------------------------------------------------------------------------------------
 
 
+_LAYOUT = {
+    Path("ukb") / str(FIELD): f"*_{FIELD}_{INSTANCE}_{ARRAY}.zip",
+    Path("points") / "auto": f"*_{INSTANCE}_[LR].pts",
+    Path("points") / "manual": f"*_{INSTANCE}_[LR].pts",
+    Path("masks"): f"*_{INSTANCE}_[LR].png",
+}
+
+
+def _clear_previous(out: Path) -> None:
+    """Remove the image, points and mask files of an earlier cohort in ``out`` (one with a
+    ``truth.parquet``), so that no stale mask or points file outlives the new truth table."""
+    if not (out / "truth.parquet").exists():
+        return
+    n = 0
+    for sub, pattern in _LAYOUT.items():
+        for f in (out / sub).glob(pattern):
+            f.unlink()
+            n += 1
+    (out / "truth.parquet").unlink()
+    (out / "truth.csv").unlink(missing_ok=True)
+    log.info("synth: removed %d files of the previous cohort in %s", n, out)
+
+
 def make_cohort(out: Path, participants: int, seed: int, annotated_fraction: float = 0.3,
                 enriched_prevalence: float = 0.5, prevalence: float = 0.15, faults: int = 0,
                 workers: int = 1, annotate_sides: str = "L") -> pd.DataFrame:
     """Write a synthetic UKB hip-DXA cohort under ``out`` and return its truth table.
 
     Args:
-        out: Cohort directory (created; existing files of the same names are overwritten).
+        out: Cohort directory (created). An earlier cohort there (one with a ``truth.parquet``)
+            is replaced: its zips, points and masks are removed first.
         participants: Number of participants (two hip images each).
         seed: Everything follows from it: same seed and arguments, same bytes.
         annotated_fraction: Fraction of participants whose hips in ``annotate_sides`` have manual
@@ -394,7 +422,8 @@ def make_cohort(out: Path, participants: int, seed: int, annotated_fraction: flo
         raise ValueError(f"workers must be >= 1, got {workers}")
 
     out = Path(out)
-    for sub in (Path("ukb") / str(FIELD), Path("points") / "auto", Path("points") / "manual", Path("masks")):
+    _clear_previous(out)
+    for sub in _LAYOUT:
         (out / sub).mkdir(parents=True, exist_ok=True)
 
     # Cohort-level draws: an entropy list of another length than the participants' [seed, i].
@@ -477,10 +506,11 @@ def render_preview(cohort_dir: Path, out_png: Path, n: int = 8, seed: int = 0) -
     ok["n_sites"] = ok[present_cols].sum(axis=1)
     rng = np.random.default_rng(seed)
     ok["r"] = rng.random(len(ok))
+    ok["shown"] = ok["annotated"] & (ok["n_sites"] > 0)  # masks to overlay
     picked: list[pd.Series] = []
     for side in ("L", "R"):
         want = (n + 1) // 2 if side == "L" else n // 2
-        cand = ok[ok["side"] == side].sort_values(["n_sites", "annotated", "r"], ascending=False)
+        cand = ok[ok["side"] == side].sort_values(["shown", "n_sites", "r"], ascending=False)
         picked.extend(r for _, r in cand.head(want).iterrows())
     if len(picked) < n:
         rest = ok.drop(index=[r.name for r in picked]).sort_values("r")
@@ -527,7 +557,3 @@ def render_preview(cohort_dir: Path, out_png: Path, n: int = 8, seed: int = 0) -
     plt.close(fig)
     log.info("synth: preview of %d hips -> %s", len(picked), out_png)
     return out_png
-
-
-def default_workers() -> int:
-    return max(1, os.cpu_count() or 1)

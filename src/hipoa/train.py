@@ -106,7 +106,8 @@ def make_splits(
     shuffled with ``seed`` separately among those with and without any positive image (so small
     cohorts still get positives everywhere) and cut into test, val and train by the fractions.
     In train and val, only images with a manual-point patch are usable, and negatives are sampled
-    to match the positives (the paper's Table 1); the rest become ``unused``. The test split keeps
+    to match the positives (the paper's Table 1; if negatives are the fewer, positives are sampled
+    to match them); the rest become ``unused``. The test split keeps
     every candidate image of its participants, with its natural balance, and is evaluated on
     automatic-point patches.
 
@@ -163,11 +164,14 @@ def make_splits(
         usable = in_split & cand["has_manual"]
         pos = np.flatnonzero(usable & cand["positive"])
         neg = np.flatnonzero(usable & ~cand["positive"])
-        if len(neg) > len(pos):
-            drop = np.setdiff1d(neg, rng.choice(neg, size=len(pos), replace=False))
-            cand.loc[drop, "split"] = "unused"
-        elif len(neg) < len(pos):
-            log.warning("%s %s: %d positives but only %d negatives; keeping all", site, name, len(pos), len(neg))
+        # Balance by sampling the larger class down to the smaller (negatives, in UKB's 10 % prevalence).
+        larger, smaller = (neg, pos) if len(neg) >= len(pos) else (pos, neg)
+        if len(larger) > len(smaller):
+            keep = rng.choice(larger, size=len(smaller), replace=False)
+            cand.loc[np.setdiff1d(larger, keep), "split"] = "unused"
+            if larger is pos:
+                log.warning("%s %s: more positives (%d) than negatives (%d); %d positives unused to balance",
+                            site, name, len(pos), len(neg), len(pos) - len(neg))
 
     out = cand[KEY + ["split", "positive"]].copy()
     out["instance"] = out["instance"].astype(np.int16)
@@ -466,6 +470,8 @@ def train_site(
     context = int(manual.image.shape[1])
     check_context(settings, context)
     crop = (context - PATCH_SIZE) // 2
+    if getattr(manual, "core_offset", crop) != crop:
+        raise ValueError(f"manual patches of {site}: the 128 core is at offset {manual.core_offset}, expected the centre {crop}")
     train_rows = table[table["split"] == "train"]
     val_rows = table[table["split"] == "val"]
     if train_rows.empty or val_rows.empty:
@@ -520,6 +526,9 @@ def train_site(
         log.warning("train %s: validation split is all one class; min_area_px defaults to 1", site)
     else:
         min_area, scores = choose_min_area(area, val_truth)
+        if scores["youden_j"] <= 0:
+            log.warning("train %s: no min_area_px separates the validation images (Youden's J %.3f); the model "
+                        "has not learned to detect this site", site, scores["youden_j"])
     present, mask, _, _ = presence_from_probability(prob, PIXEL_THRESHOLD, min_area)
     d = dice(mask, truth_mask)
     scores.update(

@@ -100,7 +100,7 @@ def build_unet(
         )(x)
         x = layers.Concatenate(name=f"dec{k}_concat", dtype=dtype)([skips[k], x])
         x = _conv_block(x, filters, f"dec{k}", dtype)
-    logits = layers.Conv2D(n_classes, 1, kernel_initializer="he_normal", name="logits", dtype=dtype)(x)
+    logits = layers.Conv2D(n_classes, 1, padding="same", kernel_initializer="he_normal", name="logits", dtype=dtype)(x)
     # Softmax in float32: 16-bit probabilities would round near 0 and 1 (and the loss with them).
     outputs = layers.Activation("softmax", dtype="float32", name=OUTPUT_LAYER)(logits)
     return keras.Model(inputs, outputs, name=f"unet_d{depth}_f{base_filters}")

@@ -19,6 +19,7 @@
 #   --timeout S      limit for each snakemake run in seconds (default 1800; SIGINT on expiry)
 #   --skip-local     do not run the local demo nor compare the Parquet files
 #   --keep           keep the temporary directory (logs, both runs) after success
+#   --cluster-only   start the cluster, print how to use it, and wait until interrupted
 # Exit status: 0 when every check passed, non-zero otherwise.
 set -euo pipefail
 
@@ -29,6 +30,7 @@ GPU_RULES="train_unet predict_masks"
 SMK_TIMEOUT=1800
 SKIP_LOCAL=0
 KEEP=0
+CLUSTER_ONLY=0
 EXTRA_ARGS=()
 CLUSTER=hipoa-test
 DEMO_ACCOUNT=hipoa-demo
@@ -47,6 +49,7 @@ while (($#)); do
     --timeout) SMK_TIMEOUT=$2 && shift 2 ;;
     --skip-local) SKIP_LOCAL=1 && shift ;;
     --keep) KEEP=1 && shift ;;
+    --cluster-only) CLUSTER_ONLY=1 && shift ;;
     --) shift && EXTRA_ARGS=("$@") && break ;;
     -h | --help) sed -n '2,/^set -euo/p' "$0" | sed '$d; s/^# \{0,1\}//' && exit 0 ;;
     *) die "unknown argument '$1' (see --help)" ;;
@@ -95,6 +98,13 @@ install_packages
 T_INSTALL=$(elapsed "$T0")
 
 # ---------------------------------------------------------------- process bookkeeping
+# One run at a time on a machine: the cluster's configuration is linked at /etc/slurm.
+ETC_CONF=/etc/slurm/slurm.conf
+ETC_CONF_LINKED=0
+LOCK=/run/lock/hipoa-slurm-demo.lock
+mkdir -p "$(dirname "$LOCK")"
+exec 9>"$LOCK"
+flock -w 3600 9 || die "another run holds $LOCK"
 WORK=$(mktemp -d "${TMPDIR:-/tmp}/hipoa-slurm.XXXXXX")
 chmod 755 "$WORK"
 DAEMON_NAMES=()
@@ -148,6 +158,8 @@ cleanup() {
     for ((i = ${#DAEMON_PIDS[@]} - 1; i >= 0; i--)); do
         stop_pid "${DAEMON_NAMES[i]}" "${DAEMON_PIDS[i]}"
     done
+    ((ETC_CONF_LINKED)) && rm -f "$ETC_CONF"
+    ((CLUSTER_ONLY && (rc == 130 || rc == 143))) && rc=0
     if ((rc != 0)); then
         rm -rf "$WORK/mysql" # the database is large and of no use after the run
         log "exit status $rc; logs kept in $WORK (log/, run-*/.snakemake/)"
@@ -180,11 +192,11 @@ show_log() { # name: tail of the daemon's logs
 }
 
 wait_until() { # description timeout_s watched_daemon command...
-    local what=$1 timeout=$2 name=$3 pid i
+    local what=$1 name=$3 pid deadline=$((SECONDS + $2))
     shift 3
     pid=${DAEMON_PIDS[-1]}
-    for ((i = 0; i < timeout * 4; i++)); do
-        "$@" >/dev/null 2>&1 && return 0
+    while ((SECONDS < deadline)); do
+        timeout 10 "$@" >/dev/null 2>&1 && return 0
         if ! pid_alive "$pid"; then
             show_log "$name"
             die "$name exited while waiting for $what"
@@ -192,7 +204,7 @@ wait_until() { # description timeout_s watched_daemon command...
         sleep 0.25
     done
     show_log "$name"
-    die "timed out after ${timeout}s waiting for $what"
+    die "timed out waiting for $what"
 }
 
 # ---------------------------------------------------------------- configuration
@@ -216,8 +228,19 @@ fill "$HERE/slurm.conf.in" "$WORK/etc/slurm.conf"
 fill "$HERE/gres.conf.in" "$WORK/etc/gres.conf"
 fill "$HERE/slurmdbd.conf.in" "$WORK/etc/slurmdbd.conf"
 chmod 600 "$WORK/etc/slurmdbd.conf"
-# Clients, daemons and the jobs (sbatch --export=ALL) all read this cluster's configuration.
+# Daemons and clients read this cluster's configuration through SLURM_CONF. Inside a job,
+# the Snakemake job step drops every SLURM_* variable except the job's identity before it
+# calls srun, so srun finds its configuration where it does on a real cluster: in
+# /etc/slurm/slurm.conf. That file is a symlink to ours while the run lasts (see lock above).
 export SLURM_CONF=$WORK/etc/slurm.conf
+if [[ -e $ETC_CONF || -L $ETC_CONF ]]; then
+    [[ $(readlink "$ETC_CONF") == "${TMPDIR:-/tmp}"/hipoa-slurm.*/etc/slurm.conf ]] ||
+        die "$ETC_CONF exists and is not a leftover of this script; not touching a real cluster"
+    rm -f "$ETC_CONF"
+fi
+mkdir -p "$(dirname "$ETC_CONF")"
+ln -s "$SLURM_CONF" "$ETC_CONF"
+ETC_CONF_LINKED=1
 for i in 0 1; do mknod "$WORK/dev/fakegpu$i" c 1 3; done
 log "work dir $WORK; host $HOST; ports slurmctld $CTLD_PORT slurmd $SLURMD_PORT" \
     "slurmdbd $DBD_PORT mariadb $DB_PORT"
@@ -267,12 +290,20 @@ start_daemon slurmctld slurmctld -D -i
 SLURM_UP=1
 wait_until "slurmctld" 60 slurmctld scontrol ping
 start_daemon slurmd slurmd -D -N "$HOST"
-node_idle() { [[ $(sinfo -h -n "$HOST" -o %t | sort -u) == idle ]]; }
-wait_until "node $HOST idle in sinfo" 60 slurmd node_idle
+wait_until "node $HOST idle in sinfo" 60 slurmd \
+    bash -c "[[ \$(sinfo -h -n '$HOST' -o %t | sort -u) == idle ]]"
 T_CLUSTER=$(elapsed "$T1")
 log "cluster up in ${T_CLUSTER}s:"
 sinfo -o '%P %a %D %t %N %G'
 scontrol show node "$HOST" | grep -E 'Gres=|CfgTRES='
+
+if ((CLUSTER_ONLY)); then
+    log "cluster running; in another shell: export SLURM_CONF=$SLURM_CONF"
+    log "stop it with Ctrl-C or: kill $$"
+    sleep infinity &
+    wait $! || true
+    exit 0
+fi
 
 # ---------------------------------------------------------------- the runs
 copy_workflow() { # destination: a fresh copy of the project's workflow files

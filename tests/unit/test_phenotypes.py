@@ -200,7 +200,9 @@ def test_pheno_and_dict_tsv(left):
     d = pd.read_csv(phenotypes.out_tsv_path(left["out"], "dict"), sep="\t", keep_default_na=False)
     assert list(d.columns) == ["FIELD", "TYPE", "DESCRIPTION", "UNITS"]
     assert d["FIELD"].tolist() == pq.read_schema(left["out"]).names
-    assert d.set_index("FIELD").loc[f"{A}_area_mm2", "UNITS"] == "mm^2"
+    d = d.set_index("FIELD")
+    assert d.loc[f"{A}_area_mm2", "UNITS"] == "mm^2" and d.loc[f"{A}_area_mm2", "TYPE"] == "Float64"
+    assert d.loc["eid", "TYPE"] == "int64" and d.loc["any_present", "TYPE"] == "Int8"
 
 
 def test_rerun_is_identical_but_created(left, models, tmp_path):

@@ -67,8 +67,8 @@ def write_tiny_store(
         mask = np.zeros((context, context), np.uint8)
         if positive[i]:
             c = context / 2 + rng.uniform(-18, 18, 2)
-            mask = _disk(context, c[0], c[1], rng.uniform(5, 12))
-            img = img + 1.2 * ndimage.gaussian_filter(mask.astype(np.float32), 0.7)
+            mask = _disk(context, c[0], c[1], rng.uniform(7, 14))
+            img = img + 2.0 * ndimage.gaussian_filter(mask.astype(np.float32), 0.7)
         img = (img - img.mean()) / img.std()
         ctx_img[i], ctx_mask[i] = img, mask
         if annotated[i]:
@@ -127,49 +127,3 @@ def write_tiny_store(
     g.create_array(f"manual/{site}/row", data=manual_rows)
     return Path(path)
 
-
-# ---- stand-in for hipoa.store.open_patches until store.py lands (same signature and PatchSet) ----
-def _standin_open_patches(stores, site, source="auto"):
-    import dask.array as da
-    import pandas as pd
-    from dataclasses import dataclass
-
-    @dataclass
-    class PatchSet:
-        rows: pd.DataFrame
-        image: da.Array
-        mask: da.Array
-        affine: np.ndarray
-
-    if isinstance(stores, (str, Path)):
-        stores = [stores]
-    frames, images, masks, affines = [], [], [], []
-    for s in stores:
-        g = zarr.open_group(str(s), mode="r")
-        rows = pd.DataFrame({k: np.asarray(a[:]) for k, a in g["rows"].arrays()})
-        grp = g[f"{source}/{site}"]
-        if source == "manual":
-            rows = rows.iloc[np.asarray(grp["row"][:])].reset_index(drop=True)
-        frames.append(rows)
-        images.append(da.from_zarr(grp["image"]))
-        masks.append(da.from_zarr(grp["mask"]))
-        affines.append(np.asarray(grp["affine"][:]))
-    return PatchSet(
-        pd.concat(frames, ignore_index=True),
-        da.concatenate(images),
-        da.concatenate(masks),
-        np.concatenate(affines),
-    )
-
-
-def ensure_store_api(monkeypatch) -> None:
-    """Use the real hipoa.store when it exists, else install the stand-in above."""
-    import sys
-    import types
-
-    try:
-        import hipoa.store  # noqa: F401
-    except ImportError:
-        mod = types.ModuleType("hipoa.store")
-        mod.open_patches = _standin_open_patches
-        monkeypatch.setitem(sys.modules, "hipoa.store", mod)

@@ -23,8 +23,11 @@ rule synth_cohort:
         participants=config["cohort"]["participants"],
         seed=config["cohort"]["seed"],
         annotated_fraction=config["cohort"]["annotated_fraction"],
+        annotate_sides=config["cohort"]["annotate_sides"],
+        enriched_prevalence=config["cohort"]["enriched_prevalence"],
+        prevalence=config["cohort"]["prevalence"],
         faults=config["cohort"]["faults"],
-    threads: 1
+    threads: 2
     resources:
         mem_mb=4000,
         runtime=60,
@@ -33,4 +36,6 @@ rule synth_cohort:
     shell:
         "hipoa synth --out {params.out} --participants {params.participants} "
         "--seed {params.seed} --annotated-fraction {params.annotated_fraction} "
-        "--faults {params.faults} --preview {output.preview} 2> {log}"
+        "--annotate-sides {params.annotate_sides} "
+        "--enriched-prevalence {params.enriched_prevalence} --prevalence {params.prevalence} "
+        "--faults {params.faults} --workers {threads} --preview {output.preview} 2> {log}"

@@ -67,7 +67,7 @@ rule evaluate_unet:
             labels={"figure": "confusion matrix", "site": "{site}"},
         ),
         overlays=report(
-            "results/evaluation/{site}_overlays.png",
+            "results/evaluation/{site}_overlay.png",
             caption="../report/overlays.rst",
             category="Evaluation",
             labels={"figure": "overlays", "site": "{site}"},

@@ -1,0 +1,104 @@
+"""hipoa.metrics on hand-checkable arrays, and against scikit-learn on random ones."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from sklearn.metrics import confusion_matrix, f1_score, recall_score
+
+from hipoa.metrics import (
+    choose_min_area,
+    confusion,
+    dice,
+    f1,
+    predicted_area_px,
+    presence_from_probability,
+    sensitivity,
+    specificity,
+    youden_j,
+)
+
+
+def test_dice_by_hand():
+    pred = np.array([[1, 1, 0], [0, 0, 0]])
+    truth = np.array([[1, 0, 0], [1, 0, 0]])
+    assert dice(pred, truth) == pytest.approx(2 * 1 / (2 + 2))  # one shared pixel of 2 + 2
+    assert dice(pred, pred) == 1.0
+    assert dice(np.zeros((2, 3)), np.zeros((2, 3))) == 1.0  # both empty: agreement
+    assert dice(np.zeros((2, 3)), truth) == 0.0  # a missed positive
+    batch = dice(np.stack([pred, np.zeros((2, 3)), pred]), np.stack([truth, np.zeros((2, 3)), np.zeros((2, 3))]))
+    np.testing.assert_allclose(batch, [0.5, 1.0, 0.0])
+
+
+def test_dice_equals_pixel_f1_of_sklearn():
+    rng = np.random.default_rng(0)
+    pred = rng.random((5, 16, 16)) > 0.6
+    truth = rng.random((5, 16, 16)) > 0.7
+    expected = [f1_score(t.ravel(), p.ravel()) for p, t in zip(pred, truth)]
+    np.testing.assert_allclose(dice(pred, truth), expected)
+
+
+def test_dice_rejects_mismatched_shapes():
+    with pytest.raises(ValueError, match=r"\(2, 3\).*\(3, 2\)"):
+        dice(np.zeros((2, 3)), np.zeros((3, 2)))
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_detection_measures_match_sklearn(seed):
+    rng = np.random.default_rng(seed)
+    truth = rng.random(57) < 0.4
+    pred = np.where(rng.random(57) < 0.8, truth, ~truth)
+    assert confusion(pred, truth) == tuple(int(v) for v in confusion_matrix(truth, pred, labels=[False, True]).ravel())
+    assert sensitivity(pred, truth) == pytest.approx(recall_score(truth, pred))
+    assert specificity(pred, truth) == pytest.approx(recall_score(truth, pred, pos_label=False))
+    assert f1(pred, truth) == pytest.approx(f1_score(truth, pred))
+    assert youden_j(pred, truth) == pytest.approx(recall_score(truth, pred) + recall_score(truth, pred, pos_label=False) - 1)
+
+
+def test_confusion_by_hand():
+    pred = np.array([1, 1, 0, 0, 1], bool)
+    truth = np.array([1, 0, 0, 1, 1], bool)
+    assert confusion(pred, truth) == (1, 1, 1, 2)  # tn, fp, fn, tp
+    assert sensitivity(pred, truth) == pytest.approx(2 / 3)
+    assert specificity(pred, truth) == pytest.approx(1 / 2)
+    assert f1(pred, truth) == pytest.approx(4 / 6)
+    assert np.isnan(specificity(pred, np.ones(5, bool)))
+
+
+def test_presence_rule_by_hand():
+    prob = np.zeros((2, 4, 4), np.float32)
+    prob[0].flat[:3] = [0.9, 0.7, 0.5]  # three pixels at >= 0.5
+    prob[0].flat[3] = 0.49
+    prob[1].flat[0] = 0.99  # one confident pixel
+    present, mask, area, probability = presence_from_probability(prob, 0.5, 3)
+    assert present.tolist() == [True, False]
+    assert area.tolist() == [3, 0]
+    assert mask[0].sum() == 3 and mask[1].sum() == 0  # absent images get an empty mask
+    np.testing.assert_allclose(probability, [0.5, 0.0])  # the 3rd largest pixel probability
+    present, mask, area, probability = presence_from_probability(prob, 0.5, 1)
+    assert present.tolist() == [True, True]
+    np.testing.assert_allclose(probability, [0.9, 0.99])
+    np.testing.assert_array_equal(predicted_area_px(prob, 0.5), [3, 1])
+
+
+def test_presence_probability_agrees_with_rule():
+    rng = np.random.default_rng(3)
+    prob = rng.random((40, 8, 8)).astype(np.float32) ** 4
+    for t in (1, 2, 5, 9):
+        present, _, _, probability = presence_from_probability(prob, 0.5, t)
+        np.testing.assert_array_equal(present, probability >= 0.5)
+        np.testing.assert_array_equal(present, predicted_area_px(prob, 0.5) >= t)
+        assert probability.dtype == np.float32 and ((probability >= 0) & (probability <= 1)).all()
+
+
+def test_choose_min_area_maximises_youden_and_prefers_smaller():
+    area = np.array([0, 5, 10, 20, 3])
+    truth = np.array([False, True, True, True, False])
+    t, scores = choose_min_area(area, truth)
+    assert t == 5  # 3 would call the 3-px negative present; 5..10... 5 is the smallest perfect one
+    assert scores["youden_j"] == pytest.approx(1.0)
+    assert scores["sensitivity"] == 1.0 and scores["specificity"] == 1.0
+    t, _ = choose_min_area(np.array([0, 8, 9]), np.array([False, True, True]))
+    assert t == 1  # every threshold in 1..8 is perfect: the smallest wins
+    with pytest.raises(ValueError, match="positive and negative"):
+        choose_min_area(np.array([1, 2]), np.array([True, True]))
