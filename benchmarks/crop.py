@@ -134,7 +134,8 @@ def _synth_cohort(root: Path, n: int, seed: int, annotated_fraction: float) -> p
         from hipoa.synth import make_cohort
     except ImportError:
         return None
-    make_cohort(root, participants=max(1, n // 2), seed=seed, annotated_fraction=annotated_fraction)
+    if not (root / "truth.parquet").exists():  # --workdir keeps a cohort between runs
+        make_cohort(root, participants=max(1, n // 2), seed=seed, annotated_fraction=annotated_fraction)
     layout = dict(
         images=str(root / "ukb/20158/{eid}_20158_{instance}_{array}.zip"),
         points_auto=str(root / "points/auto/{eid}_{instance}_{side}.pts"),

@@ -92,10 +92,12 @@ def synthetic_store(path: Path, n: int, seed: int = 0) -> Path:
     return path
 
 
-def get_model(site: str, work: Path, depth: int, base_filters: int, min_area_px: int) -> tuple[Path, str]:
-    """The trained model of ``site`` under results/models, else a random U-Net saved in ``work``."""
+def get_model(
+    site: str, work: Path, depth: int, base_filters: int, min_area_px: int, random: bool = False
+) -> tuple[Path, str]:
+    """The trained model of ``site`` under results/models (unless ``random``), else a random U-Net."""
     trained = Path("results/models") / site / "unet.keras"
-    if trained.is_file() and predict.model_json_path(trained).is_file():
+    if not random and trained.is_file() and predict.model_json_path(trained).is_file():
         return trained, f"trained ({trained})"
     import keras
 
@@ -123,6 +125,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--store", type=Path, help="an existing shard store instead of a synthetic one")
     p.add_argument("--site", default=DEFAULT_SITES[1].name)
     p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--random", action="store_true", help="a random U-Net even where a trained one exists")
     p.add_argument("--depth", type=int, default=4, help="random U-Net depth (paper: 4)")
     p.add_argument("--base-filters", type=int, default=64, help="random U-Net width (paper: 64)")
     p.add_argument("--min-area-px", type=int, default=20, help="presence rule of a random U-Net")
@@ -139,7 +142,7 @@ def main(argv: list[str] | None = None) -> int:
 
     work = Path(tempfile.mkdtemp(prefix="hipoa-bench-predict-"))
     store = args.store or synthetic_store(work / "shard-0000.zarr", args.n)
-    model_path, model_kind = get_model(args.site, work, args.depth, args.base_filters, args.min_area_px)
+    model_path, model_kind = get_model(args.site, work, args.depth, args.base_filters, args.min_area_px, args.random)
     ps = open_patches([store], args.site)
     ok = ps.rows["qc_reason"].eq("").to_numpy() & (ps.inside >= 0.9)
     x = ps.image[np.flatnonzero(ok)].compute().astype(np.float32)[..., None]

@@ -556,6 +556,21 @@ def _down(a: np.ndarray) -> np.ndarray:
     return 0.25 * (a[0::2, 0::2] + a[1::2, 0::2] + a[0::2, 1::2] + a[1::2, 1::2])
 
 
+def _up2(a: np.ndarray, axis: int) -> np.ndarray:
+    """Bilinear 2x upsampling along ``axis``, pixel centres aligned with :func:`_down`.
+
+    Half-resolution pixel i is centred on full-resolution coordinate 2i + 0.5, so full pixel 2i
+    is 0.25 a[i-1] + 0.75 a[i] and 2i+1 is 0.75 a[i] + 0.25 a[i+1] (edges repeated).
+    """
+    a = np.moveaxis(a, axis, 0)
+    prev = np.concatenate([a[:1], a[:-1]])
+    nxt = np.concatenate([a[1:], a[-1:]])
+    out = np.empty((2 * a.shape[0],) + a.shape[1:], dtype=a.dtype)
+    out[0::2] = 0.75 * a + 0.25 * prev
+    out[1::2] = 0.75 * a + 0.25 * nxt
+    return np.moveaxis(out, 0, axis)
+
+
 def _bone(cover: np.ndarray, s: float, ramp_mm: float, rim_mm: float) -> tuple[np.ndarray, np.ndarray]:
     """Projected thickness of a bone from its coverage map (0..1): body and cortical shell.
 
@@ -707,9 +722,7 @@ def render_hip(rng: np.random.Generator, who: Participant, geo: HipGeometry,
 
     img = 255.0 * (1.0 - np.exp(-who.gain * dens))
     img = _blur(img, 0.22 * s)  # detector blur, ~0.3 mm with the upsampling below
-    img = np.repeat(np.repeat(img, 2, axis=0), 2, axis=1)
-    img[1:] = 0.5 * (img[1:] + img[:-1])  # 2x2 box after the repeat: bilinear-like upsampling
-    img[:, 1:] = 0.5 * (img[:, 1:] + img[:, :-1])
+    img = _up2(_up2(img, axis=0), axis=1)
     # Scan noise, and the DXA fan beam's faint line-to-line banding.
     img += 2.0 * rng.standard_normal(shape, dtype=np.float32)
     img += 0.9 * rng.standard_normal((rows, 1), dtype=np.float32)

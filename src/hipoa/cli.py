@@ -235,8 +235,8 @@ def _split_data(args: argparse.Namespace) -> int:
 
 def _train_unet_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--site", required=True, help="site key")
-    p.add_argument("--stores", required=True, nargs="+", help="patch stores (shard-*.zarr)")
-    p.add_argument("--splits", required=True, help="split table (hipoa split-data)")
+    p.add_argument("--stores", nargs="+", help="patch stores (shard-*.zarr); required unless --load")
+    p.add_argument("--splits", help="split table (hipoa split-data); required unless --load")
     p.add_argument("--out", required=True, help="model to write, results/models/SITE/unet.keras (+ unet.json, history.csv)")
     p.add_argument("--epochs", type=int, default=15, help="training epochs (15, the paper)")
     p.add_argument("--batch-size", type=int, default=32, help="batch size (32)")
@@ -264,6 +264,8 @@ def _train_unet(args: argparse.Namespace) -> int:
         info = load_existing(model=Path(args.load), out=Path(args.out))
         print(f"{args.out}: loaded from {args.load}, presence {info['presence']}")
         return 0
+    if not args.stores or not args.splits:
+        raise ValueError(f"train-unet {args.site}: --stores and --splits are required unless --load is given")
     info = train_site(
         stores=[Path(s) for s in args.stores],
         splits=Path(args.splits),

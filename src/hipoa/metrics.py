@@ -147,8 +147,9 @@ def choose_min_area(
 ) -> tuple[int, dict[str, float]]:
     """Choose the presence rule's ``min_area_px`` maximising Youden's J on validation images.
 
-    J only changes where the threshold passes an observed area, so the candidates are 1 and every
-    observed positive area; ties go to the smaller threshold.
+    The rule ``area >= T`` changes only where ``T`` passes an observed area ``a`` (between ``a`` and
+    ``a + 1``), so the candidates are 1 and every observed ``a + 1``: the smallest threshold of each
+    stretch with the same calls. Ties go to the smaller threshold.
 
     Args:
         area_px: ``(n,)`` predicted areas in patch pixels (:func:`predicted_area_px`).
@@ -170,7 +171,7 @@ def choose_min_area(
             f"choose_min_area needs positive and negative validation images, got {int(truth.sum())} "
             f"positive of {truth.size}"
         )
-    candidates = np.unique(np.concatenate([[1], area[area >= 1]])).astype(np.int64)
+    candidates = np.unique(np.concatenate([[1], area[area >= 1] + 1])).astype(np.int64)
     best_t, best_j = int(candidates[0]), -np.inf
     for t in candidates:  # ascending, strict > keeps the smaller on ties
         j = youden_j(area >= t, truth)

@@ -38,6 +38,8 @@ TRAINING_SPLITS = ("train", "val", "validation")
 """Split labels whose participants count as ``used_in_training`` (validation chose thresholds)."""
 
 _KEY = ["eid", "instance", "side"]
+REQUIRED = ("eid", "instance", "side", "qc_pass", "qc_reason", "annotated", "used_in_training")
+"""Columns declared non-nullable in the Parquet schema (never missing)."""
 
 
 def sha256_file(path: Path) -> str:
@@ -180,10 +182,13 @@ def gather(
     man["side"] = man["side"].astype(str)
     man["qc_reason"] = man["qc_reason"].fillna("").astype(str) if "qc_reason" in man else ""
     man["annotated"] = man["annotated"].fillna(False).astype(bool) if "annotated" in man else False
-    dup = man.duplicated(_KEY)
-    if dup.any():
-        raise ValueError(f"{manifest}: {int(dup.sum())} duplicated images, e.g. {man.loc[dup, _KEY].iloc[0].tolist()}")
+    # Ingest keeps repeated (eid, instance, side) rows (the later ones flagged duplicate_image);
+    # they are told apart by their order, which the shard stores and predictions keep.
+    man["_dup"] = man.groupby(_KEY, sort=False).cumcount()
 
+    repeated = sorted({str(p) for p in predictions if list(map(str, predictions)).count(str(p)) > 1})
+    if repeated:
+        raise ValueError(f"prediction files given more than once: {repeated}")
     parts = []
     for p in predictions:
         t = pd.read_parquet(p)
@@ -198,15 +203,16 @@ def gather(
     pred["instance"] = pred["instance"].astype(np.int16)
     pred["side"] = pred["side"].astype(str)
     pred = pred[pred["side"] == side]
-    dup = pred.duplicated(_KEY, keep=False)
-    if dup.any():
-        first = pred.loc[dup].iloc[0]
+    sources = pred.groupby(_KEY, sort=False)["_source"].transform("nunique")
+    if (sources > 1).any():
+        first = pred.loc[sources > 1].iloc[0]
         raise ValueError(
             f"image {first['eid']}_{first['instance']}_{side} predicted more than once "
-            f"({sorted(set(pred.loc[dup, '_source']))})"
+            f"({sorted(set(pred.loc[sources > 1, '_source']))})"
         )
-    merged = man[_KEY + ["qc_reason", "annotated"]].merge(
-        pred.rename(columns={"qc_reason": "_pred_reason"}), on=_KEY, how="outer", indicator=True
+    pred["_dup"] = pred.groupby(_KEY, sort=False).cumcount()
+    merged = man[_KEY + ["_dup", "qc_reason", "annotated"]].merge(
+        pred.rename(columns={"qc_reason": "_pred_reason"}), on=_KEY + ["_dup"], how="outer", indicator=True
     )
     not_predicted = merged[merged["_merge"] == "left_only"]
     if len(not_predicted):
@@ -247,7 +253,8 @@ def gather(
     df = _combine(df, sites)
     df["annotated"] = merged["annotated"].to_numpy(dtype=bool)
     df["used_in_training"] = merged["eid"].isin(used).to_numpy(dtype=bool)
-    df = df.sort_values(["eid", "instance"], kind="stable").reset_index(drop=True)
+    df["_dup"] = merged["_dup"].to_numpy()
+    df = df.sort_values(["eid", "instance", "_dup"]).drop(columns="_dup").reset_index(drop=True)
 
     metadata = {
         "hipoa_version": __version__,
@@ -279,12 +286,17 @@ def write_parquet(df: pd.DataFrame, out: Path, metadata: dict[str, str]) -> None
     import pyarrow.parquet as pq
 
     table = pa.Table.from_pandas(df, preserve_index=False)
-    # pandas' string dtype arrives as large_string; plain string is what every reader expects.
-    schema = pa.schema(
-        [f.with_type(pa.string()) if pa.types.is_large_string(f.type) else f for f in table.schema],
-        metadata=table.schema.metadata,
-    )
-    table = table.cast(schema)
+    fields = []
+    for f in table.schema:
+        # pandas' string dtype arrives as large_string; plain string is what every reader expects.
+        if pa.types.is_large_string(f.type):
+            f = f.with_type(pa.string())
+        if f.name in REQUIRED:
+            if table.column(f.name).null_count:
+                raise ValueError(f"{out}: column {f.name} has {table.column(f.name).null_count} missing values")
+            f = f.with_nullable(False)
+        fields.append(f)
+    table = table.cast(pa.schema(fields, metadata=table.schema.metadata))
     meta = dict(table.schema.metadata or {})
     meta.update({k.encode(): str(v).encode() for k, v in metadata.items()})
     Path(out).parent.mkdir(parents=True, exist_ok=True)

@@ -18,8 +18,18 @@ Per image and site:
 
 Images that cannot be measured get NA, not a number: rows with a ``qc_reason`` from an earlier
 stage, rows whose patch for the site lies less than the store's ``min_inside_fraction`` inside the
-image (reason ``patch_outside_image``) and rows with an unknown pixel spacing (reason
-``pixel_spacing_unknown``). No model is run on them.
+image (reason ``patch_outside_image``), rows without a usable affine (``points_invalid``) and rows
+with an unknown pixel spacing (``pixel_spacing_unknown``). No model is run on them. A site that
+cannot be measured is NA for that site only; ``qc_reason`` keeps the first reason.
+
+Predicted-mask store (``predict_shard(masks_out=...)``, read by
+:func:`hipoa.phenotypes.write_masks`)::
+
+    attrs: hipoa_version, side, shard, patch_size, sites {name: {centre, reference, dp, label}}, source
+    rows/    eid, side (str), instance (int16), rows, cols (int32)  one entry per row of the shard
+    {site}/  mask (n, 128, 128) uint8 (1 = predicted osteophyte; 0 where absent or not measured)
+             affine (n, 2, 3) float64 (patch (u, v, 1) -> stored-image pixel (x, y), as in the patch store)
+             measured (n,) bool
 """
 
 from __future__ import annotations
@@ -95,8 +105,8 @@ def read_presence_rule(model: Path) -> PresenceRule:
         raise ValueError(f"{path}: expected a 'presence' entry with pixel_threshold and min_area_px, got {rule!r}")
     thr = float(rule["pixel_threshold"])
     min_px = int(rule["min_area_px"])
-    if not 0.0 <= thr <= 1.0:
-        raise ValueError(f"{path}: presence.pixel_threshold must be in [0, 1], got {thr}")
+    if not 0.0 < thr <= 1.0:
+        raise ValueError(f"{path}: presence.pixel_threshold must be in (0, 1], got {thr}")
     if min_px < 1:
         raise ValueError(f"{path}: presence.min_area_px must be >= 1, got {min_px}")
     return PresenceRule(pixel_threshold=thr, min_area_px=min_px)
@@ -303,6 +313,8 @@ def predict_shard(
     store, out = Path(store), Path(out)
     if not models:
         raise ValueError("predict_shard: no models given (expected SITE=MODEL.keras)")
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     attrs = store_attrs(store)
     min_inside = float(attrs.get("min_inside_fraction", 0.0))
     policy = choose_policy(precision)

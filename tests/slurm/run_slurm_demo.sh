@@ -14,13 +14,17 @@
 # temporary directory with free TCP ports, so the script can be rerun at will.
 #
 # Usage: tests/slurm/run_slurm_demo.sh [options] [-- extra snakemake arguments for both runs]
+#   Without `--`, both runs get `--configfile config/config.yaml tests/slurm/demo_config.yaml`
+#   (a tiny cohort and one-epoch U-Nets); `--` with nothing after it runs the default config.
 #   --workflow DIR   project directory holding workflow/ config/ profiles/ (default: this repo)
 #   --gpu-rules "R1 R2"  rules that must run as GPU jobs (default: "train_unet predict_masks")
 #   --timeout S      limit for each snakemake run in seconds (default 1800; SIGINT on expiry)
 #   --skip-local     do not run the local demo nor compare the Parquet files
 #   --keep           keep the temporary directory (logs, both runs) after success
 #   --cluster-only   start the cluster, print how to use it, and wait until interrupted
-# Exit status: 0 when every check passed, non-zero otherwise.
+#   --install-only   only install the missing Debian packages
+# Exit status: 0 when every check passed; 3 when the Debian packages are missing and cannot be
+# installed; 1 (or the signal's 128+n) on any other failure.
 set -euo pipefail
 
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)
@@ -31,7 +35,8 @@ SMK_TIMEOUT=1800
 SKIP_LOCAL=0
 KEEP=0
 CLUSTER_ONLY=0
-EXTRA_ARGS=()
+INSTALL_ONLY=0
+EXTRA_ARGS=(--configfile config/config.yaml "$HERE/demo_config.yaml")
 CLUSTER=hipoa-test
 DEMO_ACCOUNT=hipoa-demo
 PACKAGES=(munge slurm-client slurmctld slurmd slurmdbd mariadb-server)
@@ -50,6 +55,7 @@ while (($#)); do
     --skip-local) SKIP_LOCAL=1 && shift ;;
     --keep) KEEP=1 && shift ;;
     --cluster-only) CLUSTER_ONLY=1 && shift ;;
+    --install-only) INSTALL_ONLY=1 && shift ;;
     --) shift && EXTRA_ARGS=("$@") && break ;;
     -h | --help) sed -n '2,/^set -euo/p' "$0" | sed '$d; s/^# \{0,1\}//' && exit 0 ;;
     *) die "unknown argument '$1' (see --help)" ;;
@@ -74,7 +80,10 @@ install_packages() {
         log "Debian packages present: ${PACKAGES[*]}"
         return
     fi
-    command -v apt-get >/dev/null || die "apt-get not found; cannot install ${missing[*]}"
+    if ! command -v apt-get >/dev/null; then
+        log "FAIL: apt-get not found; cannot install ${missing[*]}"
+        exit 3
+    fi
     log "installing ${missing[*]} with apt-get"
     # Keep maintainer scripts from starting the system's own daemons (no systemd here; we
     # start private instances below). Only add a policy-rc.d when there is none.
@@ -89,13 +98,15 @@ install_packages() {
                 "${missing[@]}"
     } >"${TMPDIR:-/tmp}/hipoa-slurm-apt.log" 2>&1 || rc=$?
     ((added_policy)) && rm -f "$policy"
-    ((rc == 0)) || {
+    if ((rc != 0)); then
         tail -n 20 "${TMPDIR:-/tmp}/hipoa-slurm-apt.log"
-        die "apt-get install ${missing[*]} failed (rc $rc)"
-    }
+        log "FAIL: apt-get install ${missing[*]} failed (status $rc)"
+        exit 3
+    fi
 }
 install_packages
 T_INSTALL=$(elapsed "$T0")
+((INSTALL_ONLY)) && exit 0
 
 # ---------------------------------------------------------------- process bookkeeping
 # One run at a time on a machine: the cluster's configuration is linked at /etc/slurm.

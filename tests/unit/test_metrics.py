@@ -95,7 +95,7 @@ def test_choose_min_area_maximises_youden_and_prefers_smaller():
     area = np.array([0, 5, 10, 20, 3])
     truth = np.array([False, True, True, True, False])
     t, scores = choose_min_area(area, truth)
-    assert t == 5  # 3 would call the 3-px negative present; 5..10... 5 is the smallest perfect one
+    assert t == 4  # thresholds 4 and 5 both separate (the 3-px negative from the 5-px positive): the smaller
     assert scores["youden_j"] == pytest.approx(1.0)
     assert scores["sensitivity"] == 1.0 and scores["specificity"] == 1.0
     t, _ = choose_min_area(np.array([0, 8, 9]), np.array([False, True, True]))

@@ -33,7 +33,7 @@ CONTRACT = {  # column -> (arrow type, nullable)
     "side": ("string", False),
     "qc_pass": ("bool", False),
     "qc_reason": ("string", False),
-    "reference_length_mm": ("double", False),
+    "reference_length_mm": ("double", True),  # unknown (null) when the points are missing
     **{c: (t, True) for s in SITES for c, t in zip(predict.site_columns(s), ("int8", "double", "float"))},
     "any_present": ("int8", True),
     "total_area_mm2": ("double", True),
@@ -126,9 +126,11 @@ def test_parquet_pyarrow_types_nulls_metadata(left, models):
     assert table.column_names == list(CONTRACT)
     for col, (arrow_type, nullable) in CONTRACT.items():
         assert str(table.schema.field(col).type) == arrow_type, col
+        assert table.schema.field(col).nullable == nullable, col
         if not nullable:
             assert table.column(col).null_count == 0, col
     assert table.column(f"{A}_present").null_count == 4  # 1002, 1003, 2002 and eid 2003 (outside)
+    assert table.column("reference_length_mm").null_count == 2  # NaN in the store -> null, not a number
     meta = {k.decode(): v.decode() for k, v in table.schema.metadata.items()}
     from hipoa import __version__
 
@@ -222,10 +224,32 @@ def test_missing_or_duplicated_predictions_are_errors(left, models, tmp_path):
     kw = dict(manifest=left["manifest"], models=models, side="L", out=tmp_path / "o.parquet")
     with pytest.raises(ValueError, match="6 of 12 images .* have no prediction"):
         phenotypes.gather(predictions=left["preds"][:1], **kw)
-    with pytest.raises(ValueError, match="predicted more than once"):
+    with pytest.raises(ValueError, match="given more than once"):
         phenotypes.gather(predictions=left["preds"] + left["preds"][:1], **kw)
+    copy = tmp_path / "copy.parquet"
+    copy.write_bytes(left["preds"][0].read_bytes())
+    with pytest.raises(ValueError, match="predicted more than once"):
+        phenotypes.gather(predictions=left["preds"] + [copy], **kw)
     with pytest.raises(ValueError, match="lacks columns"):
         phenotypes.gather(predictions=left["preds"], **{**kw, "models": {"lateral_acetabulum": models[A]}})
+
+
+def test_repeated_images_kept_in_order(models, tmp_path):
+    """Ingest keeps a repeated (eid, instance, side) row, flagged duplicate_image: both appear."""
+    eids = ["1000", "1001", "1002", "1003", "1000", "1005"]
+    qc = ["", "", "points_missing", "", "duplicate_image", ""]
+    store, rows, _ = example_shard(tmp_path, eids=eids, qc=qc)
+    pred = tmp_path / "p.parquet"
+    predict.predict_shard(store=store, models=models, out=pred, precision="float32")
+    manifest = write_manifest(tmp_path / "L.parquet", rows.assign(side="L", shard=0))
+    out = tmp_path / "osteophytes_L.parquet"
+    df = phenotypes.gather(manifest=manifest, predictions=[pred], models=models, side="L", out=out)
+    first, second = df[df["eid"] == 1000].itertuples()
+    assert first.qc_pass and getattr(first, f"{A}_present") == 1
+    assert second.qc_reason == "duplicate_image" and pd.isna(getattr(second, f"{A}_present"))
+    t = pd.read_csv(phenotypes.out_tsv_path(out, "pheno"), sep="\t", dtype=str)
+    assert t["IID"].tolist() == ["1000", "1001", "1002", "1003", "1005"]
+    assert t.set_index("IID").loc["1000", f"{A}_present"] == "1"
 
 
 def test_eid_string_when_not_numeric():
@@ -284,3 +308,59 @@ def test_cli_phenotypes_summary(left, models, tmp_path, capsys):
     assert f"{A}: measured 8, present" in text
     assert pq.read_table(out).equals(pq.read_table(left["out"]))
     assert main(argv[:-2] + ["--masks-dir", str(tmp_path / "m")]) == 2  # --masks-dir without --mask-stores
+
+
+def test_right_twins_end_to_end_through_ingest_and_crop(models, tmp_path):
+    """Mirror real left-hip DICOMs, their points (x -> cols - 1 - x) into Right Femur twins, and
+    run both through ingest, crop, predict and gather: same phenotypes, PNGs mirrored back."""
+    from hipoa import ingest, patches, synth
+    from hipoa.dicom import find_hip_member, read_image
+    from hipoa.points import read_pts, write_pts
+
+    cohort = tmp_path / "cohort"
+    synth.make_cohort(cohort, participants=3, seed=3, annotated_fraction=0.0)
+    zips = sorted((cohort / "ukb" / "20158").glob("*.zip"))
+    twins = tmp_path / "twins"
+    twins.mkdir()
+    rows = {"L": [], "R": []}
+    for z in zips:
+        eid = z.name.split("_")[0]
+        pts_l = cohort / "points" / "auto" / f"{eid}_2_L.pts"
+        pixels = read_image(z, find_hip_member(z, "L")).pixels
+        assert pixels.min() >= 0 and pixels.max() <= 255  # 8-bit, no rescale: exact round trip
+        dcm = twins / f"{eid}_R.dcm"
+        dcm.write_bytes(synth.dicom_bytes(
+            pixels[:, ::-1].astype(np.uint8), "Right Femur", sop_uid=f"1.2.3.{eid}.1", study_uid=f"1.2.3.{eid}",
+            series_uid=f"1.2.3.{eid}.2", patient_id="TWIN", study_date="20200101", series_number=1))
+        pts = read_pts(pts_l)
+        pts[:, 0] = pixels.shape[1] - 1 - pts[:, 0]
+        write_pts(twins / f"{eid}_2_R.pts", pts)
+        common = {"eid": eid, "instance": 2, "points_manual": "", "mask": ""}
+        rows["L"].append({**common, "side": "L", "image": str(z), "points_auto": str(pts_l)})
+        rows["R"].append({**common, "side": "R", "image": str(dcm), "points_auto": str(twins / f"{eid}_2_R.pts")})
+    out = {}
+    for side in ("L", "R"):
+        csv = tmp_path / f"{side}.csv"
+        pd.DataFrame(rows[side]).to_csv(csv, index=False)
+        manifest = ingest.build_manifest(manifest=csv, side=side, n_shards=1)
+        manifest.to_parquet(tmp_path / f"{side}.parquet", index=False)
+        store = tmp_path / f"{side}.zarr"
+        patches.crop_shard(manifest=manifest, shard=0, out=store, sites=list(DEFAULT_SITES))
+        predict.predict_shard(store=store, models=models, out=tmp_path / f"{side}.pred.parquet",
+                              masks_out=tmp_path / f"{side}.masks.zarr", precision="float32")
+        out[side] = phenotypes.gather(
+            manifest=tmp_path / f"{side}.parquet", predictions=[tmp_path / f"{side}.pred.parquet"], models=models,
+            side=side, out=tmp_path / f"osteophytes_{side}.parquet", masks_dir=tmp_path / "masks" / side,
+            mask_stores=[tmp_path / f"{side}.masks.zarr"])
+    left, right = out["L"], out["R"]
+    assert len(left) == 3 and left["qc_pass"].all() and right["qc_pass"].all()
+    for s in SITES:
+        assert right[f"{s}_present"].tolist() == left[f"{s}_present"].tolist()
+        np.testing.assert_allclose(right[f"{s}_area_mm2"].to_numpy(float), left[f"{s}_area_mm2"].to_numpy(float),
+                                   rtol=1e-9)
+    np.testing.assert_allclose(right["reference_length_mm"], left["reference_length_mm"], rtol=1e-9)
+    for eid in left["eid"]:
+        l_png = _png(tmp_path / "masks" / "L" / f"{eid}_2_L.png")
+        r_png = _png(tmp_path / "masks" / "R" / f"{eid}_2_R.png")
+        assert l_png.any() and r_png.shape == l_png.shape
+        np.testing.assert_array_equal(r_png, l_png[:, ::-1])  # the same patches, mapped back exactly

@@ -134,6 +134,7 @@ def example_shard(
     side: str = "L",
     eids: list[str] | None = None,
     instances: list[int] | None = None,
+    qc: list[str] | None = None,
 ):
     """Six hand-checkable images for two sites; returns (store, rows, expected).
 
@@ -145,12 +146,13 @@ def example_shard(
         {
             "eid": eids or [str(1000 + i) for i in range(n)],
             "instance": instances or [2] * n,
-            "qc_reason": ["", "", "points_missing", "", "", ""],
+            "qc_reason": qc or ["", "", "points_missing", "", "", ""],
             "spacing_row_mm": [0.25, 0.25, np.nan, 0.25, 0.25, 0.3],
             "spacing_col_mm": [0.25, 0.25, np.nan, 0.25, 0.25, 0.2],
             "rows": [600] * n,
             "cols": [680] * n,
             "annotated": [True, False, False, False, False, True],
+            "reference_length_mm": [50.0, 52.0, np.nan, 48.0, 50.0, 55.0],  # unknown without points
         }
     )
     a, b = SITES

@@ -432,3 +432,15 @@ def test_rerun_replaces_previous_cohort(tmp_path):
     assert list((tmp_path / "points" / "manual").glob("*.pts")) == []
     zips = sorted(p.name for p in (tmp_path / "ukb" / "20158").glob("*.zip"))
     assert zips == sorted(f"{e}_20158_2_0.zip" for e in truth["eid"].unique())
+
+
+def test_curve_helpers_by_hand():
+    ctrl = np.array([[0.0, 0.0], [10.0, 0.0], [10.0, 10.0]])
+    dense, idx = anatomy._catmull_rom(ctrl, per_mm=2.0)
+    np.testing.assert_allclose(dense[idx], ctrl, atol=1e-9)  # passes through its control points
+    line = np.stack([np.linspace(0.0, 10.0, 101), np.zeros(101)], axis=1)
+    pts = anatomy._label_points(line, {0: 0, 4: 100}, 0, 4)
+    np.testing.assert_allclose([pts[j][0] for j in range(5)], [0.0, 2.5, 5.0, 7.5, 10.0])
+    # 2x bilinear upsampling: pixel centres of the half grid at 2i + 0.5
+    up = anatomy._up2(np.array([[0.0, 4.0]], np.float32), axis=1)
+    np.testing.assert_allclose(up, [[0.0, 1.0, 3.0, 4.0]])

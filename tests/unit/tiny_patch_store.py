@@ -67,7 +67,7 @@ def write_tiny_store(
         mask = np.zeros((context, context), np.uint8)
         if positive[i]:
             c = context / 2 + rng.uniform(-18, 18, 2)
-            mask = _disk(context, c[0], c[1], rng.uniform(7, 14))
+            mask = _disk(context, c[0], c[1], rng.uniform(10, 18))
             img = img + 2.0 * ndimage.gaussian_filter(mask.astype(np.float32), 0.7)
         img = (img - img.mean()) / img.std()
         ctx_img[i], ctx_mask[i] = img, mask

@@ -7,15 +7,14 @@ whole-DAG runs are marked slow; the dry runs, lint and config checks are quick.
 
 from __future__ import annotations
 
-import csv
 import os
+import shutil
 import signal
 import subprocess
 import sys
 import time
 from pathlib import Path
 
-import numpy as np
 import pandas as pd
 import pyarrow.parquet as pq
 import pytest
@@ -40,13 +39,13 @@ CONTRACT_COLUMNS = {
 }
 
 TINY = {
-    "cohort": {"synthesize": True, "dir": "resources/demo", "participants": 14, "seed": 3,
-               "annotated_fraction": 0.6, "faults": 5},
+    "cohort": {"synthesize": True, "dir": "resources/demo", "participants": 24, "seed": 3,
+               "annotated_fraction": 0.75, "faults": 6},
     "sides": ["L", "R"],
     "patches": {"shards": 2},
     "training": {
         "epochs": 1, "batch_size": 16, "depth": 2, "base_filters": 4, "seed": 1,
-        "val_fraction": 0.2, "test_fraction": 0.25,
+        "val_fraction": 0.25, "test_fraction": 0.25,
         "augment": {s: {"n_augment": 1, "rotation": 0.1, "scale": 0.1, "displacement": 0.0} for s in SITES},
     },
     "predictions": {"batch_size": 32, "write_masks": True},
@@ -265,3 +264,20 @@ def test_interrupted_run_resumes_to_the_same_tables(demo_run, tmp_path):
         table_b, meta_b = _table_without_time(work / "results" / "phenotypes" / f"osteophytes_{side}.parquet")
         pd.testing.assert_frame_equal(table_a, table_b)
         assert meta_a == meta_b
+
+
+@pytest.mark.slow
+def test_right_hips_with_loaded_left_models(demo_run, tmp_path):
+    """No training: the right-hip table equals the one from the run that trained the models."""
+    work = tmp_path / "run_right"
+    shutil.copytree(demo_run / "results" / "models", work / "models" / "left")
+    override = {**TINY, "sides": ["R"], "models": {s: {"load": f"models/left/{s}/unet.keras"} for s in SITES}}
+    done = snakemake(work, override)
+    assert "rule train_unet" in done.stdout + done.stderr or "train_unet" in done.stdout + done.stderr
+    assert not (work / "results" / "splits").exists() and not (work / "results" / "evaluation").exists()
+    assert not (work / "results" / "phenotypes" / "osteophytes_L.parquet").exists()
+    trained = pd.read_parquet(demo_run / "results" / "phenotypes" / "osteophytes_R.parquet")
+    loaded = pd.read_parquet(work / "results" / "phenotypes" / "osteophytes_R.parquet")
+    assert not loaded["used_in_training"].any()  # this run trained nothing
+    columns = [c for c in trained.columns if c != "used_in_training"]
+    pd.testing.assert_frame_equal(trained[columns], loaded[columns])
