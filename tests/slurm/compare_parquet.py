@@ -98,8 +98,14 @@ def compare_runs(run_a: Path, run_b: Path, pattern: str) -> int:
             raise AssertionError(f"{rel}: tables differ: {exc}") from exc
         meta_a, meta_b = comparable_metadata(fa), comparable_metadata(fb)
         if meta_a != meta_b:
+            diff = {
+                k: (meta_a.get(k), meta_b.get(k))
+                for k in sorted(set(meta_a) | set(meta_b))
+                if meta_a.get(k) != meta_b.get(k)
+            }
             raise AssertionError(
-                f"{rel}: metadata differs (ignoring {IGNORED_KEY!r}): {meta_a} vs {meta_b}"
+                f"{rel}: the tables are equal but their metadata differs (ignoring "
+                f"{IGNORED_KEY!r}), key: (run A, run B): {diff}"
             )
         exact = df_a.equals(df_b)
         log.info(
