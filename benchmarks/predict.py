@@ -4,8 +4,9 @@ On the same patches, in one run, for float32 and mixed_bfloat16:
 
 - patches/s of ``predict_shard`` end to end (model load, Zarr reads through Dask, presence,
   areas, Parquet and mask Zarr writes) and of a bare, warmed-up ``model.predict`` on the same
-  patches already in memory (also a cold one: load, trace and predict, as any job must); their wall-time ratio (goal <= 1.2), and their process CPU-time
-  ratio, which other users of a shared machine disturb less;
+  patches already in memory (also a cold one: load, trace and predict, as any job must); their
+  wall-time ratio (goal <= 1.2), and their process CPU-time ratio, which other users of a shared
+  machine disturb less;
 - the bfloat16 speed-up over float32;
 - the agreement of bfloat16 with float32: Dice between their predicted masks (goal >= 0.99),
   pooled over all pixels and per patch, presence agreement and the largest probability change.
@@ -14,7 +15,8 @@ The U-Net is ``results/models/{site}/unet.keras`` when it exists (trained), else
 initialised :func:`hipoa.unet.build_unet` (said in the output). Patches come from ``--store``
 or from a synthetic store in the patch-store layout (smooth noise, a bright band and disks).
 
-    python benchmarks/predict.py [--n 128] [--batch-size 32] [--depth 4] [--base-filters 64] [--repeats 1]
+    python benchmarks/predict.py [--n 128] [--batch-size 32] [--repeats 1] [--random]
+                                 [--depth 4] [--base-filters 64]
 
 Figures are printed and written to ``benchmarks/out/predict.json``.
 """
@@ -212,7 +214,8 @@ def main(argv: list[str] | None = None) -> int:
               f"{r['ratio_shard_to_bare_cold']:.3f}")
     print(f"bf16 speed-up: bare {res['bf16_speedup_bare']:.2f}x, predict_shard {res['bf16_speedup_shard']:.2f}x")
     print(f"bf16 vs f32 masks: Dice pooled {res['dice_bf16_vs_f32_masks_pooled']:.4f} (goal >= 0.99), per patch "
-          f"mean {res['dice_bf16_vs_f32_masks_per_patch_mean']:.4f} min {res['dice_bf16_vs_f32_masks_per_patch_min']:.4f}"
+          f"mean {res['dice_bf16_vs_f32_masks_per_patch_mean']:.4f} "
+          f"min {res['dice_bf16_vs_f32_masks_per_patch_min']:.4f}"
           f" over {int(either.sum())} patches; thresholded pixels {res['dice_bf16_vs_f32_pixels_p>=0.5_pooled']:.4f}; "
           f"presence agreement {res['presence_agreement']:.4f}; max |dprob| {res['max_abs_prob_diff']:.4f}")
     print(f"written: {args.out}")

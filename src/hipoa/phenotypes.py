@@ -22,7 +22,6 @@ import datetime as _dt
 import hashlib
 import json
 import logging
-import re
 from pathlib import Path
 
 import numpy as np
@@ -99,7 +98,12 @@ def _dictionary(sites: list[str]) -> list[tuple[str, str, str]]:
         rows += [
             (f"{s}{PRESENT}", f"{s}: osteophyte predicted present (1) or absent (0); NA not measurable", ""),
             (f"{s}{AREA}", f"{s}: predicted osteophyte area; 0 when absent; NA not measurable", "mm^2"),
-            (f"{s}{PROBABILITY}", f"{s}: model confidence of presence, the probability its min_area_px most confident pixels reach (present when >= pixel_threshold)", ""),
+            (
+                f"{s}{PROBABILITY}",
+                f"{s}: model confidence of presence, the probability its min_area_px most confident pixels "
+                "reach (present when >= pixel_threshold)",
+                "",
+            ),
         ]
     rows += [
         ("any_present", "1 if any site present; 0 if all sites 0; NA if none is 1 and any is NA", ""),

@@ -349,7 +349,9 @@ def predict_shard(
         if root is not None:
             g = root.create_group(site)
             chunk = max(1, min(batch_size, n))
-            mask_arr = g.create_array("mask", shape=(n, PATCH_SIZE, PATCH_SIZE), chunks=(chunk, PATCH_SIZE, PATCH_SIZE), dtype="uint8")
+            mask_arr = g.create_array(
+                "mask", shape=(n, PATCH_SIZE, PATCH_SIZE), chunks=(chunk, PATCH_SIZE, PATCH_SIZE), dtype="uint8"
+            )
             g.create_array("affine", shape=(n, 2, 3), dtype="float64")[...] = affine
             g.create_array("measured", shape=(n,), dtype="bool")[...] = ok
         log.info("%s: %d/%d images measurable, %d not (%s)", site, len(idx), n, n - len(idx),

@@ -12,7 +12,6 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 from PIL import Image
@@ -146,7 +145,8 @@ def test_parquet_duckdb(left):
 
     con = duckdb.connect()
     path = str(left["out"])
-    types = dict(con.execute(f"SELECT column_name, column_type FROM (DESCRIBE SELECT * FROM read_parquet('{path}'))").fetchall())
+    described = con.execute(f"SELECT column_name, column_type FROM (DESCRIBE SELECT * FROM read_parquet('{path}'))")
+    types = dict(described.fetchall())
     duck = {"int64": "BIGINT", "int16": "SMALLINT", "string": "VARCHAR", "bool": "BOOLEAN", "double": "DOUBLE",
             "int8": "TINYINT", "float": "FLOAT"}
     assert types == {c: duck[t] for c, (t, _) in CONTRACT.items()}
@@ -217,7 +217,8 @@ def test_rerun_is_identical_but_created(left, models, tmp_path):
     ma.pop(b"created"), mb.pop(b"created")
     assert ma == mb
     for kind in ("pheno", "dict"):
-        assert phenotypes.out_tsv_path(out, kind).read_bytes() == phenotypes.out_tsv_path(left["out"], kind).read_bytes()
+        first, again = phenotypes.out_tsv_path(left["out"], kind), phenotypes.out_tsv_path(out, kind)
+        assert again.read_bytes() == first.read_bytes()
 
 
 def test_missing_or_duplicated_predictions_are_errors(left, models, tmp_path):

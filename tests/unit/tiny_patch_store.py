@@ -24,7 +24,7 @@ def _image(rng: np.random.Generator, size: int) -> np.ndarray:
     angle = rng.uniform(0, 2 * np.pi)
     band = np.cos(angle) * (xx - size / 2) + np.sin(angle) * (yy - size / 2)
     bone = 1.0 / (1.0 + np.exp(-(band - rng.uniform(30, 50)) / 3.0))
-    return (noise * 0.4 + 0.5 * bone).astype(np.float32)
+    return (noise * 0.4 + 0.2 * bone).astype(np.float32)
 
 
 def _disk(size: int, cx: float, cy: float, r: float) -> np.ndarray:
