@@ -21,9 +21,11 @@ import datetime as dt
 import json
 import logging
 import math
+import os
 import shutil
 import time
 from collections.abc import Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -230,6 +232,7 @@ class SampleStream:
         fixed: bool,
         block_samples: int = 2048,
         group: int = 16,
+        workers: int | None = None,
     ) -> None:
         self.image, self.mask = image, mask
         self.indices = np.sort(np.asarray(indices, dtype=np.int64))
@@ -240,6 +243,8 @@ class SampleStream:
         self.fixed = fixed
         self.group = int(group)
         self.groups_per_block = max(1, block_samples // (self.per_image * self.group))
+        self.workers = int(workers) if workers else min(8, os.cpu_count() or 1)
+        self._pool: ThreadPoolExecutor | None = None
         self.epoch = 0
         self._fixed_params = None
         if fixed:
@@ -258,6 +263,16 @@ class SampleStream:
         p[:, 0] = identity_params(n_images)
         return p
 
+    def _augment(self, images, masks, reps, params) -> tuple[np.ndarray, np.ndarray]:
+        """Augment in ``workers`` threads (NumPy releases the GIL); same result for any count."""
+        parts = np.array_split(np.arange(len(reps)), min(self.workers, max(1, len(reps) // 64)))
+        if len(parts) == 1:
+            return augment(images[reps], masks[reps], params)
+        if self._pool is None:
+            self._pool = ThreadPoolExecutor(self.workers, thread_name_prefix="hipoa-augment")
+        done = list(self._pool.map(lambda q: augment(images[reps[q]], masks[reps[q]], params[q]), parts))
+        return np.concatenate([d[0] for d in done]), np.concatenate([d[1] for d in done])
+
     def __call__(self) -> Iterator[tuple[np.ndarray, np.ndarray]]:
         epoch, self.epoch = self.epoch, self.epoch + 1
         rng = np.random.default_rng([self.seed, epoch])
@@ -275,7 +290,7 @@ class SampleStream:
             ctx_mask = np.asarray(self.mask[idx].compute() if hasattr(self.mask, "compute") else self.mask[idx])
             params = self._fixed_params[pos] if self.fixed else self._params(len(pos), rng)
             reps = np.repeat(np.arange(len(pos)), self.per_image)
-            x, y = augment(ctx_img[reps], ctx_mask[reps], params.reshape(-1, 4))
+            x, y = self._augment(ctx_img, ctx_mask, reps, params.reshape(-1, 4))
             y = (y > 0).astype(np.uint8)
             if not self.fixed:
                 order = rng.permutation(len(x))

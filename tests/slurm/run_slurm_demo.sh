@@ -142,7 +142,8 @@ stop_pid() { # name pid: SIGTERM, wait up to 20 s, then SIGKILL
 }
 
 cleanup() {
-    local rc=$? i jobs
+    local rc=$? i
+    local -a jobs=()
     set +e
     trap - EXIT INT TERM
     if pid_alive "$SMK_PID"; then
@@ -156,10 +157,10 @@ cleanup() {
         stop_pid snakemake "$SMK_PID"
     fi
     if ((SLURM_UP)); then
-        jobs=$(squeue -h -o %i 2>/dev/null)
-        if [[ -n $jobs ]]; then
-            log "cancelling leftover jobs: $(echo $jobs)"
-            scancel $jobs
+        mapfile -t jobs < <(squeue -h -o %i 2>/dev/null)
+        if ((${#jobs[@]})); then
+            log "cancelling leftover jobs: ${jobs[*]}"
+            scancel "${jobs[@]}"
             for ((i = 0; i < 60; i++)); do
                 [[ -z $(squeue -h -o %i 2>/dev/null) ]] && break
                 sleep 0.5
@@ -171,8 +172,8 @@ cleanup() {
     done
     ((ETC_CONF_LINKED)) && rm -f "$ETC_CONF"
     ((CLUSTER_ONLY && (rc == 130 || rc == 143))) && rc=0
+    rm -rf "$WORK/mysql" # the database is large and of no use once the daemons are gone
     if ((rc != 0)); then
-        rm -rf "$WORK/mysql" # the database is large and of no use after the run
         log "exit status $rc; logs kept in $WORK (log/, run-*/.snakemake/)"
     elif ((KEEP)); then
         log "kept $WORK"
@@ -188,7 +189,8 @@ trap 'exit 143' TERM
 start_daemon() { # name command...: run in the foreground mode of the daemon, in background
     local name=$1
     shift
-    "$@" >"$WORK/log/$name.out" 2>&1 &
+    # fd 9 holds the run lock: a daemon that outlived this script must not keep it.
+    "$@" >"$WORK/log/$name.out" 2>&1 9>&- &
     DAEMON_NAMES+=("$name")
     DAEMON_PIDS+=($!)
     echo "$name $!" >>"$WORK/run/pids"
@@ -311,9 +313,7 @@ scontrol show node "$HOST" | grep -E 'Gres=|CfgTRES='
 if ((CLUSTER_ONLY)); then
     log "cluster running; in another shell: export SLURM_CONF=$SLURM_CONF"
     log "stop it with Ctrl-C or: kill $$"
-    sleep infinity &
-    wait $! || true
-    exit 0
+    while true; do sleep 1; done
 fi
 
 # ---------------------------------------------------------------- the runs
@@ -332,7 +332,7 @@ run_snakemake() { # label directory snakemake-args...: runs under a timeout, out
     t=$(date +%s)
     log "snakemake ($label) in $dir: snakemake $*"
     (cd "$dir" && exec timeout -s INT -k 120 "$SMK_TIMEOUT" snakemake "$@") \
-        >"$WORK/log/snakemake-$label.log" 2>&1 &
+        >"$WORK/log/snakemake-$label.log" 2>&1 9>&- &
     SMK_PID=$!
     wait "$SMK_PID" || rc=$?
     SMK_PID=
@@ -376,7 +376,8 @@ N_ACCOUNTED=$(wc -l <"$SACCT")
 ((N_SUBMITTED > 0)) || die "snakemake submitted no SLURM job"
 ((N_ACCOUNTED == N_SUBMITTED)) ||
     die "sacct lists $N_ACCOUNTED jobs of run $RUN_ID, snakemake submitted $N_SUBMITTED"
-python3 - "$SACCT" "$DEMO_ACCOUNT" $GPU_RULES <<'EOF'
+read -r -a GPU_RULE_LIST <<<"$GPU_RULES"
+python3 - "$SACCT" "$DEMO_ACCOUNT" "${GPU_RULE_LIST[@]}" <<'EOF' || die "job checks failed (see ERROR lines)"
 """Check per job: COMPLETED, account, and GPU TRES + gpu partition exactly for GPU rules."""
 import re
 import sys

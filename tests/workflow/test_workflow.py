@@ -163,11 +163,17 @@ def _child_pids(pid: int) -> list[int]:
     return out
 
 
-def _cmdline(pid: int) -> str:
+def _argv(pid: int) -> list[str]:
     try:
-        return (Path("/proc") / str(pid) / "cmdline").read_bytes().replace(b"\0", b" ").decode()
+        return (Path("/proc") / str(pid) / "cmdline").read_bytes().decode().split("\0")
     except OSError:
-        return ""
+        return []
+
+
+def _is_hipoa(pid: int, subcommand: str) -> bool:
+    """The Python process running `hipoa SUBCOMMAND` (not the rule's `bash -c` around it)."""
+    argv = _argv(pid)
+    return len(argv) > 2 and "python" in Path(argv[0]).name and Path(argv[1]).name == "hipoa" and argv[2] == subcommand
 
 
 @pytest.fixture(scope="module")
@@ -182,7 +188,7 @@ def demo_run(tmp_path_factory):
     try:
         while killed is None and proc.poll() is None:
             for pid in _child_pids(proc.pid):
-                if "hipoa train-unet" in _cmdline(pid):
+                if _is_hipoa(pid, "train-unet"):
                     time.sleep(2.0)  # let it get under way
                     if pid in _child_pids(proc.pid):
                         os.kill(pid, signal.SIGKILL)

@@ -1,0 +1,85 @@
+"""hipoa.evaluate: the Table 2 measures, their definitions at the extremes, and the figures."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from PIL import Image
+from tiny_patch_store import write_tiny_store
+
+from hipoa.evaluate import PAPER_TABLE2, evaluate_site
+from hipoa.store import open_patches
+from hipoa.train import make_splits, patch_indices, read_masks
+from hipoa.unet import build_unet
+
+SITE = "superior_femoral_head"
+CONTRACT_KEYS = {"n", "n_positive", "sensitivity", "specificity", "f1", "dice_mean", "dice_std", "confusion_matrix"}
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    root = tmp_path_factory.mktemp("eval")
+    store = write_tiny_store(root / "shard-0000.zarr", eids=[str(4_000_000 + i) for i in range(40)], site=SITE, seed=3)
+    splits = make_splits(stores=[store], site=SITE, seed=1, test_fraction=0.4)
+    model = root / "models" / "unet.keras"
+    model.parent.mkdir()
+    build_unet(depth=1, base_filters=2).save(model)  # untrained: the rule decides what it predicts
+    test = splits[splits["split"] == "test"]
+    auto = open_patches([store], SITE, "auto")
+    truth = read_masks(auto.mask, patch_indices(auto.rows, test))
+    return store, splits, model, test, truth
+
+
+def _evaluate(setup, tmp_path, presence):
+    store, splits, model, _, _ = setup
+    model.with_suffix(".json").write_text(json.dumps({"presence": presence}))
+    out = tmp_path / "evaluation" / f"{SITE}.json"
+    result = evaluate_site(site=SITE, model=model, stores=[store], splits=splits, out=out, figures_dir=tmp_path / "fig",
+                           precision="float32")
+    assert json.loads(out.read_text())["n"] == result["n"]
+    return result
+
+
+def test_never_present_scores(setup, tmp_path):
+    _, _, _, test, truth = setup
+    r = _evaluate(setup, tmp_path, {"pixel_threshold": 0.5, "min_area_px": 128 * 128})
+    n, n_pos = len(test), int(test["positive"].sum())
+    assert CONTRACT_KEYS <= set(r)
+    assert (r["n"], r["n_positive"]) == (n, n_pos) and 0 < n_pos < n
+    assert r["confusion_matrix"] == [[n - n_pos, 0], [n_pos, 0]]
+    assert (r["sensitivity"], r["specificity"], r["f1"]) == (0.0, 1.0, 0.0)
+    assert r["dice_mean"] == 0.0 and r["dice_std"] == 0.0  # a missed positive counts 0
+    empty_truth = ~truth.reshape(n, -1).any(axis=1)
+    assert r["dice_mean_all"] == pytest.approx(empty_truth.mean())  # empty on empty counts 1
+    assert r["paper_table2"] == PAPER_TABLE2[SITE] and r["paper_table2"][0]["dice_mean"] == 0.71
+
+
+def test_always_everything_scores(setup, tmp_path):
+    _, _, _, test, truth = setup
+    # every pixel reaches a threshold this low, so the prediction is the whole patch
+    r = _evaluate(setup, tmp_path, {"pixel_threshold": 1e-30, "min_area_px": 1})
+    pos = test["positive"].to_numpy(bool)
+    assert r["confusion_matrix"] == [[0, int((~pos).sum())], [0, int(pos.sum())]]
+    assert (r["sensitivity"], r["specificity"]) == (1.0, 0.0)
+    area = truth.reshape(len(truth), -1).sum(axis=1)
+    expected = 2 * area[pos] / (area[pos] + 128 * 128)
+    assert r["dice_mean"] == pytest.approx(expected.mean())
+    assert r["dice_std"] == pytest.approx(expected.std())
+
+
+def test_figures_are_written(setup, tmp_path):
+    _evaluate(setup, tmp_path, {"pixel_threshold": 0.5, "min_area_px": 1})
+    for name in (f"{SITE}_confusion.png", f"{SITE}_overlay.png"):
+        with Image.open(tmp_path / "fig" / name) as im:
+            assert im.size[0] > 200 and im.size[1] > 200
+            assert np.asarray(im.convert("L")).std() > 10  # not a blank canvas
+
+
+def test_missing_presence_rule_is_named(setup, tmp_path):
+    store, splits, model, _, _ = setup
+    other = tmp_path / "x.keras"
+    other.write_bytes(model.read_bytes())
+    with pytest.raises(FileNotFoundError, match=r"x\.json"):
+        evaluate_site(site=SITE, model=other, stores=[store], splits=splits, out=tmp_path / "e.json")
