@@ -175,9 +175,9 @@ def test_load_existing_copies_model_and_json(tmp_path):
     keras.saving.load_model(out)
 
     out2 = tmp_path / "cli" / "unet.keras"
-    assert main(["train-unet", "--site", SITE, "--stores", "unused.zarr", "--splits", "unused.parquet",
-                 "--out", str(out2), "--load", str(src)]) == 0
+    assert main(["train-unet", "--site", SITE, "--out", str(out2), "--load", str(src)]) == 0
     assert out2.exists() and out2.with_suffix(".json").exists()
+    assert main(["train-unet", "--site", SITE, "--out", str(out2)]) == 2  # neither data nor --load
 
 
 def test_load_existing_rejects_missing_json_and_wrong_shapes(tmp_path):
