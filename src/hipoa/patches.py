@@ -276,6 +276,52 @@ def inside_fraction(affine: np.ndarray, size: int, shape: tuple[int, int]) -> fl
     return float(inside_mask(affine, size, shape).mean())
 
 
+def _sample_axis_aligned(image: np.ndarray, affine: np.ndarray, size: int, order: int, fill: float) -> np.ndarray:
+    """``sample_patch`` for an axis-aligned affine: x depends on u only and y on v only, so the
+    interpolation is separable (rows, then columns) over only the pixels the patch touches."""
+    rows, cols = image.shape
+    x, y = _axis_coords(affine, size)  # (size,) each, monotonic
+    if order == 0:
+        xi = np.floor(x + 0.5).astype(np.intp)
+        yi = np.floor(y + 0.5).astype(np.intp)
+        np.clip(xi, 0, cols - 1, out=xi)
+        np.clip(yi, 0, rows - 1, out=yi)
+        out = image[yi[:, None], xi]
+    else:
+        x0, y0 = np.floor(x), np.floor(y)
+        fx = (x - x0).astype(np.float32)
+        fy = (y - y0).astype(np.float32)[:, None]
+        xa, ya = x0.astype(np.intp), y0.astype(np.intp)
+        xb, yb = xa + 1, ya + 1
+        # edge extension (mode "nearest"); only patches at the border need it
+        if min(xa[0], xa[-1]) < 0 or max(xb[0], xb[-1]) > cols - 1:
+            np.clip(xa, 0, cols - 1, out=xa)
+            np.clip(xb, 0, cols - 1, out=xb)
+        if min(ya[0], ya[-1]) < 0 or max(yb[0], yb[-1]) > rows - 1:
+            np.clip(ya, 0, rows - 1, out=ya)
+            np.clip(yb, 0, rows - 1, out=yb)
+        lo, hi = int(min(xa[0], xa[-1])), int(max(xb[0], xb[-1])) + 1
+        sub = image[:, lo:hi]
+        if sub.dtype != np.float32:
+            sub = sub.astype(np.float32)
+        top, bottom = sub[ya], sub[yb]  # (size, hi - lo) rows above / below each sample
+        bottom -= top
+        bottom *= fy
+        top += bottom
+        xa -= lo
+        xb -= lo
+        out, right = top[:, xa], top[:, xb]
+        right -= out
+        right *= fx
+        out += right
+    inside_x = -0.5 <= min(x[0], x[-1]) and max(x[0], x[-1]) <= cols - 0.5
+    inside_y = -0.5 <= min(y[0], y[-1]) and max(y[0], y[-1]) <= rows - 0.5
+    if not (inside_x and inside_y):
+        inside = ((y >= -0.5) & (y <= rows - 0.5))[:, None] & ((x >= -0.5) & (x <= cols - 0.5))
+        out[~inside] = fill
+    return out
+
+
 def sample_patch(
     image: np.ndarray,
     affine: np.ndarray,
@@ -308,28 +354,7 @@ def sample_patch(
     rows, cols = image.shape
     out_dtype = np.float32 if order == 1 else image.dtype
     if _axis_aligned(affine):
-        x, y = _axis_coords(affine, size)
-        inside = ((y >= -0.5) & (y <= rows - 0.5))[:, None] & ((x >= -0.5) & (x <= cols - 0.5))[None, :]
-        if order == 0:
-            xi = np.clip(np.floor(x + 0.5).astype(np.intp), 0, cols - 1)
-            yi = np.clip(np.floor(y + 0.5).astype(np.intp), 0, rows - 1)
-            out = image[yi[:, None], xi[None, :]].astype(out_dtype, copy=False)
-        else:
-            x0f, y0f = np.floor(x), np.floor(y)
-            fx, fy = (x - x0f).astype(np.float32), (y - y0f).astype(np.float32)
-            xa = np.clip(x0f.astype(np.intp), 0, cols - 1)
-            xb = np.clip(x0f.astype(np.intp) + 1, 0, cols - 1)
-            ya = np.clip(y0f.astype(np.intp), 0, rows - 1)
-            yb = np.clip(y0f.astype(np.intp) + 1, 0, rows - 1)
-            # interpolate along y over the needed column span only, then along x
-            lo, hi = int(min(xa.min(), xb.min())), int(max(xa.max(), xb.max())) + 1
-            sub = image[:, lo:hi].astype(np.float32, copy=False)
-            r = sub[ya] * (1.0 - fy)[:, None] + sub[yb] * fy[:, None]
-            out = r[:, xa - lo] * (1.0 - fx) + r[:, xb - lo] * fx
-        if not inside.all():
-            out = np.array(out, copy=True)
-            out[~inside] = fill
-        return out
+        return _sample_axis_aligned(image, affine, size, order, fill)
     x, y = patch_coordinates(affine, size)
     inside = (x >= -0.5) & (x <= cols - 0.5) & (y >= -0.5) & (y <= rows - 0.5)
     src = image.astype(np.float32, copy=False) if order == 1 else image
@@ -354,13 +379,13 @@ def normalise_patch(
     """
     all_inside = bool(inside.all())
     cp = patch if core is None else patch[core]
-    vals = (cp if all_inside else cp[inside if core is None else inside[core]]).astype(np.float32).ravel()
+    vals = (cp if all_inside else cp[inside if core is None else inside[core]]).astype(np.float32, copy=False).ravel()
     if vals.size == 0:
         return np.zeros(patch.shape, np.float32)
     mean = np.float32(vals.sum(dtype=np.float64) / vals.size)
     dev = vals - mean
     std = math.sqrt(float(np.dot(dev, dev)) / vals.size)  # two-pass: no cancellation
-    out = patch.astype(np.float32) - mean
+    out = np.subtract(patch, mean, dtype=np.float32)
     out *= np.float32(1.0 / max(std, NORM_EPS))
     if not all_inside:
         out[~inside] = FILL
