@@ -153,7 +153,7 @@ def _crop_patches_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", required=True, help="Zarr v3 store to write, e.g. results/patches/L/shard-0000.zarr")
     p.add_argument("--sites", default=None, help="sites: JSON string or YAML/JSON file (default: the contract's three)")
     p.add_argument("--context", type=int, default=176, help="side of the manual-point context crops (default 176)")
-    p.add_argument("--min-inside", type=float, default=0.9, help="min fraction of each 128 patch inside the image (default 0.9)")
+    p.add_argument("--min-inside", type=float, default=0.75, help="min fraction of each 128 patch inside the image (default 0.75)")
     p.add_argument("--n-points", type=int, default=85, help="points per .pts file (default 85)")
 
 

@@ -86,7 +86,7 @@ log = logging.getLogger(__name__)
 CONTEXT_SIZE = 176
 """Side of the stored manual-point context crop in patch pixels (see module docstring)."""
 
-MIN_INSIDE = 0.9
+MIN_INSIDE = 0.75
 """Default smallest fraction of a 128 patch that must lie in the image."""
 
 NORM_EPS = 1e-6

@@ -427,10 +427,10 @@ def test_synth_every_image_once_and_faults_flagged(synth_shards):
         faulted = merged["expected_reason"] != ""
         assert faulted.sum() > 0
         assert (merged.loc[faulted, "qc_reason"] == merged.loc[faulted, "expected_reason"]).all()
-        # clean images pass, except an acetabulum patch hanging off the top of a synthetic image
+        # clean images pass: an acetabulum patch may hang a little off the top of the image,
+        # but never past the default threshold
         clean = merged[~faulted]
-        assert set(clean["qc_reason"]) <= {"", "patch_outside_image"}
-        assert (clean["qc_reason"] == "").mean() > 0.7
+        assert (clean["qc_reason"] == "").all(), clean.loc[clean["qc_reason"] != "", ["eid", "qc_reason"]]
 
 
 def test_synth_areas_match_the_generator_truth(synth_shards):
