@@ -24,7 +24,16 @@ from pathlib import Path
 import numpy as np
 
 from hipoa.metrics import confusion, dice, f1, presence_from_probability, sensitivity, specificity
-from hipoa.train import json_safe, open_site_patches, model_info_path, patch_indices, predict_probability, read_masks, read_splits, take_rows
+from hipoa.train import (
+    json_safe,
+    model_info_path,
+    open_site_patches,
+    patch_indices,
+    predict_probability,
+    read_masks,
+    read_splits,
+    take_rows,
+)
 
 log = logging.getLogger(__name__)
 
@@ -97,7 +106,10 @@ def evaluate_site(
     net = with_policy(keras.saving.load_model(model_path, compile=False), policy)
     auto = open_site_patches(stores, site, "auto")
     idx = patch_indices(auto.rows, test, "auto patches")
-    log.info("evaluate %s: %d test images (%d positive), %s, rule %s", site, len(test), int(test["positive"].sum()), policy, presence)
+    log.info(
+        "evaluate %s: %d test images (%d positive), %s, rule %s",
+        site, len(test), int(test["positive"].sum()), policy, presence,
+    )
     prob = predict_probability(net, auto.image, idx, batch_size=batch_size)
     truth_mask = read_masks(auto.mask, idx)
     present, mask, area, probability = presence_from_probability(
@@ -162,8 +174,10 @@ def confusion_figure(result: dict, path: str | Path) -> Path:
     ax.set_yticks([0, 1], ["absent", "present"])
     ax.set_xlabel("predicted")
     ax.set_ylabel("truth")
-    ax.set_title(f"{result['site']}\nn={result['n']}, sens {result['sensitivity']:.2f}, spec {result['specificity']:.2f}",
-                 fontsize=9)
+    ax.set_title(
+        f"{result['site']}\nn={result['n']}, sens {result['sensitivity']:.2f}, spec {result['specificity']:.2f}",
+        fontsize=9,
+    )
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)
@@ -205,7 +219,12 @@ def overlay_figure(
     fig, axes = plt.subplots(max(len(pick), 1), 4, figsize=(8, 2.1 * max(len(pick), 1)), dpi=100, squeeze=False)
     for r, i in enumerate(pick):
         over = truth[i].astype(np.uint8) + 2 * (pred[i] > 0).astype(np.uint8)
-        panels = [(images[i], "gray", None), (truth[i], "gray", (0, 1)), (pred[i], "gray", (0, 1)), (over, overlap_cmap, (0, 3))]
+        panels = [
+            (images[i], "gray", None),
+            (truth[i], "gray", (0, 1)),
+            (pred[i], "gray", (0, 1)),
+            (over, overlap_cmap, (0, 3)),
+        ]
         for c, (data, cmap, lim) in enumerate(panels):
             ax = axes[r, c]
             kw = {"vmin": lim[0], "vmax": lim[1]} if lim else {}

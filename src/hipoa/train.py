@@ -186,7 +186,8 @@ def read_splits(splits: str | Path | pd.DataFrame) -> pd.DataFrame:
     df = splits if isinstance(splits, pd.DataFrame) else pd.read_parquet(splits)
     missing = {*KEY, "split", "positive"} - set(df.columns)
     if missing:
-        raise ValueError(f"split table {splits if not isinstance(splits, pd.DataFrame) else ''} lacks columns {sorted(missing)}")
+        where = "DataFrame" if isinstance(splits, pd.DataFrame) else str(splits)
+        raise ValueError(f"split table {where} lacks columns {sorted(missing)}")
     bad = set(df["split"].unique()) - set(SPLITS)
     if bad:
         raise ValueError(f"split table has unknown split names {sorted(bad)}; expected {SPLITS}")
@@ -282,12 +283,16 @@ class SampleStream:
         left_x = np.zeros((0, PATCH_SIZE, PATCH_SIZE), np.float32)
         left_y = np.zeros((0, PATCH_SIZE, PATCH_SIZE), np.uint8)
         for b in range(0, len(groups), self.groups_per_block):
+            t0 = time.perf_counter()
             pos = np.sort(np.concatenate(groups[b : b + self.groups_per_block]))
             ctx_img = take_rows(self.image, self.indices[pos])
             ctx_mask = take_rows(self.mask, self.indices[pos])
+            t1 = time.perf_counter()
             params = self._fixed_params[pos] if self.fixed else self._params(len(pos), rng)
             reps = np.repeat(np.arange(len(pos)), self.per_image)
             x, y = self._augment(ctx_img, ctx_mask, reps, params.reshape(-1, 4))
+            log.debug("sample stream epoch %d block %d: read %d images %.2f s, %d samples %.2f s",
+                      epoch, b // self.groups_per_block, len(pos), t1 - t0, len(x), time.perf_counter() - t1)
             y = (y > 0).astype(np.uint8)
             if not self.fixed:
                 order = rng.permutation(len(x))
@@ -317,7 +322,9 @@ class SampleStream:
 # ---- prediction helper (training and evaluation) ---------------------------------------------
 
 
-def predict_probability(model, image, indices: np.ndarray, *, batch_size: int = 64, block: int = 512, crop: int = 0) -> np.ndarray:
+def predict_probability(
+    model, image, indices: np.ndarray, *, batch_size: int = 64, block: int = 512, crop: int = 0
+) -> np.ndarray:
     """Osteophyte probability maps for patches read in blocks from a (Dask or NumPy) array.
 
     Args:
@@ -332,20 +339,13 @@ def predict_probability(model, image, indices: np.ndarray, *, batch_size: int = 
         ``(len(indices), S, S)`` float32, softmax channel 1, in ``indices`` order.
     """
     indices = np.asarray(indices, dtype=np.int64)
-    out = []
+    out = [np.zeros((0, PATCH_SIZE, PATCH_SIZE), np.float32)]
     for b in range(0, len(indices), block):
-        idx = indices[b : b + block]
-        order = np.argsort(idx, kind="stable")
-        x = image[np.sort(idx)]
-        x = np.asarray(x.compute() if hasattr(x, "compute") else x, dtype=np.float32)
+        x = take_rows(image, indices[b : b + block]).astype(np.float32)
         if crop:
             x = x[:, crop : crop + PATCH_SIZE, crop : crop + PATCH_SIZE]
-        p = np.asarray(model.predict(x[..., None], batch_size=batch_size, verbose=0))[..., 1]
-        unsort = np.empty_like(order)
-        unsort[order] = np.arange(len(order))
-        out.append(p[unsort].astype(np.float32))
-    size = out[0].shape[1] if out else PATCH_SIZE
-    return np.concatenate(out) if out else np.zeros((0, size, size), np.float32)
+        out.append(np.asarray(model.predict(x[..., None], batch_size=batch_size, verbose=0))[..., 1].astype(np.float32))
+    return np.concatenate(out)
 
 
 def take_rows(array, indices: np.ndarray) -> np.ndarray:
@@ -479,7 +479,9 @@ def train_site(
     check_context(settings, context)
     crop = (context - PATCH_SIZE) // 2
     if getattr(manual, "core_offset", crop) != crop:
-        raise ValueError(f"manual patches of {site}: the 128 core is at offset {manual.core_offset}, expected the centre {crop}")
+        raise ValueError(
+            f"manual patches of {site}: the 128 core is at offset {manual.core_offset}, expected the centre {crop}"
+        )
     train_rows = table[table["split"] == "train"]
     val_rows = table[table["split"] == "val"]
     if train_rows.empty or val_rows.empty:
@@ -638,12 +640,17 @@ def load_existing(*, model: str | Path, out: str | Path) -> dict:
     if not info_path.is_file():
         raise FileNotFoundError(f"{src}: its settings file {info_path} is missing (it holds the presence rule)")
     m = keras.saving.load_model(src, compile=False)
-    if tuple(m.input_shape[1:]) != (PATCH_SIZE, PATCH_SIZE, 1) or tuple(m.output_shape[1:3]) != (PATCH_SIZE, PATCH_SIZE):
-        raise ValueError(f"{src}: expected input (128, 128, 1) and output (128, 128, k), got {m.input_shape} -> {m.output_shape}")
+    size = (PATCH_SIZE, PATCH_SIZE)
+    if tuple(m.input_shape[1:]) != (*size, 1) or tuple(m.output_shape[1:3]) != size:
+        raise ValueError(
+            f"{src}: expected input (128, 128, 1) and output (128, 128, k), got {m.input_shape} -> {m.output_shape}"
+        )
     info = json.loads(info_path.read_text())
     presence = info.get("presence", {})
     if "pixel_threshold" not in presence or "min_area_px" not in presence:
-        raise ValueError(f"{info_path}: no presence rule (presence.pixel_threshold, presence.min_area_px), got {presence}")
+        raise ValueError(
+            f"{info_path}: no presence rule (presence.pixel_threshold, presence.min_area_px), got {presence}"
+        )
     out.parent.mkdir(parents=True, exist_ok=True)
     if src.resolve() != out.resolve():
         shutil.copyfile(src, out)
