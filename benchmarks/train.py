@@ -78,7 +78,7 @@ def main() -> None:
         if policy == "mixed_float16":
             opt = keras.optimizers.LossScaleOptimizer(opt)
         model.compile(optimizer=opt, loss=keras.losses.SparseCategoricalCrossentropy())
-        ds = stream.dataset().take(batches)
+        ds = stream.dataset()
 
         class Timer(keras.callbacks.Callback):
             def on_train_batch_end(self, batch, logs=None):
@@ -87,7 +87,7 @@ def main() -> None:
                 self.t1 = time.perf_counter()
 
         timer = Timer()
-        model.fit(ds, epochs=1, verbose=0, callbacks=[timer])
+        model.fit(ds, steps_per_epoch=batches, epochs=1, verbose=0, shuffle=False, callbacks=[timer])
         rate = args.steps * args.batch_size / (timer.t1 - timer.t0)
         epochs = ", ".join(f"{name}: {s / rate:,.0f} s/epoch" for name, s in PAPER_EPOCH_SAMPLES.items())
         print(
