@@ -77,6 +77,7 @@ def read_pts(path: str | Path, n_points: int | None = N_POINTS) -> np.ndarray:
     if declared is None:
         raise PointsError(f"{path}: line {i}: '{{' before any 'n_points:' header line")
     coords: list[tuple[float, float]] = []
+    line_numbers: list[int] = []
     closed = False
     while i < len(lines):
         line = lines[i].strip()
@@ -90,24 +91,28 @@ def read_pts(path: str | Path, n_points: int | None = N_POINTS) -> np.ndarray:
         if len(parts) != 2:
             raise PointsError(f"{path}: line {i}: expected 'x y', got {line!r}")
         try:
-            x, y = float(parts[0]), float(parts[1])
+            coords.append((float(parts[0]), float(parts[1])))
         except ValueError:
             raise PointsError(f"{path}: line {i}: coordinates are not numbers: {line!r}") from None
-        if not (np.isfinite(x) and np.isfinite(y)):
-            raise PointsError(f"{path}: line {i}: non-finite coordinate {line!r}")
-        coords.append((x, y))
+        line_numbers.append(i)
     if not closed:
         last = lines[-1].strip() if lines else ""
         raise PointsError(
             f"{path}: line {len(lines)}: point list not closed with '}}' (file truncated?), last line {last!r}"
         )
+    pts = np.asarray(coords, dtype=np.float64).reshape(-1, 2)
+    # finiteness checked once for the whole array (per-value checks were half of read time)
+    bad = np.flatnonzero(~np.isfinite(pts).all(axis=1))
+    if bad.size:
+        k = line_numbers[bad[0]]
+        raise PointsError(f"{path}: line {k}: non-finite coordinate {lines[k - 1].strip()!r}")
     if len(coords) != declared:
         raise PointsError(
             f"{path}: line {declared_line}: header says n_points: {declared}, but the list has {len(coords)} points"
         )
     if n_points is not None and len(coords) != n_points:
         raise PointsError(f"{path}: line {declared_line}: expected {n_points} points, got {len(coords)}")
-    return np.asarray(coords, dtype=np.float64).reshape(-1, 2)
+    return pts
 
 
 def write_pts(path: str | Path, points: np.ndarray) -> None:
