@@ -12,7 +12,6 @@ no anatomy) when ``hipoa.synth`` is not available.
 from __future__ import annotations
 
 import argparse
-import io
 import logging
 import shutil
 import sys
@@ -29,32 +28,10 @@ IMAGES = "ukb/20158/{eid}_20158_{instance}_{array}.zip"
 AUTO = "points/auto/{eid}_{instance}_{side}.pts"
 
 
-def _dicom(arr: np.ndarray, protocol: str, exposed_area: list[int]) -> bytes:
-    from pydicom.dataset import Dataset, FileMetaDataset
-    from pydicom.uid import ComputedRadiographyImageStorage, ImplicitVRLittleEndian, generate_uid
-
-    uid = generate_uid(entropy_srcs=[protocol, str(arr.sum())])
-    ds = Dataset()
-    ds.file_meta = FileMetaDataset()
-    ds.file_meta.MediaStorageSOPClassUID = ComputedRadiographyImageStorage
-    ds.file_meta.MediaStorageSOPInstanceUID = uid
-    ds.file_meta.TransferSyntaxUID = ImplicitVRLittleEndian
-    ds.SOPClassUID, ds.SOPInstanceUID = ComputedRadiographyImageStorage, uid
-    ds.Modality, ds.ProtocolName = "CR", protocol
-    ds.PerformedProcedureStepDescription = protocol
-    ds.Rows, ds.Columns = arr.shape
-    ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
-    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 8, 8, 7, 0
-    ds.ExposedArea = exposed_area
-    ds.PixelData = arr.tobytes()
-    buf = io.BytesIO()
-    ds.save_as(buf, enforce_file_format=True)
-    return buf.getvalue()
-
-
 def simple_cohort(root: Path, participants: int, seed: int) -> None:
     """UKB-shaped zips without anatomy: smooth images plus noise (compress like DXAs, roughly)."""
     from hipoa.points import write_pts
+    from hipoa.synth import dicom_bytes
 
     rng = np.random.default_rng(seed)
     y, x = np.mgrid[0:600, 0:680]
@@ -73,7 +50,18 @@ def simple_cohort(root: Path, participants: int, seed: int) -> None:
             ]
         ):
             img = np.resize(base, shape) + rng.normal(0, 4, shape)
-            members[f"1.2.840.113619.2.110.{eid}.{k}"] = _dicom(np.clip(img, 0, 255).astype(np.uint8), protocol, area)
+            uid = f"1.2.840.113619.2.110.{eid}.{k}"
+            members[uid] = dicom_bytes(
+                np.clip(img, 0, 255).astype(np.uint8),
+                protocol,
+                sop_uid=uid,
+                study_uid=f"1.2.840.113619.2.110.{eid}",
+                series_uid=f"{uid}.1",
+                patient_id=f"SYNTH{i:06d}",
+                study_date="20200101",
+                series_number=k + 1,
+                spacing_mm=area[0] / shape[1],
+            )
         with zipfile.ZipFile(root / "ukb" / "20158" / f"{eid}_20158_2_0.zip", "w", zipfile.ZIP_DEFLATED) as zf:
             for name, data in members.items():
                 zf.writestr(name, data)
