@@ -5,7 +5,7 @@ and times `snakemake -n` of the real Snakefile with `inputs.manifest` pointing a
 shards per side. Prints the seconds and the number of jobs. The DAG must not depend on
 reading any image: shards are `blake2b(eid) mod shards`, decided at ingest time.
 
-    python benchmarks/dryrun_40k.py [--images 40000] [--shards 200] [--sides L]
+    python benchmarks/dryrun_40k.py [--images 40000] [--shards 40] [--sides L]
 """
 
 from __future__ import annotations
@@ -43,7 +43,7 @@ def write_manifest(path: Path, n_images: int, sides: list[str]) -> None:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--images", type=int, default=40_000, help="manifest rows (40000)")
-    parser.add_argument("--shards", type=int, default=200, help="shards per side (200)")
+    parser.add_argument("--shards", type=int, default=40, help="shards per side (40, config/ukb_left.yaml)")
     parser.add_argument("--sides", nargs="+", default=["L"], choices=["L", "R"], help="sides (L)")
     args = parser.parse_args(argv)
 

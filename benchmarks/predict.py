@@ -15,7 +15,8 @@ The U-Net is ``results/models/{site}/unet.keras`` when it exists (trained), else
 initialised :func:`hipoa.unet.build_unet` (said in the output). Patches come from ``--store``
 or from a synthetic store in the patch-store layout (smooth noise, a bright band and disks).
 
-    python benchmarks/predict.py [--n 128] [--batch-size 32] [--repeats 1] [--random]
+    python benchmarks/predict.py [--n 128 | --store S.zarr] [--model M.keras] [--batch-size 32]
+                                 [--repeats 1] [--random]
                                  [--depth 4] [--base-filters 64]
 
 Figures are printed and written to ``benchmarks/out/predict.json``.
@@ -95,9 +96,15 @@ def synthetic_store(path: Path, n: int, seed: int = 0) -> Path:
 
 
 def get_model(
-    site: str, work: Path, depth: int, base_filters: int, min_area_px: int, random: bool = False
+    site: str, work: Path, depth: int, base_filters: int, min_area_px: int, random: bool = False,
+    model: Path | None = None,
 ) -> tuple[Path, str]:
-    """The trained model of ``site`` under results/models (unless ``random``), else a random U-Net."""
+    """``model`` if given, else the trained model of ``site`` under results/models (unless ``random``),
+    else a random U-Net."""
+    if model is not None:
+        if not model.is_file() or not predict.model_json_path(model).is_file():
+            raise FileNotFoundError(f"--model {model}: the .keras file or the .json beside it is missing")
+        return model, f"trained ({model})"
     trained = Path("results/models") / site / "unet.keras"
     if not random and trained.is_file() and predict.model_json_path(trained).is_file():
         return trained, f"trained ({trained})"
@@ -127,6 +134,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--store", type=Path, help="an existing shard store instead of a synthetic one")
     p.add_argument("--site", default=DEFAULT_SITES[1].name)
     p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--model", type=Path, help="a trained unet.keras (default: results/models/SITE/unet.keras)")
     p.add_argument("--random", action="store_true", help="a random U-Net even where a trained one exists")
     p.add_argument("--depth", type=int, default=4, help="random U-Net depth (paper: 4)")
     p.add_argument("--base-filters", type=int, default=64, help="random U-Net width (paper: 64)")
@@ -144,7 +152,8 @@ def main(argv: list[str] | None = None) -> int:
 
     work = Path(tempfile.mkdtemp(prefix="hipoa-bench-predict-"))
     store = args.store or synthetic_store(work / "shard-0000.zarr", args.n)
-    model_path, model_kind = get_model(args.site, work, args.depth, args.base_filters, args.min_area_px, args.random)
+    model_path, model_kind = get_model(args.site, work, args.depth, args.base_filters, args.min_area_px, args.random,
+                                      args.model)
     ps = open_patches([store], args.site)
     ok = ps.rows["qc_reason"].eq("").to_numpy() & (ps.inside >= 0.9)
     x = ps.image[np.flatnonzero(ok)].compute().astype(np.float32)[..., None]

@@ -233,6 +233,19 @@ def _split_data(args: argparse.Namespace) -> int:
     return 0
 
 
+def _prevalence(text: str) -> str | float:
+    """``--prevalence``: ``auto`` or a number in (0, 1)."""
+    if text == "auto":
+        return text
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected 'auto' or a number in (0, 1), got {text!r}") from None
+    if not 0.0 < value < 1.0:
+        raise argparse.ArgumentTypeError(f"expected 'auto' or a number in (0, 1), got {text!r}")
+    return value
+
+
 def _train_unet_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--site", required=True, help="site key")
     p.add_argument("--stores", nargs="+", help="patch stores (shard-*.zarr); required unless --load")
@@ -250,6 +263,11 @@ def _train_unet_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=1, help="seed of weights, dropout and augmentation (1)")
     p.add_argument("--precision", default="auto", choices=["auto", "float32", "mixed_bfloat16", "mixed_float16"],
                    help="compute precision (auto: bfloat16 where the CPU/GPU has it)")
+    p.add_argument("--prevalence", default="auto", type=_prevalence,
+                   help="expected share of images with an osteophyte, for the presence rule: 'auto' "
+                        "(estimated on the cohort outside train and val) or a number in (0, 1)")
+    p.add_argument("--detect-threshold", type=float, default=0.9,
+                   help="pixel probability counted towards the presence rule's min_area_px (0.9)")
     p.add_argument("--load", default=None, metavar="EXISTING.keras",
                    help="use this trained model (and the .json beside it) instead of training")
 
@@ -282,12 +300,15 @@ def _train_unet(args: argparse.Namespace) -> int:
         displacement=args.displacement,
         seed=args.seed,
         precision=args.precision,
+        prevalence=args.prevalence,
+        detect_threshold=args.detect_threshold,
     )
     t, v = info["training"], info["validation"]
     print(
         f"{args.out}: best epoch {t['best_epoch']}/{t['epochs_run']} (val_loss {t['best_val_loss']:.4f}), "
         f"{t['seconds_per_epoch']:.1f} s/epoch, {t['patches_per_second']:.1f} patches/s; "
-        f"min_area_px {info['presence']['min_area_px']}, val Dice (positives) {v.get('dice_mean_positive')}"
+        f"min_area_px {info['presence']['min_area_px']} at prevalence {info['presence']['prevalence']} "
+        f"({info['presence']['prevalence_source']}), val Dice (positives) {v.get('dice_mean_positive')}"
     )
     return 0
 

@@ -113,7 +113,7 @@ def evaluate_site(
     prob = predict_probability(net, auto.image, idx, batch_size=batch_size)
     truth_mask = read_masks(auto.mask, idx)
     present, mask, area, probability = presence_from_probability(
-        prob, presence["pixel_threshold"], presence["min_area_px"]
+        prob, presence["pixel_threshold"], presence["min_area_px"], presence.get("detect_threshold")
     )
     truth = test["positive"].to_numpy(bool)
     d = dice(mask, truth_mask)  # mask is empty where not present: a missed positive scores 0

@@ -101,7 +101,7 @@ def _dictionary(sites: list[str]) -> list[tuple[str, str, str]]:
             (
                 f"{s}{PROBABILITY}",
                 f"{s}: model confidence of presence, the probability its min_area_px most confident pixels "
-                "reach (present when >= pixel_threshold)",
+                "reach (present when >= detect_threshold)",
                 "",
             ),
         ]

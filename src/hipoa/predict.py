@@ -8,7 +8,7 @@ the next batch is read while the current one is on the accelerator.
 Per image and site:
 
 - *presence* by the model's stored rule (``unet.json``: ``{"presence": {"pixel_threshold",
-  "min_area_px"}}``), through :func:`hipoa.metrics.presence_from_probability`;
+  "detect_threshold", "min_area_px"}}``), through :func:`hipoa.metrics.presence_from_probability`;
 - *area* in mm^2: predicted mask pixels times the area of one patch pixel in the stored image,
   ``|det(affine[:, :2])|`` image pixels, times the DICOM pixel area ``spacing_row_mm *
   spacing_col_mm``. The patch pixel size depends on each image's reference length, so the patch
@@ -73,15 +73,25 @@ class PresenceRule:
     """How a probability map becomes a presence call (chosen on the validation split).
 
     Attributes:
-        pixel_threshold: A pixel is osteophyte when its class-1 probability is >= this.
-        min_area_px: An osteophyte is present when at least this many patch pixels are.
+        pixel_threshold: A pixel of a present osteophyte is in its mask when its class-1
+            probability is >= this.
+        min_area_px: An osteophyte is present when at least this many patch pixels reach
+            ``detect_threshold``.
+        detect_threshold: See ``min_area_px``; models trained before hipoa 0.2 have none, and
+            then it equals ``pixel_threshold``.
     """
 
     pixel_threshold: float
     min_area_px: int
+    detect_threshold: float | None = None
+
+    @property
+    def detect(self) -> float:
+        return self.pixel_threshold if self.detect_threshold is None else self.detect_threshold
 
     def to_dict(self) -> dict[str, Any]:
-        return {"pixel_threshold": self.pixel_threshold, "min_area_px": self.min_area_px}
+        return {"pixel_threshold": self.pixel_threshold, "detect_threshold": self.detect,
+                "min_area_px": self.min_area_px}
 
 
 def model_json_path(model: Path) -> Path:
@@ -105,11 +115,14 @@ def read_presence_rule(model: Path) -> PresenceRule:
         raise ValueError(f"{path}: expected a 'presence' entry with pixel_threshold and min_area_px, got {rule!r}")
     thr = float(rule["pixel_threshold"])
     min_px = int(rule["min_area_px"])
+    detect = float(rule.get("detect_threshold") if rule.get("detect_threshold") is not None else thr)
     if not 0.0 < thr <= 1.0:
         raise ValueError(f"{path}: presence.pixel_threshold must be in (0, 1], got {thr}")
+    if not thr <= detect <= 1.0:
+        raise ValueError(f"{path}: presence.detect_threshold must be in [pixel_threshold, 1] = [{thr}, 1], got {detect}")
     if min_px < 1:
         raise ValueError(f"{path}: presence.min_area_px must be >= 1, got {min_px}")
-    return PresenceRule(pixel_threshold=thr, min_area_px=min_px)
+    return PresenceRule(pixel_threshold=thr, min_area_px=min_px, detect_threshold=detect)
 
 
 def patch_pixel_area_mm2(affine: np.ndarray, spacing_row_mm: np.ndarray, spacing_col_mm: np.ndarray) -> np.ndarray:
@@ -138,7 +151,7 @@ def _presence_from_probability(prob: np.ndarray, rule: PresenceRule):
     from hipoa.metrics import presence_from_probability
 
     present, mask, area_px, probability = presence_from_probability(
-        prob, pixel_threshold=rule.pixel_threshold, min_area_px=rule.min_area_px
+        prob, pixel_threshold=rule.pixel_threshold, min_area_px=rule.min_area_px, detect_threshold=rule.detect
     )
     present = np.asarray(present).astype(bool)
     mask = np.asarray(mask).astype(np.uint8)
@@ -173,6 +186,19 @@ def class1_probability(output: np.ndarray) -> np.ndarray:
     output = np.asarray(output)
     channel = 1 if output.shape[-1] >= 2 else 0
     return output[..., channel].astype(np.float32)
+
+
+def predict_padded(model, x: np.ndarray, n: int) -> np.ndarray:
+    """``model.predict_on_batch(x)`` with ``x`` zero-padded to ``n`` patches, padding dropped.
+
+    The traced graph (and oneDNN's primitives) depend on the batch's shape: a shard's last,
+    shorter batch would trace the model a second time, which costs as much as predicting ~100
+    patches on a CPU. Padding keeps one shape per shard.
+    """
+    k = len(x)
+    if k < n:
+        x = np.concatenate([x, np.zeros((n - k, *x.shape[1:]), dtype=x.dtype)])
+    return np.asarray(model.predict_on_batch(x))[:k]
 
 
 def _as_index_or_slice(idx: np.ndarray):
@@ -359,8 +385,9 @@ def predict_shard(
         if len(idx):
             model = load_model(Path(model_path), policy)
             progress = Progress(len(idx), f"predict {site}", log, unit="patches")
+            steady = min(batch_size, len(idx))
             for b, x in iter_batches(data.image, idx, batch_size):
-                p = class1_probability(model.predict_on_batch(x))
+                p = class1_probability(predict_padded(model, x, steady))
                 is_present, mask, area_px, probability = _presence_from_probability(p, rules[site])
                 area_b = np.where(is_present, np.asarray(area_px, dtype=np.float64) * px_area[b], 0.0)
                 present[b] = is_present.astype(np.int8)

@@ -136,7 +136,9 @@ def test_parquet_pyarrow_types_nulls_metadata(left, models):
     assert meta["hipoa_version"] == __version__ and meta["config_hash"] == "abc123"
     for s in SITES:
         assert meta[f"model_sha256:{s}"] == phenotypes.sha256_file(models[s])
-        assert json.loads(meta[f"presence_threshold:{s}"]) == {"pixel_threshold": 0.5, "min_area_px": 20}
+        assert json.loads(meta[f"presence_threshold:{s}"]) == {
+            "pixel_threshold": 0.5, "detect_threshold": 0.5, "min_area_px": 20
+        }
     assert meta["created"].endswith("+00:00")
 
 

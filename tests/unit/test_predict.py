@@ -206,7 +206,14 @@ def test_presence_rule_read_and_errors(tmp_path):
     with pytest.raises(FileNotFoundError, match="unet.json"):
         predict.read_presence_rule(m)
     predict.model_json_path(m).write_text(json.dumps({"presence": {"pixel_threshold": 0.4, "min_area_px": 7}}))
-    assert predict.read_presence_rule(m) == predict.PresenceRule(0.4, 7)
+    # a rule from before the detection threshold: it equals the pixel threshold
+    assert predict.read_presence_rule(m) == predict.PresenceRule(0.4, 7, 0.4)
+    rule = {"pixel_threshold": 0.5, "detect_threshold": 0.9, "min_area_px": 12, "prevalence": 0.2}
+    predict.model_json_path(m).write_text(json.dumps({"presence": rule}))
+    assert predict.read_presence_rule(m).to_dict() == {"pixel_threshold": 0.5, "detect_threshold": 0.9, "min_area_px": 12}
+    predict.model_json_path(m).write_text(json.dumps({"presence": {**rule, "detect_threshold": 0.3}}))
+    with pytest.raises(ValueError, match="detect_threshold"):
+        predict.read_presence_rule(m)
     predict.model_json_path(m).write_text(json.dumps({"epochs": 3}))
     with pytest.raises(ValueError, match="presence"):
         predict.read_presence_rule(m)
@@ -314,3 +321,17 @@ def test_cli_predict_masks(tmp_path, models):
     assert main(argv) == 0
     _check(pd.read_parquet(out), expected)
     assert (tmp_path / "m.zarr").is_dir()
+
+
+def test_predict_padded_matches_and_keeps_one_batch_shape(tmp_path):
+    import keras
+
+    model = keras.saving.load_model(make_model(tmp_path / "unet.keras"), compile=False)
+    x = np.random.default_rng(0).normal(size=(5, PATCH_SIZE, PATCH_SIZE, 1)).astype(np.float32)
+    seen = []
+    original = model.predict_on_batch
+    model.predict_on_batch = lambda batch: (seen.append(len(batch)), original(batch))[1]
+    got = predict.predict_padded(model, x[:3], 5)
+    assert got.shape == (3, PATCH_SIZE, PATCH_SIZE, 2) and seen == [5]  # padded to the steady batch
+    np.testing.assert_allclose(got, original(x[:3]), rtol=1e-6, atol=1e-7)
+    np.testing.assert_allclose(predict.predict_padded(model, x, 5), original(x), rtol=1e-6, atol=1e-7)

@@ -233,13 +233,16 @@ def train_unet_settings(wildcards):
         "base_filters",
         "dropout",
         "precision",
+        "prevalence",
+        "detect_threshold",
     )
     settings = {key: training[key] for key in keys}
     settings.update(augment(wildcards.site))
     return (
         "--epochs {epochs} --batch-size {batch_size} --depth {depth} --base-filters {base_filters} "
         "--dropout {dropout} --n-augment {n_augment} --rotation {rotation} --scale {scale} "
-        "--displacement {displacement} --seed {seed} --precision {precision}"
+        "--displacement {displacement} --seed {seed} --precision {precision} "
+        "--prevalence {prevalence} --detect-threshold {detect_threshold}"
     ).format(**settings)
 
 
