@@ -246,6 +246,19 @@ def _prevalence(text: str) -> str | float:
     return value
 
 
+def _detect_threshold(text: str) -> str | float:
+    """``--detect-threshold``: ``auto`` or a number in [0.5, 1]."""
+    if text == "auto":
+        return text
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected 'auto' or a number in [0.5, 1], got {text!r}") from None
+    if not 0.5 <= value <= 1.0:
+        raise argparse.ArgumentTypeError(f"expected 'auto' or a number in [0.5, 1], got {text!r}")
+    return value
+
+
 def _train_unet_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--site", required=True, help="site key")
     p.add_argument("--stores", nargs="+", help="patch stores (shard-*.zarr); required unless --load")
@@ -266,8 +279,9 @@ def _train_unet_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--prevalence", default="auto", type=_prevalence,
                    help="expected share of images with an osteophyte, for the presence rule: 'auto' "
                         "(estimated on the cohort outside train and val) or a number in (0, 1)")
-    p.add_argument("--detect-threshold", type=float, default=0.9,
-                   help="pixel probability counted towards the presence rule's min_area_px (0.9)")
+    p.add_argument("--detect-threshold", default="auto", type=_detect_threshold,
+                   help="pixel probability counted towards the presence rule's min_area_px: 'auto' "
+                        "(0.5, 0.7 or 0.9, chosen on validation) or a number in [0.5, 1]")
     p.add_argument("--load", default=None, metavar="EXISTING.keras",
                    help="use this trained model (and the .json beside it) instead of training")
 
@@ -307,7 +321,8 @@ def _train_unet(args: argparse.Namespace) -> int:
     print(
         f"{args.out}: best epoch {t['best_epoch']}/{t['epochs_run']} (val_loss {t['best_val_loss']:.4f}), "
         f"{t['seconds_per_epoch']:.1f} s/epoch, {t['patches_per_second']:.1f} patches/s; "
-        f"min_area_px {info['presence']['min_area_px']} at prevalence {info['presence']['prevalence']} "
+        f"presence: >= {info['presence']['min_area_px']} px at p >= {info['presence']['detect_threshold']}, "
+        f"for prevalence {info['presence']['prevalence']} "
         f"({info['presence']['prevalence_source']}), val Dice (positives) {v.get('dice_mean_positive')}"
     )
     return 0

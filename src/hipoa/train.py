@@ -44,20 +44,23 @@ KEY = ["eid", "instance", "side"]
 SPLITS = ("train", "val", "test", "unused")
 PIXEL_THRESHOLD = 0.5
 """Pixel probability of the osteophyte mask (and area): the argmax of the two-class softmax."""
-DETECT_THRESHOLD = 0.9
-"""Pixel probability a pixel needs to count towards ``min_area_px`` (presence). On the 400-participant
-synthetic cohort it separated held-out hips better than 0.5 (AUC 0.987 / 0.968 / 0.980 against
-0.978 / 0.956 / 0.988 for inferior / superior / acetabulum) and gave the least prevalence bias."""
+DETECT_THRESHOLDS = (0.5, 0.7, 0.9)
+"""Candidate pixel probabilities a pixel needs to count towards ``min_area_px`` (presence), one
+chosen per site on validation (``detect_threshold="auto"``). A confident model separates better
+at 0.9: on the 400-participant synthetic cohort, held-out AUC 0.987 / 0.968 / 0.980 at 0.9 against
+0.978 / 0.956 / 0.988 at 0.5 (inferior / superior / acetabulum), and less prevalence bias. A
+small, less confident model (the demo's) rarely reaches 0.9 and needs 0.5."""
 POPULATION_SAMPLE = 4000
 """At most this many unlabelled images are predicted to estimate a site's prevalence."""
 VAL_AUGMENT_SEED = 20_211_014
 """Seed of the validation augmentations: fixed, so every epoch and every run see the same set."""
 PRESENCE_RULE = (
     "an image has an osteophyte if at least min_area_px patch pixels have a probability >= "
-    "detect_threshold; its mask (and area) are the pixels >= pixel_threshold. min_area_px maximises "
-    "prevalence * sensitivity + (1 - prevalence) * specificity on the validation split (geometric "
-    "middle of the best stretch); prevalence is estimated on the cohort's images outside the train "
-    "and val splits by adjusted classify-and-count, or set in the config"
+    "detect_threshold; its mask (and area) are the pixels >= pixel_threshold. detect_threshold and "
+    "min_area_px maximise prevalence * sensitivity + (1 - prevalence) * specificity on the "
+    "validation split (ties: the higher detect_threshold, the geometric middle of the best "
+    "min_area_px stretch); prevalence is estimated on the cohort's images outside the train and val "
+    "splits by adjusted classify-and-count, or set in the config"
 )
 
 
@@ -467,7 +470,7 @@ def train_site(
     seed: int = 1,
     precision: str = "auto",
     prevalence: float | str = "auto",
-    detect_threshold: float = DETECT_THRESHOLD,
+    detect_threshold: float | str = "auto",
 ) -> dict:
     """Train one site's U-Net and choose its presence rule (:func:`choose_presence_rule`).
 
@@ -611,7 +614,7 @@ def choose_presence_rule(
     splits: str | Path | pd.DataFrame,
     site: str,
     prevalence: float | str = "auto",
-    detect_threshold: float = DETECT_THRESHOLD,
+    detect_threshold: float | str = "auto",
     batch_size: int = 32,
     seed: int = 1,
     max_population: int = POPULATION_SAMPLE,
@@ -619,14 +622,15 @@ def choose_presence_rule(
     """Choose a trained model's presence rule on the validation split, for the cohort's prevalence.
 
     The rule (:func:`hipoa.metrics.presence_from_probability`): present when at least
-    ``min_area_px`` patch pixels reach ``detect_threshold``; the mask is the pixels >= 0.5.
-    ``min_area_px`` minimises the errors expected at the site's prevalence
-    (:func:`hipoa.metrics.choose_min_area`). The validation split is balanced, so its own balance
-    says nothing about the cohort's; with ``prevalence="auto"`` it is estimated where the model
-    will be used:
+    ``min_area_px`` patch pixels reach ``detect_threshold``; the mask is the pixels >= 0.5. The
+    pair minimises the errors expected at the site's prevalence: for each candidate detection
+    threshold (:data:`DETECT_THRESHOLDS`, or the one given) :func:`hipoa.metrics.choose_min_area`
+    picks ``min_area_px``, and the candidate with the best prevalence-weighted accuracy wins (ties:
+    the higher threshold). The validation split is balanced, so its own balance says nothing
+    about the cohort's; with ``prevalence="auto"`` it is estimated where the model will be used:
 
-    1. ``T0``, the rule at prevalence 0.5 (Youden's J), and its validation sensitivity ``s`` and
-       specificity ``c``;
+    1. at the detection threshold with the best Youden's J, ``T0``, the rule at prevalence 0.5,
+       and its validation sensitivity ``s`` and specificity ``c``;
     2. ``q``, the fraction called present at ``T0`` among the measurable automatic-point patches
        of participants in no train or val split (a seeded sample of at most ``max_population``);
     3. prevalence ``= (q - (1 - c)) / (s + c - 1)`` (:func:`hipoa.metrics.estimate_prevalence`),
@@ -640,20 +644,25 @@ def choose_presence_rule(
         model: The trained U-Net.
         stores, splits, site: As for :func:`train_site`.
         prevalence: ``"auto"`` or the expected fraction of images with an osteophyte, in (0, 1).
-        detect_threshold: In [0.5, 1].
+        detect_threshold: ``"auto"`` (choose among :data:`DETECT_THRESHOLDS`) or a number in [0.5, 1].
         batch_size: Of ``model.predict``.
         seed: Of the population sample.
         max_population: Cap on the images predicted for the estimate.
 
     Returns:
         ``(presence, scores)``: ``presence`` is ``unet.json``'s rule (``pixel_threshold``,
-        ``detect_threshold``, ``min_area_px``, ``prevalence``, ``prevalence_source`` and, when
-        estimated, ``prevalence_estimate``, ``rule``); ``scores`` are the validation scores at the
-        rule (:func:`hipoa.metrics.choose_min_area`) plus ``source``, ``dice_mean_positive`` and
-        ``dice_mean_all``.
+        ``detect_threshold``, ``min_area_px``, ``prevalence``, ``prevalence_source``,
+        ``candidates`` (per detection threshold: ``min_area_px``, ``weighted_accuracy``,
+        ``youden_j``) and, when estimated, ``prevalence_estimate``, ``rule``); ``scores`` are the
+        validation scores at the rule (:func:`hipoa.metrics.choose_min_area`) plus ``source``,
+        ``dice_mean_positive`` and ``dice_mean_all``.
     """
-    if not PIXEL_THRESHOLD <= detect_threshold <= 1.0:
-        raise ValueError(f"detect_threshold must be in [{PIXEL_THRESHOLD}, 1], got {detect_threshold}")
+    if detect_threshold == "auto":
+        grid = DETECT_THRESHOLDS
+    elif isinstance(detect_threshold, (int, float)) and PIXEL_THRESHOLD <= detect_threshold <= 1.0:
+        grid = (float(detect_threshold),)
+    else:
+        raise ValueError(f"detect_threshold must be 'auto' or in [{PIXEL_THRESHOLD}, 1], got {detect_threshold!r}")
     if prevalence != "auto" and not (isinstance(prevalence, (int, float)) and 0.0 < prevalence < 1.0):
         raise ValueError(f"prevalence must be 'auto' or a number in (0, 1), got {prevalence!r}")
     table = read_splits(splits)
@@ -673,36 +682,46 @@ def choose_presence_rule(
         idx = patch_indices(manual.rows, val_rows, "manual patches")
         prob = predict_probability(model, manual.image, idx, batch_size=batch_size, crop=crop)
         truth_mask = read_masks(manual.mask, idx, crop=crop)
-    count = predicted_area_px(prob, detect_threshold)
-    presence = {"pixel_threshold": PIXEL_THRESHOLD, "detect_threshold": float(detect_threshold)}
+    presence: dict = {"pixel_threshold": PIXEL_THRESHOLD}
     if val_truth.all() or not val_truth.any():
         log.warning("presence rule %s: the validation split is all one class; min_area_px defaults to 1", site)
-        min_area = 1
+        detect, min_area = grid[0], 1
         scores = {"n": int(len(val_truth)), "n_positive": int(val_truth.sum())}
         presence.update(prevalence=None, prevalence_source="none (validation split all one class)")
     else:
-        t0, youden = choose_min_area(count, val_truth, 0.5)
-        if youden["youden_j"] <= 0:
-            log.warning("presence rule %s: no min_area_px separates the validation images (Youden's J %.3f); "
-                        "the model has not learned to detect this site", site, youden["youden_j"])
+        counts = {t: predicted_area_px(prob, t) for t in grid}
+        youden = {t: choose_min_area(counts[t], val_truth, 0.5) for t in grid}
+        t_j = max(grid, key=lambda t: (round(youden[t][1]["youden_j"], 9), t))
+        if youden[t_j][1]["youden_j"] <= 0:
+            log.warning("presence rule %s: no rule separates the validation images (Youden's J %.3f); the model "
+                        "has not learned to detect this site", site, youden[t_j][1]["youden_j"])
         if prevalence == "auto":
             pi, src, detail = _estimate_site_prevalence(
-                model, auto, table, site, t0, youden, detect_threshold, batch_size, seed, max_population
+                model, auto, table, site, t_j, *youden[t_j], batch_size, seed, max_population
             )
         else:
             pi, src, detail = float(prevalence), "config", None
-        min_area, scores = choose_min_area(count, val_truth, pi)
+        chosen = {t: choose_min_area(counts[t], val_truth, pi) for t in grid}
+        detect = max(grid, key=lambda t: (round(chosen[t][1]["weighted_accuracy"], 9), t))
+        min_area, scores = chosen[detect]
         presence.update(prevalence=pi, prevalence_source=src)
         if detail is not None:
             presence["prevalence_estimate"] = detail
+        presence["candidates"] = {
+            str(t): {"min_area_px": int(chosen[t][0]), "weighted_accuracy": chosen[t][1]["weighted_accuracy"],
+                     "youden_j": youden[t][1]["youden_j"]}
+            for t in grid
+        }
         log.info(
-            "presence rule %s: prevalence %.3f (%s); min_area_px %d (best stretch %s; Youden's J alone: %d), "
-            "val sensitivity %.3f, specificity %.3f",
-            site, pi, src, min_area, scores["stretch"], t0, scores["sensitivity"], scores["specificity"],
+            "presence rule %s: prevalence %.3f (%s); detect_threshold %.2f, min_area_px %d (best stretch %s), "
+            "val sensitivity %.3f, specificity %.3f; candidates %s",
+            site, pi, src, detect, min_area, scores["stretch"], scores["sensitivity"], scores["specificity"],
+            presence["candidates"],
         )
+    presence["detect_threshold"] = float(detect)
     presence["min_area_px"] = int(min_area)
     presence["rule"] = PRESENCE_RULE
-    _, mask, _, _ = presence_from_probability(prob, PIXEL_THRESHOLD, min_area, detect_threshold)
+    _, mask, _, _ = presence_from_probability(prob, PIXEL_THRESHOLD, min_area, detect)
     d = dice(mask, truth_mask)
     scores.update(
         source=source,
@@ -713,10 +732,11 @@ def choose_presence_rule(
 
 
 def _estimate_site_prevalence(
-    model, auto: PatchSet | None, table: pd.DataFrame, site: str, t0: int, youden: dict,
-    detect_threshold: float, batch_size: int, seed: int, max_population: int,
+    model, auto: PatchSet | None, table: pd.DataFrame, site: str, detect_threshold: float, t0: int,
+    youden: dict, batch_size: int, seed: int, max_population: int,
 ) -> tuple[float, str, dict | None]:
-    """``(prevalence, source, detail)`` for :func:`choose_presence_rule`'s ``"auto"``."""
+    """``(prevalence, source, detail)`` for :func:`choose_presence_rule`'s ``"auto"``: the rule
+    ``detect_threshold``, ``t0`` with validation scores ``youden``, applied to the cohort."""
     from hipoa.predict import measurable
     from hipoa.store import store_attrs
 
@@ -738,14 +758,13 @@ def _estimate_site_prevalence(
         return fallback, f"fallback 0.5 ({why})", None
     log.info("presence rule %s: predicting %d images outside train and val to estimate the prevalence",
              site, candidates.size)
-    called = predicted_area_px(predict_probability(model, auto.image, candidates, batch_size=batch_size),
-                               detect_threshold) >= t0
-    q = float(called.mean())
+    prob = predict_probability(model, auto.image, candidates, batch_size=batch_size)
+    q = float((predicted_area_px(prob, detect_threshold) >= t0).mean())
     pi = float(np.clip(estimate_prevalence(q, sens, spec), 0.01, 0.99))
     detail = {
         "method": "adjusted classify-and-count at the Youden rule",
-        "n_images": int(candidates.size), "min_area_px": int(t0), "called_fraction": q,
-        "val_sensitivity": sens, "val_specificity": spec,
+        "n_images": int(candidates.size), "detect_threshold": float(detect_threshold), "min_area_px": int(t0),
+        "called_fraction": q, "val_sensitivity": sens, "val_specificity": spec,
     }
     return pi, "estimated", detail
 

@@ -222,14 +222,22 @@ def test_presence_rule_follows_the_prevalence(tmp_path):
     count = predicted_area_px(predict_probability(model, auto.image, patch_indices(auto.rows, val)), 0.9)
     truth = val["positive"].to_numpy(bool)
 
-    fixed, scores = choose_presence_rule(model, stores=[store], splits=splits, site=SITE, prevalence=0.5)
+    kw = dict(stores=[store], splits=splits, site=SITE)
+    fixed, scores = choose_presence_rule(model, **kw, prevalence=0.5, detect_threshold=0.9)
     assert fixed["prevalence_source"] == "config" and fixed["detect_threshold"] == 0.9
     assert fixed["min_area_px"] == choose_min_area(count, truth, 0.5)[0]
     assert scores["n"] == len(val) and 0.0 <= scores["dice_mean_positive"] <= 1.0
-    rare, _ = choose_presence_rule(model, stores=[store], splits=splits, site=SITE, prevalence=0.02)
+    rare, _ = choose_presence_rule(model, **kw, prevalence=0.02, detect_threshold=0.9)
     assert rare["min_area_px"] == choose_min_area(count, truth, 0.02)[0] >= fixed["min_area_px"]
+    # detect_threshold auto: the candidate with the best weighted accuracy, ties to the higher
+    chosen, _ = choose_presence_rule(model, **kw, prevalence=0.3)
+    cands = chosen["candidates"]
+    assert set(cands) == {"0.5", "0.7", "0.9"}
+    best = max(c["weighted_accuracy"] for c in cands.values())
+    assert chosen["detect_threshold"] == max(float(t) for t, c in cands.items() if c["weighted_accuracy"] == best)
+    assert chosen["min_area_px"] == cands[str(chosen["detect_threshold"])]["min_area_px"]
 
-    auto_rule, _ = choose_presence_rule(model, stores=[store], splits=splits, site=SITE, prevalence="auto")
+    auto_rule, _ = choose_presence_rule(model, **kw, prevalence="auto")
     est = auto_rule["prevalence_estimate"]
     # the estimate uses every measurable image of participants in no train or val split
     fitted = set(splits.loc[splits["split"].isin(["train", "val"]), "eid"])
@@ -239,8 +247,10 @@ def test_presence_rule_follows_the_prevalence(tmp_path):
     assert true_prevalence < 0.3
     assert auto_rule["prevalence"] == pytest.approx(true_prevalence, abs=0.1)
     with pytest.raises(ValueError, match="prevalence"):
-        choose_presence_rule(model, stores=[store], splits=splits, site=SITE, prevalence=1.5)
+        choose_presence_rule(model, **kw, prevalence=1.5)
+    with pytest.raises(ValueError, match="detect_threshold"):
+        choose_presence_rule(model, **kw, detect_threshold=0.3)
     # a model that calls every image separates nothing: no estimate, prevalence 0.5, said why
-    blind, _ = choose_presence_rule(_bright_pixel_model(threshold=1.0), stores=[store], splits=splits, site=SITE)
+    blind, _ = choose_presence_rule(_bright_pixel_model(threshold=1.0), **kw)
     assert blind["prevalence"] == 0.5 and "Youden" in blind["prevalence_source"]
     assert "prevalence_estimate" not in blind
