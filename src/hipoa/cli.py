@@ -233,30 +233,22 @@ def _split_data(args: argparse.Namespace) -> int:
     return 0
 
 
-def _prevalence(text: str) -> str | float:
-    """``--prevalence``: ``auto`` or a number in (0, 1)."""
-    if text == "auto":
-        return text
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected 'auto' or a number in (0, 1), got {text!r}") from None
-    if not 0.0 < value < 1.0:
-        raise argparse.ArgumentTypeError(f"expected 'auto' or a number in (0, 1), got {text!r}")
-    return value
+def _auto_or_number(low: float, high: float, *, closed: bool):
+    """An argparse type: ``auto`` or a number in ``[low, high]`` (``closed``) or ``(low, high)``."""
+    span = f"[{low}, {high}]" if closed else f"({low}, {high})"
 
+    def parse(text: str) -> str | float:
+        if text == "auto":
+            return text
+        try:
+            value = float(text)
+        except ValueError:
+            value = float("nan")
+        if not (low <= value <= high if closed else low < value < high):
+            raise argparse.ArgumentTypeError(f"expected 'auto' or a number in {span}, got {text!r}")
+        return value
 
-def _detect_threshold(text: str) -> str | float:
-    """``--detect-threshold``: ``auto`` or a number in [0.5, 1]."""
-    if text == "auto":
-        return text
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected 'auto' or a number in [0.5, 1], got {text!r}") from None
-    if not 0.5 <= value <= 1.0:
-        raise argparse.ArgumentTypeError(f"expected 'auto' or a number in [0.5, 1], got {text!r}")
-    return value
+    return parse
 
 
 def _train_unet_args(p: argparse.ArgumentParser) -> None:
@@ -276,10 +268,10 @@ def _train_unet_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=1, help="seed of weights, dropout and augmentation (1)")
     p.add_argument("--precision", default="auto", choices=["auto", "float32", "mixed_bfloat16", "mixed_float16"],
                    help="compute precision (auto: bfloat16 where the CPU/GPU has it)")
-    p.add_argument("--prevalence", default="auto", type=_prevalence,
+    p.add_argument("--prevalence", default="auto", type=_auto_or_number(0.0, 1.0, closed=False),
                    help="expected share of images with an osteophyte, for the presence rule: 'auto' "
                         "(estimated on the cohort outside train and val) or a number in (0, 1)")
-    p.add_argument("--detect-threshold", default="auto", type=_detect_threshold,
+    p.add_argument("--detect-threshold", default="auto", type=_auto_or_number(0.5, 1.0, closed=True),
                    help="pixel probability counted towards the presence rule's min_area_px: 'auto' "
                         "(0.5, 0.7 or 0.9, chosen on validation) or a number in [0.5, 1]")
     p.add_argument("--load", default=None, metavar="EXISTING.keras",

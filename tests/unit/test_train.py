@@ -254,3 +254,11 @@ def test_presence_rule_follows_the_prevalence(tmp_path):
     blind, _ = choose_presence_rule(_bright_pixel_model(threshold=1.0), **kw)
     assert blind["prevalence"] == 0.5 and "Youden" in blind["prevalence_source"]
     assert "prevalence_estimate" not in blind
+
+
+@pytest.mark.parametrize("flag, value", [("--prevalence", "1.5"), ("--prevalence", "0"), ("--prevalence", "many"),
+                                         ("--detect-threshold", "0.3"), ("--detect-threshold", "1.1")])
+def test_train_unet_cli_rejects_out_of_range_rule_settings(flag, value, tmp_path, capsys):
+    with pytest.raises(SystemExit) as exc:
+        main(["train-unet", "--site", SITE, "--out", str(tmp_path / "unet.keras"), flag, value])
+    assert exc.value.code == 2 and f"got '{value}'" in capsys.readouterr().err
