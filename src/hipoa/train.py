@@ -345,7 +345,8 @@ class SampleStream:
 
 
 def predict_probability(
-    model, image, indices: np.ndarray, *, batch_size: int = 64, block: int = 512, crop: int = 0
+    model, image, indices: np.ndarray, *, batch_size: int = 64, block: int = 512, crop: int = 0,
+    progress: str | None = None,
 ) -> np.ndarray:
     """Osteophyte probability maps for patches read in blocks from a (Dask or NumPy) array.
 
@@ -356,17 +357,23 @@ def predict_probability(
         batch_size: Batch size of ``model.predict``.
         block: Patches read from the store at a time.
         crop: Margin to cut from each side (``(C - 128) // 2`` for context patches).
+        progress: Log progress (rate, ETA) under this label; ``None``: silent.
 
     Returns:
         ``(len(indices), S, S)`` float32, softmax channel 1, in ``indices`` order.
     """
     indices = np.asarray(indices, dtype=np.int64)
     out = [np.zeros((0, PATCH_SIZE, PATCH_SIZE), np.float32)]
+    tracker = Progress(len(indices), progress, log, unit="patches") if progress else None
     for b in range(0, len(indices), block):
         x = take_rows(image, indices[b : b + block]).astype(np.float32)
         if crop:
             x = x[:, crop : crop + PATCH_SIZE, crop : crop + PATCH_SIZE]
         out.append(np.asarray(model.predict(x[..., None], batch_size=batch_size, verbose=0))[..., 1].astype(np.float32))
+        if tracker is not None:
+            tracker.update(len(x))
+    if tracker is not None:
+        tracker.close()
     return np.concatenate(out)
 
 
@@ -756,9 +763,8 @@ def _estimate_site_prevalence(
         why = "no measurable images outside train and val" if candidates.size == 0 else "Youden's J <= 0"
         log.warning("presence rule %s: cannot estimate the prevalence (%s); using %.2f", site, why, fallback)
         return fallback, f"fallback 0.5 ({why})", None
-    log.info("presence rule %s: predicting %d images outside train and val to estimate the prevalence",
-             site, candidates.size)
-    prob = predict_probability(model, auto.image, candidates, batch_size=batch_size)
+    prob = predict_probability(model, auto.image, candidates, batch_size=batch_size,
+                               progress=f"presence rule {site}: images outside train and val (prevalence)")
     q = float((predicted_area_px(prob, detect_threshold) >= t0).mean())
     pi = float(np.clip(estimate_prevalence(q, sens, spec), 0.01, 0.99))
     detail = {
