@@ -33,13 +33,15 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from hipoa.cli import _auto_or_number
 from hipoa.sites import DEFAULT_SITES
 
 SITES = [s.name for s in DEFAULT_SITES]
 
 
-def _auto_or_float(text: str) -> str | float:
-    return text if text == "auto" else float(text)
+def _fmt(value, spec: str) -> str:
+    """``value`` formatted with ``spec``, or ``NA`` (no positives, no negatives, < 3 true positives)."""
+    return "NA" if value is None else format(value, spec)
 
 
 def rechoose_rules(models: dict[str, Path], stores: list[Path], splits: Path, work: Path,
@@ -98,8 +100,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--splits", type=Path, required=True, help="folder with SITE.parquet split tables")
     p.add_argument("--side", default="L", choices=["L", "R"])
     p.add_argument("--rechoose", action="store_true", help="choose the presence rules again first")
-    p.add_argument("--prevalence", type=_auto_or_float, default="auto")
-    p.add_argument("--detect-threshold", type=_auto_or_float, default="auto")
+    p.add_argument("--prevalence", type=_auto_or_number(0.0, 1.0, closed=False), default="auto")
+    p.add_argument("--detect-threshold", type=_auto_or_number(0.5, 1.0, closed=True), default="auto")
     p.add_argument("--precision", default="float32")
     p.add_argument("--work", type=Path, help="where re-chosen models and predictions go (default: a temp dir)")
     p.add_argument("--out", type=Path, default=Path("benchmarks/out/agreement.json"))
@@ -136,8 +138,9 @@ def main(argv: list[str] | None = None) -> int:
         r, rule = res[s], res["rules"][s]
         print(f"{s}: rule >= {rule['min_area_px']} px at p >= {rule['detect_threshold']}; n {r['n']}; prevalence "
               f"predicted {r['prevalence_predicted']:.3f} vs truth {r['prevalence_true']:.3f}; sensitivity "
-              f"{r['sensitivity']:.3f}, specificity {r['specificity']:.3f}; {r['true_positives']} true positives, "
-              f"area r {r['area_r']:.3f}, median predicted/true {r['area_median_ratio']:.2f}")
+              f"{_fmt(r['sensitivity'], '.3f')}, specificity {_fmt(r['specificity'], '.3f')}; "
+              f"{r['true_positives']} true positives, area r {_fmt(r['area_r'], '.3f')}, "
+              f"median predicted/true {_fmt(r['area_median_ratio'], '.2f')}")
     print(f"written: {args.out}")
     return 0
 
