@@ -113,12 +113,17 @@ def _ingest_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--shards", required=True, type=int, metavar="N", help="number of shards")
     p.add_argument("--n-points", type=int, default=85, metavar="N", help="points per .pts file (85)")
     p.add_argument("--workers", type=int, default=1, metavar="W", help="processes reading zips (1)")
+    p.add_argument("--limits", metavar="JSON", default=None,
+                   help="plausibility ranges and resource caps (config qc): JSON object or YAML/JSON file")
+    p.add_argument("--mask-labels", metavar="L,L,...", default=None,
+                   help="values a mask may hold besides 0, the sites' labels (default 1,2,3)")
     p.add_argument("--out", required=True, metavar="M.parquet", help="manifest Parquet to write")
 
 
 @subcommand("ingest", "Build the manifest of one side from the UKB layout or a manifest CSV.", _ingest_arguments)
 def _ingest(args: argparse.Namespace) -> int:
-    from hipoa.ingest import build_manifest, write_manifest
+    from hipoa.ingest import DEFAULT_LABELS, MASK_PROBLEMS, build_manifest, write_manifest
+    from hipoa.qc import load_limits
 
     if args.images and not args.points_auto:
         raise ValueError("ingest: --images needs --points-auto")
@@ -134,14 +139,32 @@ def _ingest(args: argparse.Namespace) -> int:
         n_shards=args.shards,
         n_points=args.n_points,
         workers=args.workers,
+        limits=load_limits(args.limits),
+        labels=_labels(args.mask_labels) if args.mask_labels else DEFAULT_LABELS,
     )
     write_manifest(df, args.out)
     counts = df["qc_reason"].replace("", "ok").value_counts().sort_index()
+    summary = df.attrs.get("ingest", {})
     print(f"{args.out}: {len(df)} {args.side} images, {int(df['annotated'].sum())} annotated, "
           f"{df['shard'].nunique()} of {args.shards} shards used")
     for reason, n in counts.items():
-        print(f"  {reason:<22s} {n}")
+        print(f"  {reason:<28s} {n}")
+    unmatched = summary.get("unmatched", [])
+    if unmatched:
+        print(f"  found by the glob, not parsed by the pattern (no row; see the log): {len(unmatched)}")
+    for problem, n in summary.get("mask_problems", {}).items():
+        print(f"  mask not used for training, {problem}: {n} ({MASK_PROBLEMS[problem]})")
     return 0
+
+
+def _labels(text: str) -> tuple[int, ...]:
+    try:
+        labels = tuple(int(v) for v in text.split(",") if v.strip())
+    except ValueError:
+        raise ValueError(f"--mask-labels: expected comma-separated integers, got {text!r}") from None
+    if not labels or not all(1 <= v <= 255 for v in labels):
+        raise ValueError(f"--mask-labels: expected integers in 1..255, got {text!r}")
+    return labels
 
 
 # ---- end ingest ------------------------------------------------------------------------------
@@ -155,6 +178,8 @@ def _crop_patches_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--context", type=int, default=176, help="side of the manual-point context crops (default 176)")
     p.add_argument("--min-inside", type=float, default=0.75, help="min fraction of each 128 patch inside the image (default 0.75)")
     p.add_argument("--n-points", type=int, default=85, help="points per .pts file (default 85)")
+    p.add_argument("--limits", metavar="JSON", default=None,
+                   help="plausibility ranges and resource caps (config qc): JSON object or YAML/JSON file")
 
 
 @subcommand("crop-patches", "crop landmark-normalised patches of one manifest shard into a Zarr store", _crop_patches_args)
@@ -162,6 +187,7 @@ def _crop_patches(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     from hipoa.patches import crop_shard
+    from hipoa.qc import load_limits
     from hipoa.sites import load_sites
 
     counts = crop_shard(
@@ -172,6 +198,7 @@ def _crop_patches(args: argparse.Namespace) -> int:
         context=args.context,
         min_inside=args.min_inside,
         n_points=args.n_points,
+        limits=load_limits(args.limits),
     )
     reasons = ", ".join(f"{k} {v}" for k, v in counts["reasons"].items()) or "none"
     print(
@@ -491,8 +518,9 @@ def main(argv: list[str] | None = None) -> int:
     setup_logging(args.verbose)
     try:
         return int(args.handler(args) or 0)
-    except (ValueError, FileNotFoundError, KeyError) as exc:
-        log.error("%s", exc)
+    except (ValueError, KeyError, OSError) as exc:  # OSError: FileNotFoundError, IsADirectoryError, ...
+        # One line, no traceback: the message names the file and the problem.
+        log.error("%s", " ".join(str(exc).split()) or type(exc).__name__)
         return 2
 
 

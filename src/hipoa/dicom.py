@@ -21,15 +21,25 @@ Pixel spacing (row spacing dy, column spacing dx) in mm is ``(0028,0030) Pixel S
 UK Biobank carry no Pixel Spacing.
 
 Every :class:`DicomError` names the file (``path.zip::member`` for zip members), the tag as
-``(gggg,eeee) Name`` and the value received, and carries a machine-readable ``reason``
-(``unreadable_zip``, ``no_hip_dicom`` or ``unreadable_dicom``) that ingest stores as ``qc_reason``.
+``(gggg,eeee) Name`` and the value received, and carries a machine-readable ``reason`` from
+:data:`hipoa.qc.REASONS` that ingest stores as ``qc_reason``.
+
+Hostile files cost no more than the caps of :class:`hipoa.qc.Limits`: paths that are not regular
+files are never opened (``not_a_file``); a zip with too many members, a member or file over
+``max_member_mb`` (declared or inflated) and a header whose Rows x Columns x Samples exceed
+``max_image_pixels`` are ``image_too_large`` before anything is decoded; header scans skip
+elements over 1 MiB instead of reading them. Two members with the side's protocol are
+``ambiguous_hip_dicom``: none is picked.
 """
 
 from __future__ import annotations
 
+import contextlib
 import io
 import logging
 import math
+import os
+import stat
 import warnings
 import zipfile
 import zlib
@@ -44,14 +54,25 @@ from pydicom.dataset import Dataset
 from pydicom.pixels import apply_modality_lut, get_decoder
 from pydicom.tag import Tag
 
+from hipoa.qc import (
+    AMBIGUOUS_HIP_DICOM,
+    IMAGE_TOO_LARGE,
+    IMPLAUSIBLE_IMAGE_SIZE,
+    IMPLAUSIBLE_SPACING,
+    NO_HIP_DICOM,
+    NOT_A_FILE,
+    UNREADABLE_DICOM,
+    UNREADABLE_ZIP,
+    Limits,
+)
+
 log = logging.getLogger(__name__)
 
 SIDE_PROTOCOLS: dict[str, str] = {"L": "Left Femur", "R": "Right Femur"}
 """ProtocolName of each side's hip scan in UKB iDXA exports (compared case/space-insensitively)."""
 
-UNREADABLE_ZIP = "unreadable_zip"
-NO_HIP_DICOM = "no_hip_dicom"
-UNREADABLE_DICOM = "unreadable_dicom"
+DEFAULT_LIMITS = Limits()
+_HEADER_DEFER = 1 << 20  # header elements larger than this are skipped, not read into memory
 
 _PROTOCOL_TAGS = (0x00181030, 0x00400254)  # ProtocolName, PerformedProcedureStepDescription
 _MONOCHROME = ("MONOCHROME1", "MONOCHROME2")
@@ -65,8 +86,8 @@ class DicomError(ValueError):
     ``(gggg,eeee) Name`` and the value received.
 
     Attributes:
-        reason: Machine-readable cause, one of ``"unreadable_zip"``, ``"no_hip_dicom"``,
-            ``"unreadable_dicom"``; ingest stores it as the manifest's ``qc_reason``.
+        reason: Machine-readable cause, a key of :data:`hipoa.qc.REASONS`; ingest stores it as
+            the manifest's ``qc_reason``.
         member: The zip member at fault when one was identified (set by :func:`probe_hip`),
             else ``""``.
     """
@@ -164,21 +185,87 @@ def side_of_protocol(protocol: str) -> str | None:
 # Opening files and zip members
 
 
-def _open_zip(zip_path: str | Path) -> zipfile.ZipFile:
+def regular_file_problem(path: str | Path) -> str:
+    """``""`` when ``path`` is a regular file (links followed), else what it is instead.
+
+    Checked with ``os.stat`` only, so a FIFO or a device is never opened (opening a FIFO for
+    reading blocks until a writer appears).
+    """
     try:
-        return zipfile.ZipFile(zip_path)
+        mode = os.stat(path).st_mode
+    except FileNotFoundError:
+        return "no such file" + (" (a broken link)" if os.path.islink(path) else "")
+    except OSError as exc:
+        return f"cannot stat: {exc.strerror or exc}"
+    if stat.S_ISREG(mode):
+        return ""
+    if stat.S_ISDIR(mode):
+        return "is a directory"
+    if stat.S_ISFIFO(mode):
+        return "is a FIFO (named pipe)"
+    if stat.S_ISCHR(mode) or stat.S_ISBLK(mode):
+        return "is a device"
+    if stat.S_ISSOCK(mode):
+        return "is a socket"
+    return "is not a regular file"
+
+
+def _check_file(path: str | Path, limits: Limits) -> None:
+    """Raise ``not_a_file`` / ``image_too_large`` before anything opens ``path``."""
+    problem = regular_file_problem(path)
+    if problem == "no such file":  # a manifest naming a file that is not there (yet)
+        is_zip = str(path).lower().endswith(".zip")
+        raise DicomError(f"{path}: no such file", UNREADABLE_ZIP if is_zip else UNREADABLE_DICOM)
+    if problem:
+        raise DicomError(f"{path}: {problem}, expected a regular file", NOT_A_FILE)
+    size = os.stat(path).st_size
+    if not str(path).lower().endswith(".zip") and size > limits.max_member_bytes:
+        raise DicomError(
+            f"{path}: {size:,} bytes, over the cap of {limits.max_member_bytes:,} (qc.max_member_mb)",
+            IMAGE_TOO_LARGE,
+        )
+
+
+def _open_zip(zip_path: str | Path, limits: Limits = DEFAULT_LIMITS) -> zipfile.ZipFile:
+    _check_file(zip_path, limits)
+    try:
+        zf = zipfile.ZipFile(zip_path)
     except (zipfile.BadZipFile, OSError, zlib.error, EOFError, ValueError) as exc:
         raise DicomError(f"{zip_path}: cannot open as a zip: {exc}", UNREADABLE_ZIP) from None
+    n = sum(1 for info in zf.infolist() if not info.is_dir())
+    if n > limits.max_zip_members:
+        zf.close()
+        raise DicomError(
+            f"{zip_path}: {n} members, over the cap of {limits.max_zip_members} (qc.max_zip_members)",
+            IMAGE_TOO_LARGE,
+        )
+    return zf
 
 
-def _read_member(zf: zipfile.ZipFile, zip_path: str | Path, member: str) -> bytes:
-    """All bytes of ``member`` (the CRC is checked once the member is read to its end)."""
+def _read_member(zf: zipfile.ZipFile, zip_path: str | Path, member: str, limits: Limits = DEFAULT_LIMITS) -> bytes:
+    """All bytes of ``member``, at most ``limits.max_member_bytes`` of them (declared and inflated).
+
+    The CRC is checked once the member is read to its end.
+    """
+    source = source_name(zip_path, member)
+    cap = limits.max_member_bytes
     try:
-        return zf.read(member)
+        info = zf.getinfo(member)
+        if info.file_size > cap:
+            raise DicomError(
+                f"{source}: declares {info.file_size:,} bytes inflated ({info.compress_size:,} compressed), "
+                f"over the cap of {cap:,} (qc.max_member_mb)",
+                IMAGE_TOO_LARGE,
+            )
+        with zf.open(info) as fp:
+            data = fp.read(cap + 1)
+            if len(data) > cap:
+                raise DicomError(f"{source}: inflates past the cap of {cap:,} bytes (qc.max_member_mb)", IMAGE_TOO_LARGE)
+            return data
     except KeyError:
-        raise DicomError(f"{source_name(zip_path, member)}: no such member in the zip", UNREADABLE_ZIP) from None
+        raise DicomError(f"{source}: no such member in the zip", UNREADABLE_ZIP) from None
     except (zipfile.BadZipFile, OSError, zlib.error, EOFError, NotImplementedError, RuntimeError) as exc:
-        raise DicomError(f"{source_name(zip_path, member)}: cannot read from the zip: {exc}", UNREADABLE_ZIP) from None
+        raise DicomError(f"{source}: cannot read from the zip: {exc}", UNREADABLE_ZIP) from None
 
 
 def _looks_like_dicom(head: bytes) -> bool:
@@ -197,7 +284,13 @@ def _dcmread(fp, source: str, *, stop_before_pixels: bool) -> Dataset:
     try:
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
-            ds = pydicom.dcmread(fp, stop_before_pixels=stop_before_pixels, force=True)
+            ds = pydicom.dcmread(
+                fp,
+                stop_before_pixels=stop_before_pixels,
+                force=True,
+                # a header scan never holds a huge element (e.g. a padded private tag) in memory
+                defer_size=_HEADER_DEFER if stop_before_pixels else None,
+            )
     except (zipfile.BadZipFile, zlib.error):
         raise  # a damaged zip member, not a damaged DICOM: the caller reports unreadable_zip
     except Exception as exc:  # noqa: BLE001 - any parser failure makes the file unreadable
@@ -212,16 +305,17 @@ def _dcmread(fp, source: str, *, stop_before_pixels: bool) -> Dataset:
     return ds
 
 
-def _read_bytes(image: str | Path, member: str | None) -> bytes:
+def _read_bytes(image: str | Path, member: str | None, limits: Limits = DEFAULT_LIMITS) -> bytes:
     if member is None:
         if str(image).lower().endswith(".zip"):
             raise ValueError(f"{image}: a zip needs a member (see find_hip_member)")
+        _check_file(image, limits)
         try:
             return Path(image).read_bytes()
         except OSError as exc:
             raise DicomError(f"{image}: cannot read: {exc}") from None
-    with _open_zip(image) as zf:
-        return _read_member(zf, image, member)
+    with _open_zip(image, limits) as zf:
+        return _read_member(zf, image, member, limits)
 
 
 def read_header(image: str | Path, member: str | None = None) -> Dataset:
@@ -241,6 +335,7 @@ def read_header(image: str | Path, member: str | None = None) -> Dataset:
     if member is None:
         if str(image).lower().endswith(".zip"):
             raise ValueError(f"{image}: a zip needs a member (see find_hip_member)")
+        _check_file(image, DEFAULT_LIMITS)
         try:
             with open(image, "rb") as fp:
                 return _dcmread(fp, source, stop_before_pixels=True)
@@ -260,9 +355,9 @@ def read_header(image: str | Path, member: str | None = None) -> Dataset:
 # Finding the hip in a zip
 
 
-def _scan_hips(zf: zipfile.ZipFile, zip_path: str | Path) -> tuple[dict[str, str], list[str]]:
-    """One pass over the members: ``({side: member}, [unparsable DICOM members])``."""
-    found: dict[str, str] = {}
+def _scan_hips(zf: zipfile.ZipFile, zip_path: str | Path) -> tuple[dict[str, list[str]], list[str]]:
+    """One pass over the members: ``({side: [members]}, [unparsable DICOM members])``."""
+    found: dict[str, list[str]] = {}
     broken: list[str] = []
     for info in zf.infolist():
         if info.is_dir():
@@ -283,34 +378,29 @@ def _scan_hips(zf: zipfile.ZipFile, zip_path: str | Path) -> tuple[dict[str, str
         except (zipfile.BadZipFile, zlib.error, EOFError, OSError, NotImplementedError, RuntimeError) as exc:
             raise DicomError(f"{source}: cannot read from the zip: {exc}", UNREADABLE_ZIP) from None
         side = side_of_protocol(protocol_of(ds))
-        if side is None:
-            continue
-        if side in found:
-            log.warning(
-                "%s: two %s scans (%s and %s); using the first",
-                zip_path, SIDE_PROTOCOLS[side], found[side], info.filename,
-            )
-            continue
-        found[side] = info.filename
+        if side is not None:
+            found.setdefault(side, []).append(info.filename)
     return found, broken
 
 
 def hip_members(zip_path: str | Path) -> dict[str, str]:
     """Find both hips of a zip in one pass over its members' headers.
 
-    Non-DICOM members (``manifest.cvs``) and DICOMs whose header cannot be parsed are skipped.
+    Non-DICOM members (``manifest.cvs``) and DICOMs whose header cannot be parsed are skipped; a
+    side with two or more hip members is left out (see :func:`find_hip_member`).
 
     Args:
         zip_path: A UKB field-20158 zip.
 
     Returns:
-        ``{"L": member, "R": member}`` for the sides present (possibly empty).
+        ``{"L": member, "R": member}`` for the sides present once (possibly empty).
 
     Raises:
         DicomError: ``reason="unreadable_zip"`` if the zip cannot be opened or read.
     """
     with _open_zip(zip_path) as zf:
-        return _scan_hips(zf, zip_path)[0]
+        found = _scan_hips(zf, zip_path)[0]
+    return {side: members[0] for side, members in found.items() if len(members) == 1}
 
 
 def _missing_hip_error(zip_path: str | Path, side: str, broken: Sequence[str]) -> DicomError:
@@ -329,6 +419,20 @@ def _missing_hip_error(zip_path: str | Path, side: str, broken: Sequence[str]) -
     )
 
 
+def _the_hip(found: dict[str, list[str]], broken: Sequence[str], zip_path: str | Path, side: str) -> str:
+    """The one member of ``side``, or the DicomError saying why there is not exactly one."""
+    members = found.get(side, [])
+    if not members:
+        raise _missing_hip_error(zip_path, side, broken)
+    if len(members) > 1:
+        raise DicomError(
+            f"{zip_path}: {len(members)} members have {tag_name(0x00181030)} {SIDE_PROTOCOLS[side]!r}: "
+            f"{', '.join(members)}; none is picked",
+            AMBIGUOUS_HIP_DICOM,
+        )
+    return members[0]
+
+
 def find_hip_member(zip_path: str | Path, side: str) -> str:
     """Name of the zip member holding the hip scan of ``side``.
 
@@ -341,15 +445,14 @@ def find_hip_member(zip_path: str | Path, side: str) -> str:
 
     Raises:
         DicomError: ``reason="no_hip_dicom"`` when no member carries that side's protocol,
-            ``"unreadable_dicom"`` when none does but some DICOM member cannot be parsed,
-            ``"unreadable_zip"`` when the zip cannot be read.
+            ``"ambiguous_hip_dicom"`` when two or more do, ``"unreadable_dicom"`` when none does
+            but some DICOM member cannot be parsed, ``"unreadable_zip"`` when the zip cannot be
+            read, ``"not_a_file"`` / ``"image_too_large"`` before it is opened.
     """
     key = _side_key(side)
     with _open_zip(zip_path) as zf:
         found, broken = _scan_hips(zf, zip_path)
-    if key not in found:
-        raise _missing_hip_error(zip_path, key, broken)
-    return found[key]
+    return _the_hip(found, broken, zip_path, key)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -434,15 +537,28 @@ def pixel_spacing(ds: Dataset, source: str) -> tuple[float, float]:
     )
 
 
-def _check_image_header(ds: Dataset, source: str) -> tuple[int, int]:
-    """Validate what :func:`read_image` needs from the header; returns ``(rows, cols)``."""
+def _check_image_header(ds: Dataset, source: str, limits: Limits = DEFAULT_LIMITS) -> tuple[int, int]:
+    """Validate what :func:`read_image` needs from the header; returns ``(rows, cols)``.
+
+    Rows x Columns x Samples per Pixel over ``limits.max_image_pixels`` is ``image_too_large``,
+    checked before any pixel is decoded (a small JPEG can declare a huge matrix).
+    """
     rows = _int_tag(ds, 0x00280010, source)
     cols = _int_tag(ds, 0x00280011, source)
     if rows <= 0 or cols <= 0:
         raise DicomError(
             f"{source}: {tag_name(0x00280010)} x {tag_name(0x00280011)} must be positive, got {rows} x {cols}"
         )
-    spp = int(ds.get("SamplesPerPixel", 1) or 1)
+    try:
+        spp = int(ds.get("SamplesPerPixel", 1) or 1)
+    except (TypeError, ValueError):
+        raise DicomError(f"{source}: {tag_name(0x00280002)} is not an integer: {ds.get('SamplesPerPixel')!r}") from None
+    if rows * cols * max(spp, 1) > limits.max_image_pixels:
+        raise DicomError(
+            f"{source}: {rows} x {cols} x {spp} samples = {rows * cols * spp:,} pixels, over the cap of "
+            f"{limits.max_image_pixels:,} (qc.max_image_pixels); not decoded",
+            IMAGE_TOO_LARGE,
+        )
     if spp != 1:
         raise DicomError(f"{source}: {tag_name(0x00280002)}: colour images are not hip DXAs, got {spp}")
     photometric = str(ds.get("PhotometricInterpretation", "")).strip().upper()
@@ -493,7 +609,9 @@ def _check_pixel_data(ds: Dataset, source: str, rows: int, cols: int) -> None:
         )
 
 
-def read_image_header(image: str | Path, member: str | None = None, *, data: bytes | None = None) -> ImageHeader:
+def read_image_header(
+    image: str | Path, member: str | None = None, *, data: bytes | None = None, limits: Limits | None = None
+) -> ImageHeader:
     """Everything :func:`read_image` checks, without decoding the pixels (what ingest uses).
 
     Reads the whole file (or zip member, CRC-checked) but only parses it: Rows, Columns, spacing,
@@ -505,6 +623,9 @@ def read_image_header(image: str | Path, member: str | None = None, *, data: byt
         image: A ``.dcm`` file or a zip.
         member: The DICOM's name in the zip, if ``image`` is a zip.
         data: The file's bytes when the caller has read them already.
+        limits: Resource caps (default :class:`hipoa.qc.Limits`); when given, the image size
+            and pixel spacing must also be plausible (``implausible_image_size``,
+            ``implausible_spacing``).
 
     Returns:
         An :class:`ImageHeader`.
@@ -514,41 +635,71 @@ def read_image_header(image: str | Path, member: str | None = None, *, data: byt
     """
     source = source_name(image, member)
     if data is None:
-        data = _read_bytes(image, member)
-    ds = _dcmread(io.BytesIO(data), source, stop_before_pixels=False)
-    rows, cols = _check_image_header(ds, source)
-    spacing = pixel_spacing(ds, source)
-    _check_pixel_data(ds, source, rows, cols)
+        data = _read_bytes(image, member, limits or DEFAULT_LIMITS)
+    ds, rows, cols, spacing = _parse_checked(data, source, limits)
     return ImageHeader(rows=rows, cols=cols, spacing_mm=spacing, protocol=protocol_of(ds), source=source)
 
 
-def probe_hip(zip_path: str | Path, side: str) -> tuple[str, ImageHeader]:
+def _parse_checked(data: bytes, source: str, limits: Limits | None) -> tuple[Dataset, int, int, tuple[float, float]]:
+    """Parse a DICOM's bytes and run every check short of decoding; plausibility when ``limits``."""
+    ds = _dcmread(io.BytesIO(data), source, stop_before_pixels=False)
+    rows, cols = _check_image_header(ds, source, limits or DEFAULT_LIMITS)
+    spacing = pixel_spacing(ds, source)
+    _check_pixel_data(ds, source, rows, cols)
+    if limits is not None:
+        problem = limits.size_problem(rows, cols)
+        if problem:
+            raise DicomError(f"{source}: {problem}", IMPLAUSIBLE_IMAGE_SIZE)
+        problem = limits.spacing_problem(spacing)
+        if problem:
+            raise DicomError(f"{source}: {problem} ({spacing_source(ds)})", IMPLAUSIBLE_SPACING)
+    return ds, rows, cols, spacing
+
+
+def transfer_syntax_name(ds: Dataset) -> str:
+    """``(0002,0010) Transfer Syntax UID`` as name and UID, e.g. ``JPEG 2000 Image Compression (1.2.840.10008.1.2.4.91)``."""
+    meta = getattr(ds, "file_meta", None)
+    ts = meta.get("TransferSyntaxUID") if meta is not None else None
+    if not ts:
+        return "(0002,0010) Transfer Syntax UID absent, read as Implicit VR Little Endian"
+    return f"(0002,0010) Transfer Syntax UID {ts.name} ({str(ts)})"
+
+
+def spacing_source(ds: Dataset) -> str:
+    """Which tag the pixel spacing came from, as :func:`pixel_spacing` chooses it."""
+    for tag in (0x00280030, 0x00181164, 0x00400303):
+        if _present(ds, tag):
+            return f"from {tag_name(tag)} {ds[tag].value!r}"
+    return "no spacing tag"
+
+
+def probe_hip(zip_path: str | Path, side: str, limits: Limits | None = None) -> tuple[str, ImageHeader]:
     """Find ``side``'s hip in a zip and check its header and pixel-data length, in one open.
 
     Args:
         zip_path: A UKB field-20158 zip.
         side: ``"L"`` or ``"R"``.
+        limits: As for :func:`read_image_header`.
 
     Returns:
         ``(member, header)``.
 
     Raises:
-        DicomError: with ``reason`` ``unreadable_zip``, ``no_hip_dicom`` or ``unreadable_dicom``;
-            ``member`` names the hip member when it was found but cannot be used.
+        DicomError: with a ``reason`` of :data:`hipoa.qc.REASONS` (``not_a_file`` to
+            ``implausible_spacing``); ``member`` names the hip member when it was found but
+            cannot be used.
     """
     key = _side_key(side)
-    with _open_zip(zip_path) as zf:
+    with _open_zip(zip_path, limits or DEFAULT_LIMITS) as zf:
         found, broken = _scan_hips(zf, zip_path)
-        if key not in found:
-            raise _missing_hip_error(zip_path, key, broken)
-        member = found[key]
+        member = _the_hip(found, broken, zip_path, key)
         try:
-            data = _read_member(zf, zip_path, member)
+            data = _read_member(zf, zip_path, member, limits or DEFAULT_LIMITS)
         except DicomError as exc:
             exc.member = member
             raise
     try:
-        return member, read_image_header(zip_path, member, data=data)
+        return member, read_image_header(zip_path, member, data=data, limits=limits)
     except DicomError as exc:
         exc.member = member
         raise
@@ -556,6 +707,19 @@ def probe_hip(zip_path: str | Path, side: str) -> tuple[str, ImageHeader]:
 
 # ---------------------------------------------------------------------------------------------
 # Pixels
+
+
+@contextlib.contextmanager
+def _quiet_decoders():
+    """Silence pydicom's per-plugin ERROR tracebacks while decoding: a failure becomes one
+    DicomError line naming the member, the transfer syntax and every plugin's message."""
+    logger = logging.getLogger("pydicom.pixels.decoders.base")
+    level = logger.level
+    logger.setLevel(logging.CRITICAL)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
 
 
 def _max_possible(ds: Dataset) -> float:
@@ -572,7 +736,7 @@ def _max_possible(ds: Dataset) -> float:
     return float(np.max(apply_modality_lut(values, ds)))
 
 
-def read_image(image: str | Path, member: str | None = None) -> HipImage:
+def read_image(image: str | Path, member: str | None = None, limits: Limits | None = None) -> HipImage:
     """Decode a hip DICOM into float pixels and its spacing.
 
     Order of operations (PS3.4 N.2): decode the stored values (pydicom's pixel API: native,
@@ -587,6 +751,7 @@ def read_image(image: str | Path, member: str | None = None) -> HipImage:
     Args:
         image: A ``.dcm`` file, or a zip when ``member`` is given (read without unpacking).
         member: The DICOM's name in the zip.
+        limits: As for :func:`read_image_header`.
 
     Returns:
         A :class:`HipImage` with ``(rows, cols)`` float32 pixels.
@@ -596,18 +761,19 @@ def read_image(image: str | Path, member: str | None = None) -> HipImage:
             bit depth other than 8/16 allocated, truncated or undecodable pixel data.
     """
     source = source_name(image, member)
-    data = _read_bytes(image, member)
-    ds = _dcmread(io.BytesIO(data), source, stop_before_pixels=False)
-    rows, cols = _check_image_header(ds, source)
-    spacing = pixel_spacing(ds, source)
-    _check_pixel_data(ds, source, rows, cols)
+    data = _read_bytes(image, member, limits or DEFAULT_LIMITS)
+    ds, rows, cols, spacing = _parse_checked(data, source, limits)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            stored = ds.pixel_array
+            with _quiet_decoders():
+                stored = ds.pixel_array
     except Exception as exc:  # noqa: BLE001 - any decoder failure makes the image unreadable
+        # one line: pydicom's plugin errors span several lines (one per plugin tried)
+        detail = " | ".join(line.strip() for line in str(exc).splitlines() if line.strip())
         raise DicomError(
-            f"{source}: unreadable_dicom: {tag_name(0x7FE00010)} cannot be decoded: {type(exc).__name__}: {exc}"
+            f"{source}: {tag_name(0x7FE00010)} cannot be decoded ({transfer_syntax_name(ds)}): "
+            f"{type(exc).__name__}: {detail}"
         ) from None
     if stored.shape != (rows, cols):
         raise DicomError(

@@ -23,6 +23,7 @@ from pathlib import Path
 
 import numpy as np
 
+from hipoa.atomic import atomic_path
 from hipoa.metrics import confusion, dice, f1, presence_from_probability, sensitivity, specificity
 from hipoa.train import (
     json_safe,
@@ -86,24 +87,26 @@ def evaluate_site(
 
     Raises:
         ValueError: when the split table has no test images.
+        FileNotFoundError: naming the model or its JSON when missing.
+        hipoa.modelio.ModelError: (a ValueError) naming the model or its JSON when either is
+            unusable (:func:`hipoa.modelio.load_model`, :func:`hipoa.modelio.read_model_card`).
     """
-    import keras
-
-    from hipoa.precision import choose_policy, with_policy
+    from hipoa.modelio import load_model, read_model_card
+    from hipoa.precision import choose_policy
 
     model_path, out = Path(model), Path(out)
     figures_dir = Path(figures_dir) if figures_dir is not None else out.parent
     info_path = model_info_path(model_path)
-    if not info_path.is_file():
+    if not info_path.exists():
         raise FileNotFoundError(f"{model_path}: its settings file {info_path} is missing (it holds the presence rule)")
-    presence = json.loads(info_path.read_text())["presence"]
+    presence = read_model_card(model_path)["presence"]
     table = read_splits(splits)
     test = table[table["split"] == "test"].reset_index(drop=True)
     if test.empty:
         raise ValueError(f"site {site}: the split table has no test images")
 
     policy = choose_policy(precision)
-    net = with_policy(keras.saving.load_model(model_path, compile=False), policy)
+    net = load_model(model_path, policy)
     auto = open_site_patches(stores, site, "auto")
     idx = patch_indices(auto.rows, test, "auto patches")
     log.info(
@@ -139,8 +142,9 @@ def evaluate_site(
         "precision": policy,
         "paper_table2": PAPER_TABLE2.get(site),
     }
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(json_safe(result), indent=2) + "\n")
+    # Each file appears complete or not at all (hipoa.atomic).
+    with atomic_path(out) as tmp:
+        tmp.write_text(json.dumps(json_safe(result), indent=2) + "\n")
     figures_dir.mkdir(parents=True, exist_ok=True)
     confusion_figure(result, figures_dir / f"{site}_confusion.png")
     images = take_rows(auto.image, idx).astype(np.float32)
@@ -179,9 +183,19 @@ def confusion_figure(result: dict, path: str | Path) -> Path:
         fontsize=9,
     )
     fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
+    _save_figure(fig, path)
     return Path(path)
+
+
+def _save_figure(fig, path: str | Path) -> None:
+    """``fig.savefig`` as PNG to a temporary path renamed to ``path`` when complete; closes ``fig``."""
+    import matplotlib.pyplot as plt
+
+    try:
+        with atomic_path(path) as tmp:
+            fig.savefig(tmp, format="png")
+    finally:
+        plt.close(fig)
 
 
 def overlay_figure(
@@ -236,6 +250,5 @@ def overlay_figure(
         axes[r, 0].set_ylabel(f"Dice {dice_scores[i]:.2f}", fontsize=9)
     fig.suptitle(f"{title}: overlap red = missed, blue = extra, green = agreed", fontsize=9)
     fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
+    _save_figure(fig, path)
     return Path(path)

@@ -1,34 +1,33 @@
 """Ingest: turn the UK Biobank layout (or a manifest CSV) into the per-side manifest Parquet.
 
 One manifest row per (eid, instance, side) image, never dropped: what is already wrong with an
-image is recorded in ``qc_reason`` (the first that applies, in this order):
+image is recorded in ``qc_reason``, the first that applies in the order of
+:data:`hipoa.qc.REASONS`. Ingest gives the reasons from ``not_a_file`` (the path is a directory,
+FIFO or device: never opened) through ``points_outside_image``, and ``duplicate_image`` (another
+row of the same (eid, instance, side) is kept, see :func:`build_manifest`); crop and predict add
+the later ones.
 
-``unreadable_zip``
-    the zip cannot be opened or a member cannot be read (bad zip, CRC, missing file);
-``no_hip_dicom``
-    no member's ``(0018,1030) Protocol Name`` is this side's ``Left Femur``/``Right Femur``;
-``unreadable_dicom``
-    the hip header cannot be parsed, lacks Rows/Columns or every spacing tag, is colour or
-    multi-frame, or its pixel data is missing or truncated;
-``points_missing``
-    no automatic ``.pts`` file;
-``points_invalid``
-    the automatic ``.pts`` is malformed or has the wrong number of points;
-``points_outside_image``
-    an automatic point lies outside the image;
-``duplicate_image``
-    another row of the same (eid, instance, side) is kept (see :func:`build_manifest`).
+Only headers are parsed (the hip member is read, within the caps of :class:`hipoa.qc.Limits`, to
+check its CRC and pixel-data length, not decoded), so 40k zips ingest in minutes; ``workers > 1``
+spreads zips over processes.
 
-Only headers are parsed (the hip member is read to check its CRC and pixel-data length, not
-decoded), so 40k zips ingest in minutes; ``workers > 1`` spreads zips over processes.
+Identity: eids are kept exactly as given, as strings (``0123`` and ``123`` are two participants);
+an eid must match :data:`EID_PATTERN`, so that it is a safe file name and a single field of a
+whitespace-separated ``.pheno.tsv``.
+
+Masks: a mask is used for training only when it is a real 8-bit single-channel PNG (grey or
+palette indices) of the image's size whose values are 0 or a site label; otherwise the row is
+not ``annotated``, and the problem is logged and counted (:data:`MASK_PROBLEMS`).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import glob
 import hashlib
 import logging
 import re
+from collections import Counter
 from collections.abc import Iterator
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
@@ -39,23 +38,35 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from hipoa import __version__
-from hipoa.dicom import SIDE_PROTOCOLS, DicomError, probe_hip, read_image_header, side_of_protocol
+from hipoa import __version__, qc
+from hipoa.dicom import (
+    SIDE_PROTOCOLS,
+    DicomError,
+    probe_hip,
+    read_image_header,
+    regular_file_problem,
+    side_of_protocol,
+)
 from hipoa.points import N_POINTS, PointsError, points_inside, read_pts
 from hipoa.progress import Progress
+from hipoa.sites import DEFAULT_SITES
 
 log = logging.getLogger(__name__)
 
-QC_REASONS: tuple[str, ...] = (
-    "unreadable_zip",
-    "no_hip_dicom",
-    "unreadable_dicom",
-    "points_missing",
-    "points_invalid",
-    "points_outside_image",
-    "duplicate_image",
-)
-"""Every ``qc_reason`` ingest writes, in the order they are checked."""
+EID_PATTERN = re.compile(r"-?[A-Za-z0-9][A-Za-z0-9._-]*")
+"""What an eid may be: letters, digits, ``.``, ``_``, ``-`` (a leading ``-`` too, as UKB's
+withdrawn ids), no spaces: a safe file name and one field of a whitespace-separated table."""
+
+MASK_PROBLEMS: dict[str, str] = {
+    "mask_not_a_file": "the mask path exists but is not a regular file",
+    "mask_not_png": "the file is not a PNG (e.g. a JPEG renamed .png), or cannot be decoded",
+    "mask_wrong_mode": "not an 8-bit single-channel PNG (grey or palette)",
+    "mask_wrong_size": "rows x columns differ from the image's",
+    "mask_bad_labels": "holds values other than 0 and the sites' labels",
+}
+"""Why a mask file is not used for training (the image is still phenotyped, ``annotated`` false)."""
+
+DEFAULT_LABELS: tuple[int, ...] = tuple(s.label for s in DEFAULT_SITES)
 
 MANIFEST_SCHEMA = pa.schema(
     [
@@ -194,6 +205,8 @@ class _Job:
     points_manual: str
     mask: str
     n_points: int
+    limits: qc.Limits = qc.Limits()
+    labels: tuple[int, ...] = DEFAULT_LABELS
 
 
 def _png_size(path: Path) -> tuple[int, int] | None:
@@ -205,20 +218,62 @@ def _png_size(path: Path) -> tuple[int, int] | None:
     return int.from_bytes(head[20:24], "big"), int.from_bytes(head[16:20], "big")
 
 
+def check_mask(path: str | Path, shape: tuple[int, int] | None, labels: tuple[int, ...]) -> tuple[str, str]:
+    """``(problem, detail)`` of a label mask (a :data:`MASK_PROBLEMS` key), ``("", "")`` when usable.
+
+    The PNG signature and IHDR size are read before decoding, so a mask the size of a bomb is
+    never decoded.
+
+    Args:
+        path: The mask file (it exists).
+        shape: ``(rows, cols)`` of the image, or None when the image could not be read.
+        labels: The sites' labels; any other non-zero value is a problem.
+    """
+    from PIL import Image
+
+    problem = regular_file_problem(path)
+    if problem:
+        return "mask_not_a_file", f"{path}: {problem}, expected a PNG file"
+    try:
+        size = _png_size(Path(path))
+    except OSError as exc:
+        return "mask_not_png", f"{path}: cannot read: {exc}"
+    if size is None:
+        return "mask_not_png", f"{path}: no PNG signature and IHDR chunk (a JPEG or other file renamed .png?)"
+    if shape is not None and size != tuple(shape):
+        return "mask_wrong_size", f"{path}: mask is {size[0]} x {size[1]} (rows x cols), the image {shape[0]} x {shape[1]}"
+    try:
+        with Image.open(path) as im:
+            if im.format != "PNG" or im.mode not in ("L", "P"):
+                return "mask_wrong_mode", f"{path}: PNG mode {im.mode!r}, expected 8-bit grey 'L' or palette 'P'"
+            values = np.unique(np.asarray(im))
+    except Exception as exc:  # noqa: BLE001 - any decode failure makes the mask unusable
+        return "mask_not_png", f"{path}: cannot be decoded as PNG: {type(exc).__name__}: {exc}"
+    bad = sorted(set(values.tolist()) - {0, *labels})
+    if bad:
+        return "mask_bad_labels", f"{path}: values {bad[:10]} are not 0 or a site label {sorted(labels)}"
+    return "", ""
+
+
 def _check_points(path: str, n_points: int, rows: int, cols: int) -> tuple[str, str]:
     """``(qc_reason, detail)`` for a points file; ``("", "")`` when it is usable."""
-    if not path or not Path(path).is_file():
-        return "points_missing", f"{path or '(no pattern)'}: no such file"
+    if not path:
+        return qc.POINTS_MISSING, "(no pattern): no points file"
+    problem = regular_file_problem(path)
+    if problem.startswith("no such file"):
+        return qc.POINTS_MISSING, f"{path}: {problem}"
+    if problem:
+        return qc.POINTS_INVALID, f"{path}: {problem}, expected a .pts file"
     try:
         pts = read_pts(path, n_points=n_points)
     except PointsError as exc:
-        return "points_invalid", str(exc)
+        return qc.POINTS_INVALID, str(exc)
     except OSError as exc:
-        return "points_invalid", f"{path}: cannot read: {exc}"
+        return qc.POINTS_INVALID, f"{path}: cannot read: {exc}"
     inside = points_inside(pts, rows, cols)
     if not inside.all():
         i = int(np.flatnonzero(~inside)[0])
-        return "points_outside_image", (
+        return qc.POINTS_OUTSIDE_IMAGE, (
             f"{path}: {int((~inside).sum())} point(s) outside the {rows} x {cols} image, "
             f"first point {i} at ({pts[i, 0]:.3f}, {pts[i, 1]:.3f})"
         )
@@ -249,10 +304,10 @@ def _ingest_one(job: _Job) -> tuple[dict[str, object], list[str]]:
     header = None
     try:
         if job.image.lower().endswith(".zip") and not job.member:
-            member, header = probe_hip(job.image, job.side)
+            member, header = probe_hip(job.image, job.side, job.limits)
             row["member"] = member
         else:
-            header = read_image_header(job.image, job.member or None)
+            header = read_image_header(job.image, job.member or None, limits=job.limits)
             side = side_of_protocol(header.protocol)
             if side is not None and side != job.side:
                 notes.append(
@@ -264,8 +319,9 @@ def _ingest_one(job: _Job) -> tuple[dict[str, object], list[str]]:
         row["member"] = exc.member or job.member
         notes.append(f"{name}: {exc}" if exc.reason in str(exc) else f"{name}: {exc.reason}: {exc}")
     except Exception as exc:  # noqa: BLE001 - one bad input must never stop a 40k-image ingest
-        row["qc_reason"] = "unreadable_dicom"
-        notes.append(f"{name}: unreadable_dicom: {job.image}: {type(exc).__name__}: {exc}")
+        row["qc_reason"] = qc.UNREADABLE_DICOM
+        detail = " | ".join(line.strip() for line in str(exc).splitlines() if line.strip())
+        notes.append(f"{name}: {qc.UNREADABLE_DICOM}: {job.image}: {type(exc).__name__}: {detail}")
 
     if header is not None:
         row["rows"], row["cols"] = header.rows, header.cols
@@ -275,23 +331,19 @@ def _ingest_one(job: _Job) -> tuple[dict[str, object], list[str]]:
             row["qc_reason"] = reason
             notes.append(f"{name}: {reason}: {detail}")
 
-    if job.mask and Path(job.mask).is_file():
-        row["mask"] = job.mask
-        row["annotated"] = True
-        if header is not None:
-            try:
-                size = _png_size(Path(job.mask))
-            except OSError as exc:
-                size = None
-                notes.append(f"{name}: mask {job.mask} cannot be read: {exc}")
-            if size != (header.rows, header.cols):
-                notes.append(
-                    f"{name}: mask {job.mask} is {size} (rows, cols), "
-                    f"the image is ({header.rows}, {header.cols})"
-                )
+    row["_mask_problem"] = ""
+    if job.mask and regular_file_problem(job.mask) != "no such file":  # no file: not annotated
+        shape = (header.rows, header.cols) if header is not None else None
+        problem, detail = check_mask(job.mask, shape, job.labels)
+        if problem:
+            row["_mask_problem"] = problem
+            notes.append(f"{name}: mask not used for training ({problem}): {detail}")
+        else:
+            row["mask"] = job.mask
+            row["annotated"] = True
 
     if job.points_manual:
-        if Path(job.points_manual).is_file():
+        if regular_file_problem(job.points_manual) == "":
             rows = header.rows if header is not None else 1 << 30
             cols = header.cols if header is not None else 1 << 30
             reason, detail = _check_points(job.points_manual, job.n_points, rows, cols)
@@ -300,7 +352,8 @@ def _ingest_one(job: _Job) -> tuple[dict[str, object], list[str]]:
             else:
                 row["points_manual"] = job.points_manual
         elif row["annotated"]:
-            notes.append(f"{name}: annotated, but no manual points at {job.points_manual}")
+            problem = regular_file_problem(job.points_manual)
+            notes.append(f"{name}: annotated, but no manual points at {job.points_manual} ({problem})")
     return row, notes
 
 
@@ -331,7 +384,9 @@ def _layout_jobs(
     masks: str | None,
     side: str,
     n_points: int,
-) -> list[_Job]:
+) -> tuple[list[_Job], list[str]]:
+    """Jobs of the images matching the pattern, and the paths the glob found but the pattern
+    cannot parse (or whose eid is not an :data:`EID_PATTERN`)."""
     image_pattern = fill_pattern(images, **{"side": side}) if "{side}" in images else images
     glob_pattern, regex = pattern_to_glob(image_pattern)
     for p in (points_auto, points_manual, masks):
@@ -339,10 +394,13 @@ def _layout_jobs(
             _wildcards(p)
     paths = sorted(glob.glob(glob_pattern))
     jobs: list[_Job] = []
+    unmatched: list[str] = []
     for path in paths:
         m = regex.fullmatch(path)
-        if m is None:
-            log.debug("%s: matches the glob %s but not the pattern %s, skipped", path, glob_pattern, images)
+        if m is None or not EID_PATTERN.fullmatch(m.group("eid")):
+            why = "the pattern cannot parse it" if m is None else f"its eid {m.group('eid')!r} is not a valid eid"
+            log.warning("%s: found by the glob %s but %s (pattern %s); no row", path, glob_pattern, why, images)
+            unmatched.append(path)
             continue
         values = {
             "eid": m.group("eid"),
@@ -365,11 +423,17 @@ def _layout_jobs(
             )
         )
     if not jobs:
-        raise ValueError(f"no image matches the pattern {images!r} (glob {glob_pattern!r})")
-    return jobs
+        raise ValueError(
+            f"no image matches the pattern {images!r} (glob {glob_pattern!r}"
+            + (f"; {len(unmatched)} file(s) found by the glob do not parse, e.g. {unmatched[0]!r})" if unmatched else ")")
+        )
+    return jobs, unmatched
 
 
 def _read_table(path: Path) -> pd.DataFrame:
+    problem = regular_file_problem(path)
+    if problem:
+        raise ValueError(f"manifest {path}: {problem}, expected a CSV or Parquet file")
     if path.suffix.lower() in (".parquet", ".pq"):
         df = pd.read_parquet(path)
     else:
@@ -383,6 +447,15 @@ def _text(value: object) -> str:
     if isinstance(value, float) and value.is_integer():
         return str(int(value))
     return str(value).strip()
+
+
+def _eid_text(value: object) -> str:
+    """An eid cell as text, exactly as given (no stripping): whitespace makes it invalid."""
+    if value is None or value is pd.NA or (isinstance(value, float) and np.isnan(value)):
+        return ""
+    if isinstance(value, float) and value.is_integer():
+        return str(int(value))
+    return str(value)
 
 
 def _manifest_jobs(manifest: str | Path, side: str, n_points: int) -> list[_Job]:
@@ -411,9 +484,14 @@ def _manifest_jobs(manifest: str | Path, side: str, n_points: int) -> list[_Job]
         if row_side != side:
             other += 1
             continue
-        eid = _text(rec["eid"])
+        eid = _eid_text(rec["eid"])
         if not eid:
             raise ValueError(f"{line}: empty eid")
+        if not EID_PATTERN.fullmatch(eid):
+            raise ValueError(
+                f"{line}: eid {eid!r} is not a valid eid (letters, digits, '.', '_', '-', no spaces): it would "
+                "break file names and the whitespace-separated .pheno.tsv"
+            )
         try:
             instance = int(_text(rec["instance"]))
             array = int(_text(rec.get("array", "")) or 0)
@@ -459,9 +537,9 @@ def _mark_duplicates(df: pd.DataFrame) -> None:
             if df.at[i, "qc_reason"] != "":
                 continue
             if kept:
-                df.at[i, "qc_reason"] = "duplicate_image"
+                df.at[i, "qc_reason"] = qc.DUPLICATE_IMAGE
                 log.warning(
-                    "%s_%s_%s: duplicate_image: %s (an earlier image of the same key is kept)",
+                    "%s_%s_%s: " + qc.DUPLICATE_IMAGE + ": %s (an earlier image of the same key is kept)",
                     df.at[i, "eid"], df.at[i, "instance"], df.at[i, "side"], df.at[i, "image"],
                 )
             kept = True
@@ -483,6 +561,8 @@ def build_manifest(
     n_shards: int,
     n_points: int = N_POINTS,
     workers: int = 1,
+    limits: qc.Limits | None = None,
+    labels: tuple[int, ...] = DEFAULT_LABELS,
 ) -> pd.DataFrame:
     """Build the manifest of one side: one row per (eid, instance, side) image, never dropped.
 
@@ -497,7 +577,10 @@ def build_manifest(
       rows of the other side are ignored; relative paths are resolved against the manifest's
       folder.
 
-    A mask is recorded (and ``annotated`` set) only when its file exists. Manual points are
+    A mask is recorded (and ``annotated`` set) only when its file exists and passes
+    :func:`check_mask`; a mask that fails is logged and counted, and the row is not annotated.
+    Files the glob finds but the pattern cannot parse are logged as warnings and counted. Manual
+    points are
     recorded when the file exists and is valid (right count, inside the image); otherwise the
     problem is logged and ``points_manual`` left ``""`` (the row is still phenotyped from its
     automatic points). Rows with the same (eid, instance, side) are all kept: the first one that
@@ -513,10 +596,14 @@ def build_manifest(
         n_shards: Number of shards (see :func:`shard_of`).
         n_points: Points expected per ``.pts`` file.
         workers: Processes reading zips; 1 reads in this process.
+        limits: Plausibility ranges and resource caps (default :class:`hipoa.qc.Limits`).
+        labels: The sites' mask labels (values a mask may hold besides 0).
 
     Returns:
         DataFrame with :data:`MANIFEST_COLUMNS`, sorted by (eid as string, instance, side), ``eid``
         a string, ``rows``/``cols`` nullable Int32, spacings float64 (NaN when unknown).
+        ``df.attrs["ingest"]`` holds ``unmatched`` (paths the pattern cannot parse) and
+        ``mask_problems`` ({problem: count}).
 
     Raises:
         ValueError: bad arguments, a malformed manifest table, or no image matching ``images``.
@@ -533,26 +620,42 @@ def build_manifest(
     if images is not None:
         if not points_auto:
             raise ValueError("points_auto (a pattern) is required with images")
-        jobs = _layout_jobs(images, points_auto, points_manual, masks, side, int(n_points))
+        jobs, unmatched = _layout_jobs(images, points_auto, points_manual, masks, side, int(n_points))
     else:
-        jobs = _manifest_jobs(manifest, side, int(n_points))
+        jobs, unmatched = _manifest_jobs(manifest, side, int(n_points)), []
+    limits = limits if limits is not None else qc.Limits()
+    labels = tuple(int(v) for v in labels)
+    jobs = [dataclasses.replace(j, limits=limits, labels=labels) for j in jobs]
     jobs.sort(key=lambda j: (j.eid, j.instance, j.side, j.array, j.image))
 
     rows: list[dict[str, object]] = []
+    mask_problems: Counter[str] = Counter()
     for row, notes in _run(jobs, int(workers), side):
         for note in notes:
             log.warning("%s", note)
+        problem = str(row.pop("_mask_problem", ""))
+        if problem:
+            mask_problems[problem] += 1
         rows.append(row)
+    summary = {"unmatched": unmatched, "mask_problems": dict(sorted(mask_problems.items()))}
+    if unmatched:
+        log.warning("%d file(s) found by the glob but not parsed by the pattern have no row (listed above)", len(unmatched))
+    if mask_problems:
+        log.warning("masks not used for training: %s", ", ".join(f"{k} {v}" for k, v in sorted(mask_problems.items())))
     if not rows:
         log.warning("no %s images to ingest", side)
-        return empty_manifest()
+        df = empty_manifest()
+        df.attrs["ingest"] = summary
+        return df
     df = pd.DataFrame.from_records(rows)
     df["shard"] = [shard_of(e, n_shards) for e in df["eid"]]
     df = df[list(MANIFEST_COLUMNS)].astype(_PANDAS_DTYPES)
     df = df.reset_index(drop=True)
     _mark_duplicates(df)
+    qc.check_reasons(df["qc_reason"], f"manifest {side}")
     counts = df["qc_reason"].replace("", "ok").value_counts().sort_index()
     log.info("manifest %s: %d rows; %s", side, len(df), ", ".join(f"{k} {v}" for k, v in counts.items()))
+    df.attrs["ingest"] = summary
     return df
 
 
@@ -571,5 +674,7 @@ def write_manifest(df: pd.DataFrame, path: str | Path) -> None:
     meta = dict(table.schema.metadata or {})
     meta[b"hipoa_version"] = __version__.encode()
     table = table.replace_schema_metadata(meta)
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    pq.write_table(table, path)
+    from hipoa.atomic import atomic_path
+
+    with atomic_path(path) as tmp:  # the manifest appears complete or not at all
+        pq.write_table(table, tmp)

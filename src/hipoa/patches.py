@@ -62,6 +62,7 @@ come from the same point set as the patch.
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import shutil
@@ -75,7 +76,7 @@ import numpy as np
 import pandas as pd
 from scipy import ndimage
 
-from hipoa import __version__
+from hipoa import __version__, qc
 from hipoa.dicom import read_image
 from hipoa.points import PointsError, read_pts
 from hipoa.progress import Progress
@@ -454,34 +455,34 @@ def _int(value: Any, default: int = 0) -> int:
         return default
 
 
-def _read_mask(path: str, shape: tuple[int, int]) -> np.ndarray:
-    """Read a label PNG; ValueError naming the file if it is not a 2-D mask of ``shape``."""
+def _read_mask(path: str, shape: tuple[int, int], labels: tuple[int, ...]) -> np.ndarray:
+    """Read a label PNG; ValueError naming the file if it is not an 8-bit single-channel PNG of
+    ``shape`` holding only 0 and ``labels`` (:func:`hipoa.ingest.check_mask`'s rules)."""
     from PIL import Image
 
     with Image.open(path) as im:
+        if im.format != "PNG" or im.mode not in ("L", "P"):
+            raise ValueError(f"{path}: mask must be an 8-bit grey or palette PNG, got {im.format} mode {im.mode!r}")
+        if (im.height, im.width) != tuple(shape):
+            raise ValueError(f"{path}: mask is {im.height}x{im.width}, image is {shape[0]}x{shape[1]}")
         arr = np.asarray(im)
-    if arr.ndim != 2:
-        raise ValueError(f"{path}: mask must be single-channel, got array shape {arr.shape}")
-    if arr.shape != tuple(shape):
-        raise ValueError(f"{path}: mask is {arr.shape[0]}x{arr.shape[1]}, image is {shape[0]}x{shape[1]}")
-    if arr.dtype != np.uint8:
-        if arr.min() < 0 or arr.max() > 255:
-            raise ValueError(f"{path}: mask values must be 0..255, got {arr.min()}..{arr.max()}")
-        arr = arr.astype(np.uint8)
-    return arr
+    bad = sorted(set(np.unique(arr).tolist()) - {0, *labels})
+    if bad:
+        raise ValueError(f"{path}: mask values {bad[:10]} are not 0 or a site label {sorted(labels)}")
+    return arr.astype(np.uint8, copy=False)
 
 
 def _read_points(path: str, n_points: int) -> tuple[np.ndarray | None, str]:
     """Points and '' or (None, reason) with reason ``points_missing`` / ``points_invalid``."""
     if not path:
-        return None, "points_missing"
+        return None, qc.POINTS_MISSING
     try:
         pts = read_pts(path, n_points=n_points)
     except FileNotFoundError:
-        return None, "points_missing"
+        return None, qc.POINTS_MISSING
     except (PointsError, OSError) as exc:
-        log.warning("%s: points_invalid: %s", path, exc)
-        return None, "points_invalid"
+        log.warning("%s: %s: %s", path, qc.POINTS_INVALID, exc)
+        return None, qc.POINTS_INVALID
     return pts, ""
 
 
@@ -523,30 +524,29 @@ class _Arrays:
             self.manual[site.name] = {"image": [], "mask": [], "affine": [], "inside": []}
 
 
-def _crop_row(arrays: _Arrays, i: int, row: Any, sites: list[Site], min_inside: float, n_points: int) -> str:
+def _crop_row(
+    arrays: _Arrays, i: int, row: Any, sites: list[Site], min_inside: float, n_points: int, limits: qc.Limits
+) -> str:
     """Fill row ``i`` of ``arrays``; returns its qc_reason ('' when fine). Never raises on bad data."""
     r = arrays.rows
     side = _text(row.side)
-    qc = _text(getattr(row, "qc_reason", ""))
+    reason_in = _text(getattr(row, "qc_reason", ""))
     r["rows"][i] = _int(getattr(row, "rows", 0))
     r["cols"][i] = _int(getattr(row, "cols", 0))
     r["spacing_row_mm"][i] = _float(getattr(row, "spacing_row_mm", np.nan))
     r["spacing_col_mm"][i] = _float(getattr(row, "spacing_col_mm", np.nan))
-    if qc:
-        return qc
-    if side not in ("L", "R"):
-        log.warning("row %d (eid %s): side must be L or R, got %r", i, row.eid, side)
-        return "side_invalid"
+    if reason_in:
+        return reason_in
 
     member = _text(row.member) or None
     try:
-        hip = read_image(_text(row.image), member)
+        hip = read_image(_text(row.image), member, limits)
         pixels = np.asarray(hip.pixels)
         if pixels.ndim != 2 or pixels.size == 0:
             raise ValueError(f"pixel array has shape {pixels.shape}, expected (rows, cols)")
     except Exception as exc:  # any decode failure of one image must not stop the shard
         # DicomError.reason tells a broken zip from a broken DICOM; anything else is a decode failure
-        reason = getattr(exc, "reason", None) or "unreadable_dicom"
+        reason = getattr(exc, "reason", None) or qc.UNREADABLE_DICOM
         log.warning("row %d (eid %s): %s: %s", i, row.eid, reason, exc)
         return reason
     shape = (int(pixels.shape[0]), int(pixels.shape[1]))
@@ -559,7 +559,7 @@ def _crop_row(arrays: _Arrays, i: int, row: Any, sites: list[Site], min_inside: 
     mask_path = _text(getattr(row, "mask", ""))
     if mask_path:
         try:
-            mask = _read_mask(mask_path, shape)
+            mask = _read_mask(mask_path, shape, tuple(s.label for s in sites))
         except Exception as exc:
             log.warning("%s: mask unusable, row treated as not annotated: %s", mask_path, exc)
             mask = None
@@ -569,9 +569,11 @@ def _crop_row(arrays: _Arrays, i: int, row: Any, sites: list[Site], min_inside: 
         for site in sites:
             r[f"{site.name}_true_area_mm2"][i] = counts[site.label] * spacing[0] * spacing[1]
 
-    reason = _crop_auto(arrays, i, pixels, mask, spacing, side, sites, min_inside, _text(row.points_auto), n_points)
+    reason = _crop_auto(
+        arrays, i, pixels, mask, spacing, side, sites, min_inside, _text(row.points_auto), n_points, limits
+    )
     if mask is not None:
-        _crop_manual(arrays, i, pixels, mask, spacing, side, sites, min_inside, row, n_points)
+        _crop_manual(arrays, i, pixels, mask, spacing, side, sites, min_inside, row, n_points, limits)
     return reason
 
 
@@ -599,6 +601,7 @@ def _crop_auto(
     min_inside: float,
     points_path: str,
     n_points: int,
+    limits: qc.Limits,
 ) -> str:
     pts, reason = _read_points(points_path, n_points)
     if pts is None:
@@ -608,8 +611,13 @@ def _crop_auto(
     try:
         affines = [patch_affine(pts, s, spacing, shape[1], side, size) for s in sites]
     except (ValueError, IndexError) as exc:
-        log.warning("%s: points_invalid: %s", points_path, exc)
-        return "points_invalid"
+        log.warning("%s: %s: %s", points_path, qc.POINTS_INVALID, exc)
+        return qc.POINTS_INVALID
+    lengths = {reference_length_mm(pts, s, spacing) for s in sites}
+    problems = [p for p in map(limits.reference_length_problem, sorted(lengths)) if p]
+    if problems:
+        log.warning("%s: %s: %s", points_path, qc.IMPLAUSIBLE_REFERENCE_LENGTH, problems[0])
+        return qc.IMPLAUSIBLE_REFERENCE_LENGTH
     arrays.rows["reference_length_mm"][i] = reference_length_mm(pts, sites[0], spacing)
     fractions = [inside_fraction(a, size, shape) for a in affines]
     for site, a, f in zip(sites, affines, fractions):
@@ -618,10 +626,10 @@ def _crop_auto(
     if min(fractions) < min_inside:
         worst = int(np.argmin(fractions))
         log.warning(
-            "%s: patch_outside_image: %s patch %.2f inside (< %.2f)",
-            points_path, sites[worst].name, fractions[worst], min_inside,
+            "%s: %s: %s patch %.2f inside (< %.2f)",
+            points_path, qc.PATCH_OUTSIDE_IMAGE, sites[worst].name, fractions[worst], min_inside,
         )
-        return "patch_outside_image"
+        return qc.PATCH_OUTSIDE_IMAGE
     for site, a, f in zip(sites, affines, fractions):
         patch = sample_patch(pixels, a, size, order=1, fill=0.0)
         inside = _ALL_INSIDE[size] if f == 1.0 else inside_mask(a, size, shape)
@@ -642,6 +650,7 @@ def _crop_manual(
     min_inside: float,
     row: Any,
     n_points: int,
+    limits: qc.Limits,
 ) -> None:
     path = _text(getattr(row, "points_manual", ""))
     if not path:
@@ -659,6 +668,10 @@ def _crop_manual(
         affines = [patch_affine(pts, s, spacing, shape[1], side, context) for s in sites]
     except (ValueError, IndexError) as exc:
         log.warning("%s: manual points invalid, no manual patch: %s", path, exc)
+        return
+    problems = [p for p in (limits.reference_length_problem(reference_length_mm(pts, s, spacing)) for s in sites) if p]
+    if problems:
+        log.warning("%s: manual points: %s; no manual patch", path, problems[0])
         return
     # the core's inside fraction, i.e. the same measure as auto/ (the context is only a margin)
     shift = np.array([[1.0, 0.0, off], [0.0, 1.0, off], [0.0, 0.0, 1.0]])
@@ -758,6 +771,7 @@ def crop_shard(
     context: int = CONTEXT_SIZE,
     min_inside: float = MIN_INSIDE,
     n_points: int = 85,
+    limits: qc.Limits | None = None,
 ) -> dict[str, Any]:
     """Crop every manifest row of one shard into a Zarr v3 patch store (docs/DESIGN.md "Patch store").
 
@@ -782,6 +796,9 @@ def crop_shard(
         context: Side of the manual-point context crops (>= 128, even margin).
         min_inside: Smallest fraction of each 128 patch that must lie in the image.
         n_points: Points expected in each ``.pts`` file.
+        limits: Plausibility ranges and resource caps (default :class:`hipoa.qc.Limits`): the
+            image is re-checked as ingest did, and a reference length outside
+            ``reference_length_mm`` is ``implausible_reference_length``.
 
     Returns:
         Counts: ``rows``, ``passed``, ``flagged``, ``annotated``, ``manual``, ``reasons``
@@ -814,6 +831,11 @@ def crop_shard(
         raise ValueError(f"{source}: manifest lacks columns {missing}")
     rows = table[table["shard"].astype("int64") == int(shard)].reset_index(drop=True)
     n = len(rows)
+    bad_side = sorted({_text(v) for v in rows["side"]} - {"L", "R"})
+    if bad_side:
+        raise ValueError(f"{source}: side must be L or R, got {bad_side} (a manifest not written by hipoa ingest?)")
+    qc.check_reasons(rows["qc_reason"].fillna("") if "qc_reason" in rows else [], source)
+    limits = limits if limits is not None else qc.Limits()
     sides = sorted({_text(v) for v in table["side"]})
 
     arrays = _Arrays(n=n, sites=list(sites), size=PATCH_SIZE, context=context)
@@ -824,10 +846,10 @@ def crop_shard(
         arrays.rows["instance"][i] = _int(row.instance)
         arrays.rows["side"][i] = _text(row.side)
         try:
-            reason = _crop_row(arrays, i, row, list(sites), min_inside, n_points)
+            reason = _crop_row(arrays, i, row, list(sites), min_inside, n_points, limits)
         except Exception:  # a bug on one odd image must not lose the shard; it is logged in full
-            log.exception("row %d (eid %s): crop failed", i, row.eid)
-            reason = "crop_failed"
+            log.exception("row %d (eid %s): %s", i, row.eid, qc.CROP_FAILED)
+            reason = qc.CROP_FAILED
         if reason:
             for site in sites:
                 arrays.auto[site.name]["image"][i] = 0
@@ -857,6 +879,7 @@ def crop_shard(
         "affine": AFFINE_NOTE,
         "sites": {s.name: {"centre": s.centre, "reference": list(s.reference), "dp": s.dp, "label": s.label} for s in sites},
         "min_inside_fraction": float(min_inside),
+        "qc_limits": json.loads(limits.to_json()),
         "n_points": int(n_points),
         "points_source": POINTS_SOURCE,
         "manifest": source,
@@ -865,6 +888,9 @@ def crop_shard(
     if tmp.exists():
         shutil.rmtree(tmp)
     _write_store(tmp, arrays, attrs)
+    from hipoa.store import seal_store
+
+    seal_store(tmp)  # the completion marker, written last: readers refuse a store without it
     if out.exists():
         shutil.rmtree(out)
     tmp.rename(out)

@@ -6,7 +6,8 @@ Writes, for one side (see the data contract, "Outputs"):
   QC failures included), nullable dtypes (NA = not measurable, never a sentinel number), and
   key-value schema metadata (``hipoa_version``, ``config_hash``, ``model_sha256:{site}``,
   ``presence_threshold:{site}``, ``created``) written through pyarrow so pandas, polars, duckdb
-  and R's arrow all see it. Only ``created`` differs between two runs on the same inputs.
+  and R's arrow all see it. Only ``created`` differs between two runs on the same inputs (nothing
+  does when ``SOURCE_DATE_EPOCH`` is set: it is then ``created``).
 - ``osteophytes_{side}.pheno.tsv``: ``FID IID`` + the traits (presence 0/1, areas in mm^2,
   ``any_present``, ``total_area_mm2``), ``NA`` for missing, for ``plink2 --1`` and regenie. One
   line per participant: where a participant has several imaging visits, the lowest instance that
@@ -22,14 +23,18 @@ import datetime as _dt
 import hashlib
 import json
 import logging
+import os
+from contextlib import ExitStack
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
-from hipoa import __version__
+from hipoa import __version__, qc
+from hipoa.atomic import atomic_path
 from hipoa.predict import AREA, PRESENT, PROBABILITY, read_presence_rule, site_columns
 from hipoa.progress import Progress
+from hipoa.store import check_store
 
 log = logging.getLogger(__name__)
 
@@ -50,11 +55,26 @@ def sha256_file(path: Path) -> str:
     return h.hexdigest()
 
 
+_CANONICAL_INT = r"-?[1-9]\d{0,17}|0"
+
+
 def eid_column(eids: pd.Series) -> pd.Series:
-    """``eid`` as int64 when every eid is an integer, else as string (contract)."""
-    text = eids.astype(str).str.strip()
-    if len(text) and text.str.fullmatch(r"-?\d{1,18}").all():
-        return text.astype(np.int64)
+    """``eid`` as int64 when every eid is a canonical integer, else as the strings given (contract).
+
+    Canonical: digits with no leading zero, sign or space (``123``, not ``0123`` or ``+123``),
+    so that no two different eids can become one number; ``0123`` and ``123`` stay two strings.
+
+    Raises:
+        ValueError: naming both, if two different eids would still map to one key.
+    """
+    text = eids.astype(str)
+    if len(text) and text.str.fullmatch(_CANONICAL_INT).all():
+        numbers = text.astype(np.int64)
+        pairs = pd.DataFrame({"text": text.to_numpy(), "number": numbers.to_numpy()}).drop_duplicates()
+        clash = pairs[pairs.duplicated("number", keep=False)]
+        if len(clash):
+            raise ValueError(f"eids {sorted(clash['text'])[:2]} would both become {clash['number'].iloc[0]}")
+        return numbers
     return pd.Series(pd.array(text, dtype="string"), index=eids.index)
 
 
@@ -91,7 +111,8 @@ def _dictionary(sites: list[str]) -> list[tuple[str, str, str]]:
         ("instance", "UK Biobank assessment visit instance of the scan", ""),
         ("side", "hip: L (left) or R (right)", ""),
         ("qc_pass", "true when every site could be measured", ""),
-        ("qc_reason", "empty when qc_pass; else the first reason the image could not be fully measured", ""),
+        ("qc_reason", "empty when qc_pass; else the first reason the image could not be fully measured, one of: "
+         + "; ".join(f"{k} ({v})" for k, v in qc.REASONS.items()), ""),
         ("reference_length_mm", "distance between the two reference points of the automatic outline", "mm"),
     ]
     for s in sites:
@@ -237,7 +258,8 @@ def gather(
     reason = reason.where(reason != "", merged["_pred_reason"].fillna("").astype(str))
     site_na = pd.concat([merged[c].isna() for s in sites for c in (f"{s}{PRESENT}", f"{s}{AREA}")], axis=1).any(axis=1)
     # Belt and braces: an image with any NA site is never reported as passing QC.
-    reason = reason.where(~((reason == "") & site_na), "not_measured")
+    reason = reason.where(~((reason == "") & site_na), qc.NOT_MEASURED)
+    qc.check_reasons(reason, f"phenotypes {side}")
     used = training_eids(list(splits))
 
     df = pd.DataFrame(
@@ -269,13 +291,44 @@ def gather(
     for s in sites:
         metadata[f"model_sha256:{s}"] = sha256_file(Path(models[s]))
         metadata[f"presence_threshold:{s}"] = json.dumps(read_presence_rule(Path(models[s])).to_dict(), sort_keys=True)
-    metadata["created"] = _dt.datetime.now(_dt.timezone.utc).replace(microsecond=0).isoformat()
-    write_parquet(df, out, metadata)
-    write_pheno_tsv(df, out_tsv_path(out, "pheno"), sites)
-    write_dict_tsv(out_tsv_path(out, "dict"), df)
-    if masks_dir is not None and mask_stores:
-        write_masks(mask_stores=list(mask_stores), out_dir=Path(masks_dir), side=side)
+    metadata["created"] = created_timestamp()
+    # Every output is written to a temporary path and all are renamed only once all are complete
+    # (hipoa.atomic), so a killed job leaves none of them behind.
+    with ExitStack() as outputs:
+        masks_tmp = None
+        if masks_dir is not None and mask_stores:
+            for store in mask_stores:  # refuse an incomplete mask store before writing anything
+                check_store(store, "predicted-mask store")
+            masks_tmp = outputs.enter_context(atomic_path(Path(masks_dir)))
+        pheno_tmp = outputs.enter_context(atomic_path(out_tsv_path(out, "pheno")))
+        dict_tmp = outputs.enter_context(atomic_path(out_tsv_path(out, "dict")))
+        out_tmp = outputs.enter_context(atomic_path(out))
+        write_parquet(df, out_tmp, metadata)
+        write_pheno_tsv(df, pheno_tmp, sites)
+        write_dict_tsv(dict_tmp, df)
+        if masks_tmp is not None:
+            write_masks(mask_stores=list(mask_stores), out_dir=masks_tmp, side=side)
     return df
+
+
+def created_timestamp() -> str:
+    """``created`` of the metadata: now (UTC, seconds), or ``SOURCE_DATE_EPOCH`` when set.
+
+    ``SOURCE_DATE_EPOCH`` (seconds since 1970, the reproducible-builds convention) makes two
+    runs on the same inputs write byte-identical Parquets.
+
+    Raises:
+        ValueError: when ``SOURCE_DATE_EPOCH`` is set but not a whole number of seconds.
+    """
+    epoch = os.environ.get("SOURCE_DATE_EPOCH", "").strip()
+    if epoch:
+        try:
+            when = _dt.datetime.fromtimestamp(int(epoch), _dt.timezone.utc)
+        except (ValueError, OverflowError, OSError):
+            raise ValueError(f"SOURCE_DATE_EPOCH must be whole seconds since 1970, got {epoch!r}") from None
+    else:
+        when = _dt.datetime.now(_dt.timezone.utc)
+    return when.replace(microsecond=0).isoformat()
 
 
 def out_tsv_path(out: Path, kind: str) -> Path:
@@ -303,8 +356,8 @@ def write_parquet(df: pd.DataFrame, out: Path, metadata: dict[str, str]) -> None
     table = table.cast(pa.schema(fields, metadata=table.schema.metadata))
     meta = dict(table.schema.metadata or {})
     meta.update({k.encode(): str(v).encode() for k, v in metadata.items()})
-    Path(out).parent.mkdir(parents=True, exist_ok=True)
-    pq.write_table(table.replace_schema_metadata(meta), out)
+    with atomic_path(out) as tmp:
+        pq.write_table(table.replace_schema_metadata(meta), tmp)
     log.info("%s: %d rows, %d columns", out, len(df), df.shape[1])
 
 
@@ -316,6 +369,10 @@ def pheno_columns(sites: list[str]) -> list[str]:
 def write_pheno_tsv(df: pd.DataFrame, path: Path, sites: list[str]) -> pd.DataFrame:
     """Write the plink2/regenie phenotype file (one line per participant); returns what was written."""
     one = _pheno_rows(df)
+    bad = one["eid"].astype(str)
+    bad = bad[~bad.str.fullmatch(r"[^\s#]\S*")]
+    if len(bad):
+        raise ValueError(f"{path}: eid {bad.iloc[0]!r} would break the whitespace-separated FID/IID columns")
     if len(one) < len(df):
         log.info("%s: %d images -> %d participants (one instance each)", path, len(df), len(one))
     eid = one["eid"].astype(str)
@@ -337,7 +394,8 @@ def write_dict_tsv(path: Path, df: pd.DataFrame) -> None:
     d = pd.DataFrame(
         [(c, str(df[c].dtype), *entries[c]) for c in df.columns], columns=["FIELD", "TYPE", "DESCRIPTION", "UNITS"]
     )
-    d.to_csv(path, sep="\t", index=False, lineterminator="\n")
+    with atomic_path(path) as tmp:
+        d.to_csv(tmp, sep="\t", index=False, lineterminator="\n")
 
 
 def patch_mask_to_image(
@@ -398,12 +456,20 @@ def write_masks(*, mask_stores: list[Path], out_dir: Path, side: str | None = No
         side: Only write images of this side (None: all).
 
     Returns:
-        The PNG paths written, in store and row order.
+        The PNG paths written, in store and row order. Each PNG appears complete (written to a
+        temporary name and renamed); :func:`gather` also writes the whole folder that way.
+
+    Raises:
+        FileNotFoundError: naming a mask store that does not exist.
+        hipoa.store.StoreError: (a ValueError) naming a mask store that is incomplete (no
+            completion marker) or has a chunk missing or truncated.
     """
     import zarr
     from PIL import Image
 
     out_dir = Path(out_dir)
+    for store in mask_stores:  # every store is checked before the first PNG is written
+        check_store(store, "predicted-mask store")
     out_dir.mkdir(parents=True, exist_ok=True)
     written: list[Path] = []
     for store in mask_stores:
@@ -433,7 +499,8 @@ def write_masks(*, mask_stores: list[Path], out_dir: Path, side: str | None = No
                     window, fg = placed
                     label[window][fg] = labels[s]
             path = out_dir / f"{eid[i]}_{int(inst[i])}_{sd[i]}.png"
-            Image.fromarray(label).save(path)
+            with atomic_path(path) as tmp:
+                Image.fromarray(label).save(tmp, format="PNG")
             written.append(path)
             progress.update()
         progress.close()

@@ -30,14 +30,18 @@ Predicted-mask store (``predict_shard(masks_out=...)``, read by
     {site}/  mask (n, 128, 128) uint8 (1 = predicted osteophyte; 0 where absent or not measured)
              affine (n, 2, 3) float64 (patch (u, v, 1) -> stored-image pixel (x, y), as in the patch store)
              measured (n,) bool
+    hipoa_complete.json  the completion marker (:func:`hipoa.store.seal_store`), written last
+
+Both outputs are written to temporary paths beside them and renamed when complete
+(:mod:`hipoa.atomic`), and every model is checked and loaded (:mod:`hipoa.modelio`) before
+anything is written.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from contextlib import ExitStack
 from pathlib import Path
 from typing import Any
 
@@ -46,7 +50,9 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from hipoa import __version__
+from hipoa import __version__, qc
+# The model card (unet.json) is read in one place, hipoa.modelio; its names stay importable from here.
+from hipoa.modelio import PresenceRule, model_json_path, read_presence_rule  # noqa: F401
 from hipoa.progress import Progress
 from hipoa.sites import PATCH_SIZE
 
@@ -58,71 +64,14 @@ PROBABILITY = "_probability"
 SITE_DTYPES = {PRESENT: "Int8", AREA: "Float64", PROBABILITY: "Float32"}
 """Per-site column suffix -> pandas nullable dtype (NA = not measurable)."""
 
-REASON_OUTSIDE = "patch_outside_image"
-REASON_SPACING = "pixel_spacing_unknown"
-REASON_POINTS = "points_invalid"
+REASON_OUTSIDE = qc.PATCH_OUTSIDE_IMAGE
+REASON_SPACING = qc.PIXEL_SPACING_UNKNOWN
+REASON_POINTS = qc.POINTS_INVALID
 
 
 def site_columns(site: str) -> list[str]:
     """The three phenotype columns of ``site``: presence, area (mm^2) and probability."""
     return [f"{site}{suffix}" for suffix in SITE_DTYPES]
-
-
-@dataclass(frozen=True)
-class PresenceRule:
-    """How a probability map becomes a presence call (chosen on the validation split).
-
-    Attributes:
-        pixel_threshold: A pixel of a present osteophyte is in its mask when its class-1
-            probability is >= this.
-        min_area_px: An osteophyte is present when at least this many patch pixels reach
-            ``detect_threshold``.
-        detect_threshold: See ``min_area_px``; models trained before hipoa 0.2 have none, and
-            then it equals ``pixel_threshold``.
-    """
-
-    pixel_threshold: float
-    min_area_px: int
-    detect_threshold: float | None = None
-
-    @property
-    def detect(self) -> float:
-        return self.pixel_threshold if self.detect_threshold is None else self.detect_threshold
-
-    def to_dict(self) -> dict[str, Any]:
-        return {"pixel_threshold": self.pixel_threshold, "detect_threshold": self.detect,
-                "min_area_px": self.min_area_px}
-
-
-def model_json_path(model: Path) -> Path:
-    """``unet.json`` beside ``unet.keras`` (same stem)."""
-    return Path(model).with_suffix(".json")
-
-
-def read_presence_rule(model: Path) -> PresenceRule:
-    """The presence rule stored in the JSON beside a ``.keras`` model.
-
-    Raises:
-        FileNotFoundError: naming the JSON when it is missing.
-        ValueError: naming the JSON and the value when the rule is missing or invalid.
-    """
-    path = model_json_path(model)
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: model settings JSON not found (expected beside {model})")
-    meta = json.loads(path.read_text())
-    rule = meta.get("presence") if isinstance(meta, dict) else None
-    if not isinstance(rule, dict) or not {"pixel_threshold", "min_area_px"} <= set(rule):
-        raise ValueError(f"{path}: expected a 'presence' entry with pixel_threshold and min_area_px, got {rule!r}")
-    thr = float(rule["pixel_threshold"])
-    min_px = int(rule["min_area_px"])
-    detect = float(rule.get("detect_threshold") if rule.get("detect_threshold") is not None else thr)
-    if not 0.0 < thr <= 1.0:
-        raise ValueError(f"{path}: presence.pixel_threshold must be in (0, 1], got {thr}")
-    if not thr <= detect <= 1.0:
-        raise ValueError(f"{path}: presence.detect_threshold must be in [pixel_threshold, 1] = [{thr}, 1], got {detect}")
-    if min_px < 1:
-        raise ValueError(f"{path}: presence.min_area_px must be >= 1, got {min_px}")
-    return PresenceRule(pixel_threshold=thr, min_area_px=min_px, detect_threshold=detect)
 
 
 def patch_pixel_area_mm2(affine: np.ndarray, spacing_row_mm: np.ndarray, spacing_col_mm: np.ndarray) -> np.ndarray:
@@ -161,21 +110,17 @@ def _presence_from_probability(prob: np.ndarray, rule: PresenceRule):
 
 
 def load_model(path: Path, policy: str = "float32"):
-    """Load a site's ``.keras`` U-Net for inference under the Keras dtype ``policy``."""
-    import keras
+    """Load a site's ``.keras`` U-Net for inference under the Keras dtype ``policy``.
 
-    from hipoa.precision import with_policy
+    The file is checked before Keras reads it (:func:`hipoa.modelio.load_model`).
 
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: model not found")
-    model = keras.saving.load_model(path, compile=False)
-    shape = tuple(model.input_shape[1:])
-    if shape[:2] != (PATCH_SIZE, PATCH_SIZE):
-        raise ValueError(f"{path}: model input must be ({PATCH_SIZE}, {PATCH_SIZE}, 1), got {shape}")
-    if policy != "float32":
-        model = with_policy(model, policy)
-    return model
+    Raises:
+        FileNotFoundError: naming the model when it is missing.
+        hipoa.modelio.ModelError: (a ValueError) naming the model and what is wrong with it.
+    """
+    from hipoa import modelio
+
+    return modelio.load_model(Path(path), policy)
 
 
 def class1_probability(output: np.ndarray) -> np.ndarray:
@@ -333,8 +278,9 @@ def predict_shard(
         ValueError: naming the store when the sites' rows disagree, or a model is unusable.
         FileNotFoundError: naming the store, a model or its JSON when missing.
     """
+    from hipoa.atomic import atomic_path
     from hipoa.precision import choose_policy
-    from hipoa.store import open_patches, store_attrs
+    from hipoa.store import open_patches, seal_store, store_attrs
 
     store, out = Path(store), Path(out)
     if not models:
@@ -344,80 +290,89 @@ def predict_shard(
     attrs = store_attrs(store)
     min_inside = float(attrs.get("min_inside_fraction", 0.0))
     policy = choose_policy(precision)
+    # Every model card and model is checked and loaded before anything is written: a bad model
+    # fails the job at once, naming the file, not after the first sites' masks.
     rules = {site: read_presence_rule(Path(m)) for site, m in models.items()}
+    nets = {site: load_model(Path(m), policy) for site, m in models.items()}
     log.info("%s: %d sites, precision %s, batch %d", store, len(models), policy, batch_size)
 
     table: pd.DataFrame | None = None
     reasons: np.ndarray | None = None
     site_frames: dict[str, pd.DataFrame] = {}
     root = None
-    for site, model_path in models.items():
-        data = open_patches([store], site, source="auto")
-        rows = data.rows
-        affine = np.asarray(data.affine, dtype=np.float64)
-        n = len(rows)
-        if table is None:
-            table = rows
-            reasons = rows["qc_reason"].fillna("").astype(str).to_numpy(dtype=object).copy()
-            if masks_out is not None:
-                root = _write_mask_store_header(Path(masks_out), rows, attrs, store)
-        elif len(rows) != len(table) or not (rows["eid"].astype(str).values == table["eid"].astype(str).values).all():
-            raise ValueError(f"{store}: rows of site {site!r} differ from those of {next(iter(models))!r}")
-        ok, site_reason = measurable(rows, data.inside, min_inside, affine)
-        # The first reason of an image is its reason (earlier stages' reasons are kept as they are).
-        reasons = np.where(reasons == "", site_reason, reasons)
-        idx = np.flatnonzero(ok)
-        px_area = patch_pixel_area_mm2(affine, rows["spacing_row_mm"], rows["spacing_col_mm"])
+    with ExitStack() as outputs:
+        # Both outputs are written to temporary paths and renamed when complete (hipoa.atomic):
+        # the masks first, then the Parquet.
+        out_tmp = outputs.enter_context(atomic_path(out))
+        masks_tmp = outputs.enter_context(atomic_path(Path(masks_out))) if masks_out is not None else None
+        for site in models:
+            data = open_patches([store], site, source="auto")
+            rows = data.rows
+            affine = np.asarray(data.affine, dtype=np.float64)
+            n = len(rows)
+            if table is None:
+                table = rows
+                reasons = rows["qc_reason"].fillna("").astype(str).to_numpy(dtype=object).copy()
+                if masks_tmp is not None:
+                    root = _write_mask_store_header(masks_tmp, rows, attrs, store)
+            elif len(rows) != len(table) or not (rows["eid"].astype(str).values == table["eid"].astype(str).values).all():
+                raise ValueError(f"{store}: rows of site {site!r} differ from those of {next(iter(models))!r}")
+            ok, site_reason = measurable(rows, data.inside, min_inside, affine)
+            # The first reason of an image is its reason (earlier stages' reasons are kept as they are).
+            reasons = np.where(reasons == "", site_reason, reasons)
+            idx = np.flatnonzero(ok)
+            px_area = patch_pixel_area_mm2(affine, rows["spacing_row_mm"], rows["spacing_col_mm"])
 
-        present = pd.array([pd.NA] * n, dtype="Int8")
-        area = pd.array([pd.NA] * n, dtype="Float64")
-        prob = pd.array([pd.NA] * n, dtype="Float32")
-        if root is not None:
-            g = root.create_group(site)
-            chunk = max(1, min(batch_size, n))
-            mask_arr = g.create_array(
-                "mask", shape=(n, PATCH_SIZE, PATCH_SIZE), chunks=(chunk, PATCH_SIZE, PATCH_SIZE), dtype="uint8"
-            )
-            g.create_array("affine", shape=(n, 2, 3), dtype="float64")[...] = affine
-            g.create_array("measured", shape=(n,), dtype="bool")[...] = ok
-        log.info("%s: %d/%d images measurable, %d not (%s)", site, len(idx), n, n - len(idx),
-                 {str(k): int(v) for k, v in pd.Series(site_reason[~ok]).value_counts().items()})
-        if len(idx):
-            model = load_model(Path(model_path), policy)
-            progress = Progress(len(idx), f"predict {site}", log, unit="patches")
-            steady = min(batch_size, len(idx))
-            for b, x in iter_batches(data.image, idx, batch_size):
-                p = class1_probability(predict_padded(model, x, steady))
-                is_present, mask, area_px, probability = _presence_from_probability(p, rules[site])
-                area_b = np.where(is_present, np.asarray(area_px, dtype=np.float64) * px_area[b], 0.0)
-                present[b] = is_present.astype(np.int8)
-                area[b] = area_b
-                prob[b] = probability
-                if root is not None:
-                    mask_arr.oindex[b] = mask
-                progress.update(len(b))
-            progress.close()
+            present = pd.array([pd.NA] * n, dtype="Int8")
+            area = pd.array([pd.NA] * n, dtype="Float64")
+            prob = pd.array([pd.NA] * n, dtype="Float32")
+            if root is not None:
+                g = root.create_group(site)
+                chunk = max(1, min(batch_size, n))
+                mask_arr = g.create_array(
+                    "mask", shape=(n, PATCH_SIZE, PATCH_SIZE), chunks=(chunk, PATCH_SIZE, PATCH_SIZE), dtype="uint8"
+                )
+                g.create_array("affine", shape=(n, 2, 3), dtype="float64")[...] = affine
+                g.create_array("measured", shape=(n,), dtype="bool")[...] = ok
+            log.info("%s: %d/%d images measurable, %d not (%s)", site, len(idx), n, n - len(idx),
+                     {str(k): int(v) for k, v in pd.Series(site_reason[~ok]).value_counts().items()})
+            model = nets.pop(site)  # dropped after its site: one model's activations at a time
+            if len(idx):
+                progress = Progress(len(idx), f"predict {site}", log, unit="patches")
+                steady = min(batch_size, len(idx))
+                for b, x in iter_batches(data.image, idx, batch_size):
+                    p = class1_probability(predict_padded(model, x, steady))
+                    is_present, mask, area_px, probability = _presence_from_probability(p, rules[site])
+                    area_b = np.where(is_present, np.asarray(area_px, dtype=np.float64) * px_area[b], 0.0)
+                    present[b] = is_present.astype(np.int8)
+                    area[b] = area_b
+                    prob[b] = probability
+                    if root is not None:
+                        mask_arr.oindex[b] = mask
+                    progress.update(len(b))
+                progress.close()
             del model
-        site_frames[site] = pd.DataFrame(
-            {f"{site}{PRESENT}": present, f"{site}{AREA}": area, f"{site}{PROBABILITY}": prob}
-        )
+            site_frames[site] = pd.DataFrame(
+                {f"{site}{PRESENT}": present, f"{site}{AREA}": area, f"{site}{PROBABILITY}": prob}
+            )
 
-    assert table is not None and reasons is not None
-    df = pd.DataFrame(
-        {
-            "eid": pd.array(table["eid"].astype(str), dtype="string"),
-            "instance": table["instance"].to_numpy(dtype=np.int16),
-            "side": pd.array(table["side"].astype(str), dtype="string"),
-            "qc_reason": pd.array(reasons.astype(str), dtype="string"),
-            "reference_length_mm": table["reference_length_mm"].to_numpy(dtype=np.float64),
-            "annotated": table["annotated"].to_numpy(dtype=bool),
-        }
-    )
-    df = pd.concat([df] + [site_frames[s] for s in models], axis=1)
-    # A site that could not be measured is NA for that site only; the others keep their values,
-    # while qc_reason (qc_pass false) records that not every site could be measured.
-    failed = df["qc_reason"] != ""
-    out.parent.mkdir(parents=True, exist_ok=True)
-    pq.write_table(pa.Table.from_pandas(df, preserve_index=False), out)
+        assert table is not None and reasons is not None
+        df = pd.DataFrame(
+            {
+                "eid": pd.array(table["eid"].astype(str), dtype="string"),
+                "instance": table["instance"].to_numpy(dtype=np.int16),
+                "side": pd.array(table["side"].astype(str), dtype="string"),
+                "qc_reason": pd.array(reasons.astype(str), dtype="string"),
+                "reference_length_mm": table["reference_length_mm"].to_numpy(dtype=np.float64),
+                "annotated": table["annotated"].to_numpy(dtype=bool),
+            }
+        )
+        df = pd.concat([df] + [site_frames[s] for s in models], axis=1)
+        # A site that could not be measured is NA for that site only; the others keep their values,
+        # while qc_reason (qc_pass false) records that not every site could be measured.
+        failed = df["qc_reason"] != ""
+        pq.write_table(pa.Table.from_pandas(df, preserve_index=False), out_tmp)
+        if masks_tmp is not None:
+            seal_store(masks_tmp)
     log.info("%s: wrote %d rows (%d pass QC)", out, len(df), int((~failed).sum()))
     return df

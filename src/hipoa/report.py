@@ -22,6 +22,8 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
+from hipoa.atomic import atomic_path  # noqa: E402
+
 log = logging.getLogger(__name__)
 
 PAPER_TABLE2: tuple[dict[str, object], ...] = (
@@ -172,8 +174,22 @@ def plot_areas(table: pd.DataFrame, sites: list[str], out: Path) -> None:
         if ax.get_legend_handles_labels()[0]:
             ax.legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(out, dpi=100)
-    plt.close(fig)
+    _save_figure(fig, out)
+
+
+def _save_figure(fig, out: Path) -> None:
+    """Save ``fig`` as PNG at ``out``, complete or not at all (:func:`hipoa.atomic.atomic_path`); close it."""
+    try:
+        with atomic_path(out) as tmp:
+            fig.savefig(tmp, dpi=100, format="png")
+    finally:
+        plt.close(fig)
+
+
+def _write_text(path: Path, text: str) -> None:
+    """Write ``text`` to ``path``, complete or not at all."""
+    with atomic_path(path) as tmp:
+        tmp.write_text(text)
 
 
 def plot_prevalence(prev: pd.DataFrame, out: Path) -> None:
@@ -194,8 +210,7 @@ def plot_prevalence(prev: pd.DataFrame, out: Path) -> None:
     ax.set_ylabel("prevalence (% of measured images)")
     ax.legend(title="side")
     fig.tight_layout()
-    fig.savefig(out, dpi=100)
-    plt.close(fig)
+    _save_figure(fig, out)
 
 
 def write_report_figures(
@@ -230,7 +245,7 @@ def write_report_figures(
                  "Table 2.</p>")
     else:
         body = "<p>No site was trained in this run (all models loaded), so none was evaluated.</p>"
-    Path(evaluation).write_text(_html_page("Per-site evaluation beside the paper's Table 2", body))
+    _write_text(Path(evaluation), _html_page("Per-site evaluation beside the paper's Table 2", body))
 
     pheno = read_phenotypes(list(phenotypes))
     sites = phenotype_sites(pheno)
@@ -239,7 +254,7 @@ def write_report_figures(
     shown = prev.assign(prevalence=(prev["prevalence"] * 100).round(1))
     body = _html_table(counts, left={"qc_reason"}) + "<h3>Prevalence (% of measured images)</h3>"
     body += _html_table(shown, left={"side", "site"})
-    Path(qc).write_text(_html_page("Images by QC outcome and side", body))
+    _write_text(Path(qc), _html_page("Images by QC outcome and side", body))
 
     plot_areas(pheno, sites, Path(areas))
     plot_prevalence(prev, Path(prevalence_png))

@@ -9,10 +9,16 @@ Example::
     ps = open_patches(sorted(Path("results/patches/L").glob("shard-*.zarr")), "superior_femoral_head")
     ok = ps.rows["qc_reason"].eq("").to_numpy()
     batch = ps.image[:64].compute()          # (64, 128, 128) float16
+
+Every store hipoa writes is sealed last by :func:`seal_store` (a ``hipoa_complete.json`` marker
+listing each file and its size), and every reader first runs :func:`check_store`, so a store left
+by a killed job, or with a chunk file lost or cut short, is refused with its name instead of read
+as zeros.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,12 +34,108 @@ SOURCES = ("auto", "manual")
 _STRING_COLUMNS = ("eid", "side", "qc_reason")
 
 
+MARKER = "hipoa_complete.json"
+"""Completion marker written last into every Zarr store hipoa writes (:func:`seal_store`)."""
+
+_NOT_LISTED = (MARKER, MARKER + ".tmp", ".snakemake_timestamp")
+"""Files of a store the marker does not list: itself (and its temporary), and the file Snakemake adds to
+directory outputs."""
+
+
+class StoreError(ValueError):
+    """A Zarr store that is incomplete or damaged (no completion marker, a chunk missing or truncated)."""
+
+
+def _store_files(path: Path) -> dict[str, int]:
+    """Every file under ``path`` (relative POSIX path -> size in bytes), marker and timestamp excluded."""
+    files: dict[str, int] = {}
+    for f in sorted(path.rglob("*")):
+        rel = f.relative_to(path).as_posix()
+        if rel in _NOT_LISTED or not f.is_file():
+            continue
+        files[rel] = f.stat().st_size
+    return files
+
+
+def seal_store(path: str | Path) -> Path:
+    """Mark a fully written Zarr store complete: write, last, a marker listing its files and sizes.
+
+    Call it on the (temporary) store after its last chunk is written and before it is renamed to
+    its final path; :func:`check_store` (run by every reader) then refuses a store without the
+    marker (written by an interrupted job) or with a listed file missing or of another size.
+
+    Args:
+        path: The store directory.
+
+    Returns:
+        The marker file, ``{path}/hipoa_complete.json``: ``{"hipoa_store_marker": 1, "files":
+        {relative path: size in bytes}}`` for every file but itself and ``.snakemake_timestamp``.
+
+    Raises:
+        FileNotFoundError: naming the store when it is not a directory.
+    """
+    from hipoa.atomic import atomic_path
+
+    path = Path(path)
+    if not path.is_dir():
+        raise FileNotFoundError(f"{path}: no such Zarr store to seal")
+    files = _store_files(path)
+    marker = path / MARKER
+    with atomic_path(marker) as tmp:
+        tmp.write_text(json.dumps({"hipoa_store_marker": 1, "files": files}, indent=0, sort_keys=True) + "\n")
+    log.debug("%s: sealed (%d files, %d bytes)", path, len(files), sum(files.values()))
+    return marker
+
+
+def check_store(path: str | Path, what: str = "patch store") -> Path:
+    """Check a Zarr store is complete: its marker exists and every listed file has its size.
+
+    Args:
+        path: The store directory.
+        what: What the store is, for the messages (``"patch store"``, ``"predicted-mask store"``).
+
+    Returns:
+        ``path`` as a :class:`~pathlib.Path`.
+
+    Raises:
+        FileNotFoundError: naming the store when it does not exist.
+        StoreError: naming the store when it has no (readable) marker, or naming the first
+            listed file that is missing or truncated.
+    """
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"{path}: no such {what}")
+    if not path.is_dir():
+        raise StoreError(f"{path}: not a {what} (not a directory)")
+    marker = path / MARKER
+    if not marker.is_file():
+        raise StoreError(
+            f"{path}: incomplete {what} (no completion marker {MARKER}): written by an interrupted job? rerun it"
+        )
+    try:
+        listed = json.loads(marker.read_text())["files"]
+        if not isinstance(listed, dict):
+            raise TypeError("files is not a mapping")
+    except (ValueError, KeyError, TypeError, OSError) as exc:
+        raise StoreError(f"{path}: unreadable completion marker {MARKER} ({exc}); rerun the job that wrote it") from None
+    for rel, size in listed.items():
+        f = path / rel
+        try:
+            actual = f.stat().st_size
+        except OSError:
+            raise StoreError(f"{path}: damaged {what}: chunk {rel} missing; rerun the job that wrote it") from None
+        if actual != int(size):
+            raise StoreError(
+                f"{path}: damaged {what}: chunk {rel} truncated ({actual} bytes, {int(size)} when written); "
+                "rerun the job that wrote it"
+            )
+    return path
+
+
 def _open(store: str | Path) -> Any:
     import zarr
 
-    path = Path(store)
-    if not path.exists():
-        raise FileNotFoundError(f"{path}: no such patch store")
+    path = check_store(store)
     return zarr.open_group(str(path), mode="r")
 
 
@@ -126,6 +228,7 @@ def open_patches(stores: list[Path] | list[str] | str | Path, site: str, source:
         ValueError: on an unknown source, or stores with different patch sizes.
         KeyError: if a store has no patches for ``site``.
         FileNotFoundError: if a store does not exist.
+        StoreError: (a ValueError) naming a store that is incomplete or damaged (:func:`check_store`).
     """
     import dask.array as da
 
@@ -230,6 +333,8 @@ def save_montage(*, stores: list[Path], out: Path, n: int = 8, source: str = "au
     import matplotlib.pyplot as plt
     from matplotlib.patches import Rectangle
 
+    from hipoa.atomic import atomic_path
+
     stores = [Path(s) for s in stores]
     attrs = store_attrs(stores[0])
     names = sites or list(attrs.get("sites", {}))
@@ -267,8 +372,10 @@ def save_montage(*, stores: list[Path], out: Path, n: int = 8, source: str = "au
     fig.suptitle(f"{source} patches: top image, bottom mask overlay ({len(stores)} store(s))", fontsize=9)
     fig.tight_layout()
     out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, dpi=110)
-    plt.close(fig)
+    try:
+        with atomic_path(out) as tmp:
+            fig.savefig(tmp, dpi=110, format="png")
+    finally:
+        plt.close(fig)
     log.info("wrote %s", out)
     return out

@@ -32,6 +32,7 @@ import numpy as np
 import pandas as pd
 
 from hipoa import __version__
+from hipoa.atomic import atomic_path
 from hipoa.augment import AugmentSettings, augment, check_context, draw_params, identity_params
 from hipoa.metrics import choose_min_area, dice, estimate_prevalence, predicted_area_px, presence_from_probability
 from hipoa.progress import Progress, _fmt_seconds
@@ -560,12 +561,13 @@ def train_site(
     )
 
     out.parent.mkdir(parents=True, exist_ok=True)
-    save_model(with_policy(model, "float32"), out)
+    save_model(with_policy(model, "float32"), out)  # written to a temporary path, then renamed
     seconds = epoch_log.seconds
     hist = pd.DataFrame(history.history)
     hist.insert(0, "epoch", np.arange(1, len(hist) + 1))
     hist["seconds"] = seconds[: len(hist)]
-    hist.to_csv(out.parent / "history.csv", index=False, quoting=csv.QUOTE_MINIMAL)
+    with atomic_path(out.parent / "history.csv") as tmp:
+        hist.to_csv(tmp, index=False, quoting=csv.QUOTE_MINIMAL)
     info = {
         "site": site,
         "hipoa_version": __version__,
@@ -601,7 +603,8 @@ def train_site(
         "validation": scores,
         "presence": presence,
     }
-    out.with_suffix(".json").write_text(json.dumps(json_safe(info), indent=2) + "\n")
+    with atomic_path(out.with_suffix(".json")) as tmp:
+        tmp.write_text(json.dumps(json_safe(info), indent=2) + "\n")
     log.info(
         "train %s: best epoch %d (val_loss %.4f), min_area_px %d, val sensitivity %.3f specificity %.3f, "
         "val Dice (positives) %.3f; wrote %s",
@@ -789,8 +792,10 @@ def json_safe(obj):
 
 
 def model_info_path(model: str | Path) -> Path:
-    """The JSON beside a model: same stem, ``.json``."""
-    return Path(model).with_suffix(".json")
+    """The JSON beside a model (its model card): same stem, ``.json`` (:func:`hipoa.modelio.model_json_path`)."""
+    from hipoa.modelio import model_json_path
+
+    return model_json_path(model)
 
 
 def load_existing(*, model: str | Path, out: str | Path) -> dict:
@@ -805,39 +810,35 @@ def load_existing(*, model: str | Path, out: str | Path) -> dict:
 
     Raises:
         FileNotFoundError: naming the missing model or JSON.
-        ValueError: naming the file and the shapes when it is not a 128x128 -> 128x128x2 U-Net, or
-            when its JSON lacks the presence rule.
+        hipoa.modelio.ModelError: (a ValueError) naming the file: not a loadable, safe ``.keras``
+            U-Net (:func:`hipoa.modelio.load_model`), not 128x128 -> 128x128xk, or its JSON is
+            invalid or lacks the presence rule.
     """
-    import keras
+    from hipoa.modelio import load_model, read_model_card
 
     src, out = Path(model), Path(out)
-    info_path = model_info_path(src)
-    if not src.is_file():
+    if not src.exists():
         raise FileNotFoundError(f"model to load not found: {src}")
-    if not info_path.is_file():
+    info_path = model_info_path(src)
+    if not info_path.exists():
         raise FileNotFoundError(f"{src}: its settings file {info_path} is missing (it holds the presence rule)")
-    m = keras.saving.load_model(src, compile=False)
-    size = (PATCH_SIZE, PATCH_SIZE)
-    if tuple(m.input_shape[1:]) != (*size, 1) or tuple(m.output_shape[1:3]) != size:
-        raise ValueError(
-            f"{src}: expected input (128, 128, 1) and output (128, 128, k), got {m.input_shape} -> {m.output_shape}"
-        )
-    info = json.loads(info_path.read_text())
-    presence = info.get("presence", {})
-    if "pixel_threshold" not in presence or "min_area_px" not in presence:
-        raise ValueError(
-            f"{info_path}: no presence rule (presence.pixel_threshold, presence.min_area_px), got {presence}"
-        )
-    out.parent.mkdir(parents=True, exist_ok=True)
+    info = read_model_card(src)
+    load_model(src)  # checks the file, then that Keras loads it and its shapes
+    presence = info["presence"]
+    # Each file appears complete or not at all (hipoa.atomic); the model, then its card and history.
     if src.resolve() != out.resolve():
-        shutil.copyfile(src, out)
+        with atomic_path(out) as tmp:
+            shutil.copyfile(src, tmp)
     info["loaded_from"] = str(src)
-    model_info_path(out).write_text(json.dumps(info, indent=2) + "\n")
+    with atomic_path(model_info_path(out)) as tmp:
+        tmp.write_text(json.dumps(info, indent=2) + "\n")
     hist_src, hist_out = src.parent / "history.csv", out.parent / "history.csv"
     if hist_src.is_file():
         if hist_src.resolve() != hist_out.resolve():
-            shutil.copyfile(hist_src, hist_out)
+            with atomic_path(hist_out) as tmp:
+                shutil.copyfile(hist_src, tmp)
     else:
-        hist_out.write_text("epoch,loss,val_loss,seconds\n")
+        with atomic_path(hist_out) as tmp:
+            tmp.write_text("epoch,loss,val_loss,seconds\n")
     log.info("loaded %s (min_area_px %s) -> %s", src, presence["min_area_px"], out)
     return info

@@ -256,8 +256,11 @@ def test_repeated_images_kept_in_order(models, tmp_path):
 
 
 def test_eid_string_when_not_numeric():
-    assert str(phenotypes.eid_column(pd.Series(["12", "003"])).dtype) == "int64"
-    assert phenotypes.eid_column(pd.Series(["12", "003"])).tolist() == [12, 3]
+    assert str(phenotypes.eid_column(pd.Series(["12", "3"])).dtype) == "int64"
+    assert phenotypes.eid_column(pd.Series(["12", "3"])).tolist() == [12, 3]
+    # a leading zero is not a canonical integer: kept as given, so 003 and 3 stay two people
+    s = phenotypes.eid_column(pd.Series(["12", "003", "3"]))
+    assert str(s.dtype) == "string" and s.tolist() == ["12", "003", "3"]
     s = phenotypes.eid_column(pd.Series(["12", "p7"]))
     assert str(s.dtype) == "string" and s.tolist() == ["12", "p7"]
 

@@ -20,6 +20,7 @@ import pytest
 
 from hipoa import predict
 from hipoa.sites import DEFAULT_SITES, PATCH_SIZE
+from hipoa.store import seal_store
 
 SITES = [s.name for s in DEFAULT_SITES[:2]]  # two sites keep the tests small
 GAIN = 5.0
@@ -125,6 +126,7 @@ def make_store(
         a.create_array("affine", shape=(n, 2, 3), dtype="float64")[...] = affines[site]
         ins = np.ones(n, np.float32) if inside is None or site not in inside else inside[site]
         a.create_array("inside", shape=(n,), dtype="float32")[...] = ins
+    seal_store(path)  # complete: readers refuse a store without the marker
     return path
 
 

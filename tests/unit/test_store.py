@@ -29,11 +29,15 @@ from hipoa.patches import (
     sample_patch,
 )
 from hipoa.points import read_pts, write_pts
+from hipoa.qc import Limits
 from hipoa.sites import DEFAULT_SITES
 from hipoa.store import open_patches, read_rows, save_montage, store_attrs
 
 ROWS, COLS = 220, 260
 EXPOSED_AREA = (65, 66)  # (0040,0303) [width_mm, height_mm], VR US: dx = 0.25, dy = 0.3 mm
+# Anisotropic pixels on purpose, to test the geometry, and miniature hips (220 x 260 images,
+# reference length ~16 mm) to keep the tests fast: the default QC would flag both.
+ANISOTROPIC = Limits(max_spacing_anisotropy=0.25, reference_length_mm=(5.0, 150.0))
 SPACING = (66 / ROWS, 65 / COLS)  # (dy, dx), anisotropic on purpose
 
 
@@ -177,7 +181,7 @@ def cohort(tmp_path_factory) -> tuple[Path, pd.DataFrame]:
 def shard0(cohort) -> tuple[Path, dict, pd.DataFrame]:
     root, manifest = cohort
     out = root / "shard-0000.zarr"
-    counts = crop_shard(manifest=manifest, shard=0, out=out, sites=list(DEFAULT_SITES))
+    counts = crop_shard(manifest=manifest, shard=0, out=out, sites=list(DEFAULT_SITES), limits=ANISOTROPIC)
     return out, counts, manifest[manifest["shard"] == 0].reset_index(drop=True)
 
 
@@ -318,7 +322,7 @@ def test_open_patches_concatenates_shards_lazily(cohort, shard0):
     root, manifest = cohort
     out0, _, rows0 = shard0
     out1 = root / "shard-0001.zarr"
-    crop_shard(manifest=manifest, shard=1, out=out1, sites=list(DEFAULT_SITES))
+    crop_shard(manifest=manifest, shard=1, out=out1, sites=list(DEFAULT_SITES), limits=ANISOTROPIC)
     n0, n1 = len(rows0), int((manifest["shard"] == 1).sum())
     ps = open_patches([out0, out1], "superior_femoral_head")
     assert isinstance(ps.image, da.Array) and isinstance(ps.mask, da.Array)
@@ -343,7 +347,7 @@ def test_open_patches_concatenates_shards_lazily(cohort, shard0):
 def test_empty_shard_writes_an_empty_store(cohort, tmp_path):
     _, manifest = cohort
     out = tmp_path / "empty.zarr"
-    counts = crop_shard(manifest=manifest, shard=7, out=out, sites=list(DEFAULT_SITES))
+    counts = crop_shard(manifest=manifest, shard=7, out=out, sites=list(DEFAULT_SITES), limits=ANISOTROPIC)
     assert counts["rows"] == 0
     ps = open_patches([out], "lateral_acetabulum", source="manual")
     assert ps.image.shape == (0, CONTEXT_SIZE, CONTEXT_SIZE) and len(ps.rows) == 0
@@ -352,8 +356,8 @@ def test_empty_shard_writes_an_empty_store(cohort, tmp_path):
 def test_rerun_replaces_the_store(cohort, tmp_path):
     _, manifest = cohort
     out = tmp_path / "s.zarr"
-    crop_shard(manifest=manifest, shard=1, out=out, sites=list(DEFAULT_SITES)[:1])
-    crop_shard(manifest=manifest, shard=1, out=out, sites=list(DEFAULT_SITES))
+    crop_shard(manifest=manifest, shard=1, out=out, sites=list(DEFAULT_SITES)[:1], limits=ANISOTROPIC)
+    crop_shard(manifest=manifest, shard=1, out=out, sites=list(DEFAULT_SITES), limits=ANISOTROPIC)
     assert sorted(zarr.open_group(str(out), mode="r")["auto"].group_keys()) == sorted(s.name for s in DEFAULT_SITES)
 
 
@@ -364,7 +368,7 @@ def test_bad_arguments_raise(cohort, tmp_path):
     with pytest.raises(ValueError, match="n_points"):
         crop_shard(manifest=manifest, shard=0, out=tmp_path / "x.zarr", sites=list(DEFAULT_SITES), n_points=50)
     with pytest.raises(ValueError, match="lacks columns"):
-        crop_shard(manifest=manifest.drop(columns=["member"]), shard=0, out=tmp_path / "x.zarr", sites=list(DEFAULT_SITES))
+        crop_shard(manifest=manifest.drop(columns=["member"]), shard=0, out=tmp_path / "x.zarr", sites=list(DEFAULT_SITES), limits=ANISOTROPIC)
 
 
 def test_cli_crop_and_show_patches(cohort, tmp_path):
@@ -374,7 +378,7 @@ def test_cli_crop_and_show_patches(cohort, tmp_path):
     out = tmp_path / "shard-0001.zarr"
     assert main(["crop-patches", "--manifest", str(path), "--shard", "1", "--out", str(out),
                  "--sites", '{"lateral_acetabulum": {"centre": 78, "reference": [12, 39], "dp": 0.01, "label": 3}}',
-                 "--context", "160", "--min-inside", "0.8"]) == 0
+                 "--context", "160", "--min-inside", "0.8", "--limits", ANISOTROPIC.to_json()]) == 0
     attrs = store_attrs(out)
     assert list(attrs["sites"]) == ["lateral_acetabulum"] and attrs["context_size"] == 160
     assert attrs["min_inside_fraction"] == 0.8
@@ -409,7 +413,7 @@ def synth_shards(tmp_path_factory):
         stores[side] = []
         for k in range(2):
             out = root / f"{side}-shard-{k:04d}.zarr"
-            crop_shard(manifest=manifest, shard=k, out=out, sites=list(DEFAULT_SITES))
+            crop_shard(manifest=manifest, shard=k, out=out, sites=list(DEFAULT_SITES), limits=ANISOTROPIC)
             stores[side].append(out)
     truth = truth.assign(eid=truth["eid"].astype(str))
     return truth, manifests, stores

@@ -13,6 +13,8 @@ import numpy as np
 import zarr
 from scipy import ndimage
 
+from hipoa.store import seal_store
+
 PATCH = 128
 SPACING_MM = 0.25
 PATCH_PX_MM = 0.2  # patch pixel size, mm (dp x reference length)
@@ -125,5 +127,6 @@ def write_tiny_store(
     g.create_array(f"manual/{site}/mask", data=ctx_mask[manual_rows], chunks=(16, context, context))
     g.create_array(f"manual/{site}/affine", data=affine[:m] if m else np.zeros((0, 2, 3)))
     g.create_array(f"manual/{site}/row", data=manual_rows)
+    seal_store(path)  # complete: readers refuse a store without the marker
     return Path(path)
 

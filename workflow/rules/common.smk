@@ -148,6 +148,16 @@ def sites_json():
     return json.dumps(config["sites"], sort_keys=True, separators=(",", ":"))
 
 
+def qc_json():
+    """The qc limits as compact JSON for `--limits` (hipoa.qc.load_limits reads it)."""
+    return json.dumps(config["qc"], sort_keys=True, separators=(",", ":"))
+
+
+def mask_labels():
+    """The sites' mask labels for `hipoa ingest --mask-labels`."""
+    return ",".join(str(config["sites"][site]["label"]) for site in SITES)
+
+
 def config_hash():
     """First 16 hex digits of SHA-256 over the validated config (recorded in the Parquet)."""
     text = json.dumps(config, sort_keys=True, separators=(",", ":"))

@@ -15,6 +15,8 @@ rule ingest:
         source=ingest_source,
         shards=config["patches"]["shards"],
         n_points=config["n_points"],
+        limits=qc_json(),
+        labels=mask_labels(),
     threads: 4
     resources:
         mem_mb=4000,
@@ -23,4 +25,5 @@ rule ingest:
         CONDA_CPU
     shell:
         "hipoa ingest {params.source} --side {wildcards.side} --shards {params.shards} "
-        "--n-points {params.n_points} --workers {threads} --out {output.manifest} 2> {log}"
+        "--n-points {params.n_points} --limits '{params.limits}' --mask-labels {params.labels} "
+        "--workers {threads} --out {output.manifest} 2> {log}"

@@ -15,6 +15,7 @@ rule crop_patches:
         context=config["patches"]["context"],
         min_inside=config["patches"]["min_inside_fraction"],
         n_points=config["n_points"],
+        limits=qc_json(),
     threads: 1
     resources:
         mem_mb=4000,
@@ -24,7 +25,7 @@ rule crop_patches:
     shell:
         "hipoa crop-patches --manifest {input.manifest} --shard {wildcards.shard} "
         "--out {output.store} --sites '{params.sites}' --context {params.context} "
-        "--min-inside {params.min_inside} --n-points {params.n_points} 2> {log}"
+        "--min-inside {params.min_inside} --n-points {params.n_points} --limits '{params.limits}' 2> {log}"
 
 
 rule show_patches:

@@ -1,0 +1,333 @@
+"""Reading a site's model (``unet.keras``) and its model card (``unet.json``), one way for every stage.
+
+Prediction (:func:`hipoa.predict.load_model`), evaluation (:func:`hipoa.evaluate.evaluate_site`)
+and ``train-unet --load`` (:func:`hipoa.train.load_existing`) load models through
+:func:`load_model`, which checks the file before Keras touches it:
+
+- a regular file (not a directory or FIFO);
+- a zip archive that passes its CRC checks (a truncated or corrupt download is named as such);
+- holding ``config.json`` and ``model.weights.h5``;
+- whose ``config.json`` parses and names only Keras's own classes: every nested ``module`` is
+  ``keras`` or ``keras.*``, every class exists there (or is registered with Keras), and no
+  ``Lambda`` layer, ``__lambda__`` or non-Keras function is in it, so loading runs no code from
+  the file.
+
+It then loads with ``keras.saving.load_model(path, compile=False, safe_mode=True)`` and checks the
+shapes: input ``(128, 128, 1)``, output ``(128, 128, k)``. Every problem is a :class:`ModelError`
+(a ``ValueError``) with a one-line message naming the file, which the CLI prints without a
+traceback.
+
+The model card, the JSON beside the model, holds the presence rule (:func:`read_presence_rule`).
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import logging
+import math
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from hipoa.sites import PATCH_SIZE
+
+log = logging.getLogger(__name__)
+
+REQUIRED_MEMBERS = ("config.json", "model.weights.h5")
+"""Members every ``.keras`` archive has."""
+
+MAX_CONFIG_BYTES = 64 << 20
+"""A U-Net's config.json is some 10-100 kB; refuse to inflate a larger one."""
+
+DISALLOWED_CLASSES = frozenset({"Lambda", "__lambda__", "TFSMLayer"})
+"""Classes that would run code (or load a TensorFlow graph) from the file."""
+
+_INTERNAL_CLASSES = frozenset(
+    {"__keras_tensor__", "__tensor__", "__numpy__", "__bytes__", "__typespec__", "__slice__", "__ellipsis__", "__tuple__"}
+)
+"""Keras's serialisation markers for values (tensors, arrays, slices), which name no class."""
+
+_FUNCTION_CLASSES = frozenset({"function", "__function__"})
+
+
+class ModelError(ValueError):
+    """A model file or model card that cannot be used (the message names the file and the problem)."""
+
+
+def _one_line(exc: BaseException) -> str:
+    text = " ".join(str(exc).split()) or type(exc).__name__
+    return text if len(text) <= 300 else text[:297] + "..."
+
+
+# ---- model card ---------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class PresenceRule:
+    """How a probability map becomes a presence call (chosen on the validation split).
+
+    Attributes:
+        pixel_threshold: A pixel of a present osteophyte is in its mask when its class-1
+            probability is >= this.
+        min_area_px: An osteophyte is present when at least this many patch pixels reach
+            ``detect_threshold``.
+        detect_threshold: See ``min_area_px``; models trained before hipoa 0.2 have none, and
+            then it equals ``pixel_threshold``.
+    """
+
+    pixel_threshold: float
+    min_area_px: int
+    detect_threshold: float | None = None
+
+    @property
+    def detect(self) -> float:
+        return self.pixel_threshold if self.detect_threshold is None else self.detect_threshold
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"pixel_threshold": self.pixel_threshold, "detect_threshold": self.detect,
+                "min_area_px": self.min_area_px}
+
+
+def model_json_path(model: str | Path) -> Path:
+    """The model card beside a model: ``unet.json`` beside ``unet.keras`` (same stem)."""
+    return Path(model).with_suffix(".json")
+
+
+def _presence_rule(rule: Any, path: Path) -> PresenceRule:
+    if not isinstance(rule, dict) or not {"pixel_threshold", "min_area_px"} <= set(rule):
+        raise ModelError(f"{path}: expected a 'presence' entry with pixel_threshold and min_area_px, got {rule!r}")
+    try:
+        thr = float(rule["pixel_threshold"])
+        min_px_value = float(rule["min_area_px"])
+        detect = float(rule.get("detect_threshold") if rule.get("detect_threshold") is not None else thr)
+    except (TypeError, ValueError):
+        raise ModelError(f"{path}: presence values must be numbers, got {rule!r}") from None
+    if not math.isfinite(min_px_value) or min_px_value != int(min_px_value):
+        raise ModelError(f"{path}: presence.min_area_px must be a whole number, got {rule['min_area_px']!r}")
+    min_px = int(min_px_value)
+    if not 0.0 < thr <= 1.0:
+        raise ModelError(f"{path}: presence.pixel_threshold must be in (0, 1], got {thr}")
+    if not thr <= detect <= 1.0:
+        raise ModelError(f"{path}: presence.detect_threshold must be in [pixel_threshold, 1] = [{thr}, 1], got {detect}")
+    if min_px < 1:
+        raise ModelError(f"{path}: presence.min_area_px must be >= 1, got {min_px}")
+    return PresenceRule(pixel_threshold=thr, min_area_px=min_px, detect_threshold=detect)
+
+
+def read_model_card(model: str | Path) -> dict[str, Any]:
+    """The model card (the JSON beside a ``.keras`` model), checked.
+
+    Args:
+        model: The ``.keras`` model; its card is :func:`model_json_path`.
+
+    Returns:
+        The card's content: a dict whose ``presence`` entry is a valid presence rule
+        (:func:`read_presence_rule`).
+
+    Raises:
+        FileNotFoundError: naming the card when it is missing.
+        ModelError: naming the card when it is not a regular file, not JSON, not an object, or
+            its presence rule is missing or invalid.
+    """
+    model = Path(model)
+    path = model_json_path(model)
+    if not path.exists():
+        raise FileNotFoundError(f"{path}: model settings JSON not found (expected beside {model})")
+    if not path.is_file():
+        raise ModelError(f"{path}: model settings JSON is not a regular file")
+    try:
+        card = json.loads(path.read_text())
+    except UnicodeDecodeError:
+        raise ModelError(f"{path}: model settings JSON is not text") from None
+    except json.JSONDecodeError as exc:
+        raise ModelError(f"{path}: model settings JSON is not valid JSON ({exc})") from None
+    except OSError as exc:
+        raise ModelError(f"{path}: cannot read the model settings JSON ({_one_line(exc)})") from None
+    if not isinstance(card, dict):
+        raise ModelError(f"{path}: model settings JSON must be an object, got {type(card).__name__}")
+    _presence_rule(card.get("presence"), path)
+    return card
+
+
+def read_presence_rule(model: str | Path) -> PresenceRule:
+    """The presence rule stored in the model card beside a ``.keras`` model.
+
+    Raises:
+        FileNotFoundError: naming the JSON when it is missing.
+        ModelError: (a ValueError) naming the JSON and the value when the card or rule is invalid.
+    """
+    card = read_model_card(model)
+    return _presence_rule(card["presence"], model_json_path(model))
+
+
+# ---- model file ---------------------------------------------------------------------------------
+
+
+def _is_keras_module(module: Any) -> bool:
+    return isinstance(module, str) and (module == "keras" or module.startswith("keras."))
+
+
+def _resolve(module: str, name: str) -> Any:
+    """``module.name`` for a Keras module, or None (importing only Keras's own modules)."""
+    try:
+        return getattr(importlib.import_module(module), name, None)
+    except Exception:  # noqa: BLE001 - an unknown keras.* module is an unknown class
+        return None
+
+
+def _registered(name: str) -> Any:
+    import keras
+
+    try:
+        return keras.saving.get_registered_object(name)
+    except Exception:  # noqa: BLE001
+        return None
+
+
+def _check_object(obj: dict[str, Any], path: Path, where: str) -> None:
+    """Check one serialised Keras object (a dict with ``class_name``) of ``config.json``."""
+    cls = obj.get("class_name")
+    module = obj.get("module")
+    registered = obj.get("registered_name")
+    if not isinstance(cls, str):
+        raise ModelError(f"{path}: config.json: class_name at {where} is not a string: {cls!r}")
+    if cls in DISALLOWED_CLASSES:
+        raise ModelError(f"{path}: config.json uses disallowed class {cls!r} at {where} (it would run code from the file)")
+    if "module" in obj and module is not None and not _is_keras_module(module):
+        raise ModelError(
+            f"{path}: config.json names disallowed module {module!r} (class {cls!r}) at {where}; "
+            "only Keras's own classes are loaded"
+        )
+    if cls in _INTERNAL_CLASSES:
+        return
+    if cls in _FUNCTION_CLASSES:
+        # Keras's own functions (e.g. a loss by name) are fine; anything else would be code.
+        fn = obj.get("config")
+        if not (_is_keras_module(module) and isinstance(fn, str) and callable(_resolve(module, fn))):
+            raise ModelError(f"{path}: config.json has a disallowed function entry {fn!r} (module {module!r}) at {where}")
+        return
+    if registered is not None and not isinstance(registered, str):
+        raise ModelError(f"{path}: config.json: registered_name at {where} is not a string: {registered!r}")
+    if module is not None:
+        if _resolve(module, cls) is None and (registered is None or _registered(registered) is None):
+            raise ModelError(f"{path}: config.json names unknown class {module}.{cls} at {where}")
+    elif _registered(registered or cls) is None:
+        raise ModelError(f"{path}: config.json names unknown class {registered or cls!r} (no module) at {where}")
+    if registered is not None and registered != cls and _registered(registered) is None:
+        raise ModelError(f"{path}: config.json names unknown class {registered!r} (registered_name) at {where}")
+
+
+def _walk(node: Any, path: Path, where: str) -> None:
+    if isinstance(node, dict):
+        if "class_name" in node:
+            _check_object(node, path, where)
+        elif "module" in node and not _is_keras_module(node["module"]):
+            raise ModelError(f"{path}: config.json names disallowed module {node['module']!r} at {where}")
+        for key, value in node.items():
+            _walk(value, path, f"{where}.{key}")
+    elif isinstance(node, list):
+        for i, value in enumerate(node):
+            _walk(value, path, f"{where}[{i}]")
+
+
+def check_model_file(path: str | Path) -> dict[str, Any]:
+    """Check a ``.keras`` file before Keras reads it (see the module docstring).
+
+    Args:
+        path: The ``.keras`` model.
+
+    Returns:
+        Its parsed ``config.json``.
+
+    Raises:
+        FileNotFoundError: naming the file when it does not exist.
+        ModelError: naming the file and the problem: not a regular file, not a zip (truncated?),
+            a corrupt member, a missing member, config.json not JSON, or a disallowed or unknown
+            class in it.
+    """
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"{path}: model not found")
+    if not path.is_file():
+        kind = "a directory" if path.is_dir() else "not a regular file (a FIFO, socket or device?)"
+        raise ModelError(f"{path}: model is {kind}, expected a .keras file")
+    try:
+        if not zipfile.is_zipfile(path):
+            raise ModelError(
+                f"{path}: not a .keras model: not a zip archive (truncated or not a .keras file?), "
+                f"{path.stat().st_size} bytes"
+            )
+        with zipfile.ZipFile(path) as z:
+            try:
+                bad = z.testzip()
+            except Exception as exc:  # noqa: BLE001 - zlib.error, EOFError, BadZipFile, ...
+                raise ModelError(f"{path}: model file is truncated or corrupt ({_one_line(exc)})") from None
+            if bad is not None:
+                raise ModelError(f"{path}: model file is truncated or corrupt (member {bad} fails its CRC check)")
+            names = set(z.namelist())
+            missing = [m for m in REQUIRED_MEMBERS if m not in names]
+            if missing:
+                raise ModelError(f"{path}: not a .keras model: the archive lacks {', '.join(missing)}")
+            info = z.getinfo("config.json")
+            if info.file_size > MAX_CONFIG_BYTES:
+                raise ModelError(f"{path}: config.json is {info.file_size} bytes, more than a model's config")
+            raw = z.read(info)
+    except (zipfile.BadZipFile, OSError, EOFError) as exc:
+        raise ModelError(f"{path}: model file is truncated or corrupt ({_one_line(exc)})") from None
+    try:
+        config = json.loads(raw)
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ModelError(f"{path}: config.json is not valid JSON ({_one_line(exc)})") from None
+    if not isinstance(config, dict) or "class_name" not in config:
+        raise ModelError(f"{path}: config.json is not a serialised Keras model")
+    _walk(config, path, "config")
+    return config
+
+
+def load_model(path: str | Path, policy: str = "float32"):
+    """Load a site's ``.keras`` U-Net, checked, for inference under the Keras dtype ``policy``.
+
+    Args:
+        path: The ``.keras`` model.
+        policy: A Keras dtype policy (:data:`hipoa.precision.POLICIES`); ``"float32"`` keeps
+            the model as saved.
+
+    Returns:
+        The ``keras.Model`` (uncompiled).
+
+    Raises:
+        FileNotFoundError: naming the file when it does not exist.
+        ModelError: (a ValueError) with a one-line message naming the file: see
+            :func:`check_model_file`; Keras failed to load it; or the shapes are not input
+            ``(128, 128, 1)`` and output ``(128, 128, k)``.
+    """
+    import keras
+
+    from hipoa.precision import with_policy
+
+    path = Path(path)
+    check_model_file(path)
+    try:
+        model = keras.saving.load_model(path, compile=False, safe_mode=True)
+    except Exception as exc:  # noqa: BLE001 - whatever Keras raises, one line naming the file
+        raise ModelError(f"{path}: Keras could not load the model: {type(exc).__name__}: {_one_line(exc)}") from None
+    size = (PATCH_SIZE, PATCH_SIZE)
+    try:
+        shape_in, shape_out = tuple(model.input_shape[1:]), tuple(model.output_shape[1:])
+    except Exception as exc:  # noqa: BLE001 - multi-input models have no single shape
+        raise ModelError(f"{path}: expected a single-input, single-output U-Net ({_one_line(exc)})") from None
+    if shape_in != (*size, 1) or len(shape_out) != 3 or shape_out[:2] != size:
+        raise ModelError(
+            f"{path}: expected input (128, 128, 1) and output (128, 128, k), "
+            f"got {model.input_shape} -> {model.output_shape}"
+        )
+    if policy != "float32":
+        try:
+            model = with_policy(model, policy)
+        except ValueError:
+            raise
+        except Exception as exc:  # noqa: BLE001
+            raise ModelError(f"{path}: cannot run the model under {policy}: {_one_line(exc)}") from None
+    return model

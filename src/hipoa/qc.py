@@ -1,0 +1,185 @@
+"""The QC vocabulary: every ``qc_reason`` an image can get, and the limits behind them.
+
+An image that cannot be measured keeps its row in every table, with NA phenotypes and the
+*first* reason that applies, in the order of :data:`REASONS` (the order the checks run: ingest,
+then crop, then predict, then gather). Every module takes its reason strings from here; writers
+call :func:`check_reasons`, so no other string can reach a table.
+
+:class:`Limits` holds the plausibility ranges (pixel spacing, image size, reference length) and
+the resource caps (bytes per zip member, pixels per image, members per zip) that guard
+measurement and memory. Their defaults fit hip DXA; the workflow passes config ``qc`` to the
+``hipoa ingest`` and ``hipoa crop-patches`` commands as ``--limits JSON``.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Iterable, Mapping
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+from typing import Any
+
+NOT_A_FILE = "not_a_file"
+UNREADABLE_ZIP = "unreadable_zip"
+IMAGE_TOO_LARGE = "image_too_large"
+NO_HIP_DICOM = "no_hip_dicom"
+AMBIGUOUS_HIP_DICOM = "ambiguous_hip_dicom"
+UNREADABLE_DICOM = "unreadable_dicom"
+IMPLAUSIBLE_IMAGE_SIZE = "implausible_image_size"
+IMPLAUSIBLE_SPACING = "implausible_spacing"
+POINTS_MISSING = "points_missing"
+POINTS_INVALID = "points_invalid"
+POINTS_OUTSIDE_IMAGE = "points_outside_image"
+IMPLAUSIBLE_REFERENCE_LENGTH = "implausible_reference_length"
+DUPLICATE_IMAGE = "duplicate_image"
+PATCH_OUTSIDE_IMAGE = "patch_outside_image"
+PIXEL_SPACING_UNKNOWN = "pixel_spacing_unknown"
+CROP_FAILED = "crop_failed"
+NOT_MEASURED = "not_measured"
+
+REASONS: dict[str, str] = {
+    NOT_A_FILE: "the image path is not a regular file (a directory, FIFO, device or broken link); never opened",
+    UNREADABLE_ZIP: "the zip is missing or cannot be opened, or a member cannot be read (bad zip, CRC error, truncated download)",
+    IMAGE_TOO_LARGE: "over a resource cap (qc.max_member_mb, qc.max_image_pixels, qc.max_zip_members); not decoded",
+    NO_HIP_DICOM: "no DICOM in the zip has this side's (0018,1030) Protocol Name (Left Femur / Right Femur)",
+    AMBIGUOUS_HIP_DICOM: "two or more DICOMs in the zip have this side's protocol; none is picked",
+    UNREADABLE_DICOM: "the hip DICOM is missing, or its header or pixel data cannot be used (missing tags, colour, truncated, undecodable)",
+    IMPLAUSIBLE_IMAGE_SIZE: "Rows or Columns outside qc.image_size_px",
+    IMPLAUSIBLE_SPACING: "pixel spacing outside qc.spacing_mm, or row and column spacing differ by more than qc.max_spacing_anisotropy",
+    POINTS_MISSING: "no automatic .pts file",
+    POINTS_INVALID: "the automatic .pts file is malformed, not a regular file, or has the wrong number of points",
+    POINTS_OUTSIDE_IMAGE: "an automatic point lies outside the image",
+    IMPLAUSIBLE_REFERENCE_LENGTH: "the reference length (mm, between the sites' reference points) is outside qc.reference_length_mm",
+    DUPLICATE_IMAGE: "another image of the same (eid, instance, side) passed QC first and is kept",
+    PATCH_OUTSIDE_IMAGE: "a site's patch lies less than patches.min_inside_fraction inside the image",
+    PIXEL_SPACING_UNKNOWN: "the patch store has no pixel spacing for the image, so no area can be computed",
+    CROP_FAILED: "cropping raised an unexpected error (logged with its traceback); please report it",
+    NOT_MEASURED: "a site has no measurement although no earlier stage gave a reason (a safeguard; please report it)",
+}
+"""Every ``qc_reason``, in the order the checks apply, with its one-line meaning."""
+
+SAFEGUARDS = frozenset({CROP_FAILED, NOT_MEASURED, PIXEL_SPACING_UNKNOWN})
+"""Reasons no valid input is expected to reach: they catch bugs and hand-edited intermediates."""
+
+
+def check_reasons(values: Iterable[object], where: str) -> None:
+    """Raise ValueError naming ``where`` if any value is neither ``""`` nor in :data:`REASONS`."""
+    unknown = sorted({str(v) for v in values if v not in ("", None) and str(v) not in REASONS})
+    if unknown:
+        raise ValueError(f"{where}: qc_reason(s) {unknown} are not in hipoa.qc.REASONS")
+
+
+def first_reason(*reasons: str) -> str:
+    """The earliest non-empty reason in check order (``""`` when all are empty)."""
+    given = [r for r in reasons if r]
+    if not given:
+        return ""
+    order = list(REASONS)
+    return min(given, key=order.index)
+
+
+@dataclass(frozen=True)
+class Limits:
+    """Plausibility ranges and resource caps (config ``qc``; see config/README.md).
+
+    Attributes:
+        spacing_mm: ``[low, high]`` pixel spacing in mm, each axis (DXA: about 0.1-0.5).
+        max_spacing_anisotropy: Largest ``|dy - dx| / min(dy, dx)`` (DXA pixels are square).
+        image_size_px: ``[low, high]`` for Rows and for Columns.
+        reference_length_mm: ``[low, high]`` of the reference length in mm (adult hips: ~45-80).
+        max_member_mb: Largest size of one DICOM (zip member, declared and inflated, or file) in MiB.
+        max_image_pixels: Largest Rows x Columns x Samples per Pixel.
+        max_zip_members: Most members one zip may hold (UKB's hold under 10).
+    """
+
+    spacing_mm: tuple[float, float] = (0.05, 1.0)
+    max_spacing_anisotropy: float = 0.05
+    image_size_px: tuple[int, int] = (32, 8192)
+    reference_length_mm: tuple[float, float] = (25.0, 150.0)
+    max_member_mb: float = 64.0
+    max_image_pixels: int = 4096 * 4096
+    max_zip_members: int = 64
+
+    def __post_init__(self) -> None:
+        for name in ("spacing_mm", "image_size_px", "reference_length_mm"):
+            value = getattr(self, name)
+            try:
+                low, high = (float(v) for v in value)
+            except (TypeError, ValueError):
+                raise ValueError(f"qc.{name}: expected [low, high], got {value!r}") from None
+            if not (math.isfinite(low) and math.isfinite(high) and 0 < low < high):
+                raise ValueError(f"qc.{name}: expected 0 < low < high, got {list(value)}")
+            object.__setattr__(self, name, tuple(type(value[0])(v) for v in value))
+        for name in ("max_spacing_anisotropy", "max_member_mb", "max_image_pixels", "max_zip_members"):
+            value = getattr(self, name)
+            if not (isinstance(value, (int, float)) and math.isfinite(value) and value > 0):
+                raise ValueError(f"qc.{name}: expected a positive number, got {value!r}")
+
+    @property
+    def max_member_bytes(self) -> int:
+        return int(self.max_member_mb * 2**20)
+
+    def spacing_problem(self, spacing_mm: tuple[float, float]) -> str:
+        """``""`` when ``(dy, dx)`` is plausible, else what is wrong (for the log)."""
+        dy, dx = (float(v) for v in spacing_mm)
+        low, high = self.spacing_mm
+        if not all(math.isfinite(v) and low <= v <= high for v in (dy, dx)):
+            return f"pixel spacing (dy, dx) = ({dy:g}, {dx:g}) mm is outside qc.spacing_mm [{low:g}, {high:g}]"
+        anisotropy = abs(dy - dx) / min(dy, dx)
+        if anisotropy > self.max_spacing_anisotropy:
+            return (
+                f"pixel spacing (dy, dx) = ({dy:g}, {dx:g}) mm differs by {100 * anisotropy:.1f} % "
+                f"(> qc.max_spacing_anisotropy {100 * self.max_spacing_anisotropy:g} %)"
+            )
+        return ""
+
+    def size_problem(self, rows: int, cols: int) -> str:
+        """``""`` when the image size is plausible, else what is wrong."""
+        low, high = self.image_size_px
+        if not (low <= rows <= high and low <= cols <= high):
+            return f"image is {rows} x {cols} pixels (rows x columns), outside qc.image_size_px [{low}, {high}]"
+        return ""
+
+    def reference_length_problem(self, length_mm: float) -> str:
+        """``""`` when the reference length is plausible, else what is wrong."""
+        low, high = self.reference_length_mm
+        if not (math.isfinite(length_mm) and low <= length_mm <= high):
+            return f"reference length {length_mm:.3f} mm is outside qc.reference_length_mm [{low:g}, {high:g}]"
+        return ""
+
+    def to_json(self) -> str:
+        return json.dumps({k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()}, sort_keys=True)
+
+
+LIMIT_KEYS = tuple(f.name for f in fields(Limits))
+
+
+def load_limits(value: str | Path | Mapping[str, Any] | None) -> Limits:
+    """:class:`Limits` from ``None`` (defaults), a mapping, a JSON string or a JSON/YAML file.
+
+    Raises:
+        ValueError: an unknown key or a bad value, naming it.
+    """
+    if value is None or value == "":
+        return Limits()
+    if isinstance(value, Mapping):
+        data = dict(value)
+    else:
+        text = str(value)
+        if text.lstrip().startswith("{"):
+            data = json.loads(text)
+        else:
+            import yaml
+
+            path = Path(text)
+            if not path.is_file():
+                raise ValueError(f"--limits: {path} is neither a JSON object nor a file")
+            data = yaml.safe_load(path.read_text())
+    if not isinstance(data, dict):
+        raise ValueError(f"qc limits: expected a mapping, got {type(data).__name__}")
+    unknown = sorted(set(data) - set(LIMIT_KEYS))
+    if unknown:
+        raise ValueError(f"qc: unknown key(s) {unknown}; known: {list(LIMIT_KEYS)}")
+    data = {k: tuple(v) if isinstance(v, list) else v for k, v in data.items()}
+    return Limits(**data)
