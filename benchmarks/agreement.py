@@ -47,8 +47,7 @@ def _fmt(value, spec: str) -> str:
 def rechoose_rules(models: dict[str, Path], stores: list[Path], splits: Path, work: Path,
                    prevalence, detect_threshold) -> dict[str, Path]:
     """Copies of ``models`` under ``work`` with their presence rules chosen again."""
-    import keras
-
+    from hipoa.modelio import load_model
     from hipoa.train import choose_presence_rule
 
     out = {}
@@ -57,7 +56,7 @@ def rechoose_rules(models: dict[str, Path], stores: list[Path], splits: Path, wo
         dst.parent.mkdir(parents=True, exist_ok=True)
         shutil.copyfile(src, dst)
         info = json.loads(src.with_suffix(".json").read_text())
-        model = keras.saving.load_model(src, compile=False)
+        model = load_model(src)
         presence, scores = choose_presence_rule(model, stores=stores, splits=splits / f"{site}.parquet", site=site,
                                                 prevalence=prevalence, detect_threshold=detect_threshold)
         info["presence"], info["validation"] = presence, scores
