@@ -185,43 +185,48 @@ def side_of_protocol(protocol: str) -> str | None:
 # Opening files and zip members
 
 
+def _stat_problem(path: str | Path) -> tuple[str, os.stat_result | None]:
+    """``("", stat)`` for a regular file (links followed), else ``(what it is instead, stat or None)``."""
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        return "no such file" + (" (a broken link)" if os.path.islink(path) else ""), None
+    except OSError as exc:
+        return f"cannot stat: {exc.strerror or exc}", None
+    mode = st.st_mode
+    if stat.S_ISREG(mode):
+        return "", st
+    if stat.S_ISDIR(mode):
+        return "is a directory", st
+    if stat.S_ISFIFO(mode):
+        return "is a FIFO (named pipe)", st
+    if stat.S_ISCHR(mode) or stat.S_ISBLK(mode):
+        return "is a device", st
+    if stat.S_ISSOCK(mode):
+        return "is a socket", st
+    return "is not a regular file", st
+
+
 def regular_file_problem(path: str | Path) -> str:
     """``""`` when ``path`` is a regular file (links followed), else what it is instead.
 
     Checked with ``os.stat`` only, so a FIFO or a device is never opened (opening a FIFO for
     reading blocks until a writer appears).
     """
-    try:
-        mode = os.stat(path).st_mode
-    except FileNotFoundError:
-        return "no such file" + (" (a broken link)" if os.path.islink(path) else "")
-    except OSError as exc:
-        return f"cannot stat: {exc.strerror or exc}"
-    if stat.S_ISREG(mode):
-        return ""
-    if stat.S_ISDIR(mode):
-        return "is a directory"
-    if stat.S_ISFIFO(mode):
-        return "is a FIFO (named pipe)"
-    if stat.S_ISCHR(mode) or stat.S_ISBLK(mode):
-        return "is a device"
-    if stat.S_ISSOCK(mode):
-        return "is a socket"
-    return "is not a regular file"
+    return _stat_problem(path)[0]
 
 
 def _check_file(path: str | Path, limits: Limits) -> None:
-    """Raise ``not_a_file`` / ``image_too_large`` before anything opens ``path``."""
-    problem = regular_file_problem(path)
+    """Raise ``not_a_file`` / ``image_too_large`` before anything opens ``path`` (one ``stat``)."""
+    problem, st = _stat_problem(path)
     if problem == "no such file":  # a manifest naming a file that is not there (yet)
         is_zip = str(path).lower().endswith(".zip")
         raise DicomError(f"{path}: no such file", UNREADABLE_ZIP if is_zip else UNREADABLE_DICOM)
     if problem:
         raise DicomError(f"{path}: {problem}, expected a regular file", NOT_A_FILE)
-    size = os.stat(path).st_size
-    if not str(path).lower().endswith(".zip") and size > limits.max_member_bytes:
+    if not str(path).lower().endswith(".zip") and st.st_size > limits.max_member_bytes:
         raise DicomError(
-            f"{path}: {size:,} bytes, over the cap of {limits.max_member_bytes:,} (qc.max_member_mb)",
+            f"{path}: {st.st_size:,} bytes, over the cap of {limits.max_member_bytes:,} (qc.max_member_mb)",
             IMAGE_TOO_LARGE,
         )
 

@@ -343,7 +343,8 @@ def _ingest_one(job: _Job) -> tuple[dict[str, object], list[str]]:
             row["annotated"] = True
 
     if job.points_manual:
-        if regular_file_problem(job.points_manual) == "":
+        problem = regular_file_problem(job.points_manual)
+        if not problem:
             rows = header.rows if header is not None else 1 << 30
             cols = header.cols if header is not None else 1 << 30
             reason, detail = _check_points(job.points_manual, job.n_points, rows, cols)
@@ -352,7 +353,6 @@ def _ingest_one(job: _Job) -> tuple[dict[str, object], list[str]]:
             else:
                 row["points_manual"] = job.points_manual
         elif row["annotated"]:
-            problem = regular_file_problem(job.points_manual)
             notes.append(f"{name}: annotated, but no manual points at {job.points_manual} ({problem})")
     return row, notes
 

@@ -613,12 +613,12 @@ def _crop_auto(
     except (ValueError, IndexError) as exc:
         log.warning("%s: %s: %s", points_path, qc.POINTS_INVALID, exc)
         return qc.POINTS_INVALID
-    lengths = {reference_length_mm(pts, s, spacing) for s in sites}
-    problems = [p for p in map(limits.reference_length_problem, sorted(lengths)) if p]
+    lengths = [reference_length_mm(pts, s, spacing) for s in sites]
+    problems = [p for p in map(limits.reference_length_problem, lengths) if p]
     if problems:
         log.warning("%s: %s: %s", points_path, qc.IMPLAUSIBLE_REFERENCE_LENGTH, problems[0])
         return qc.IMPLAUSIBLE_REFERENCE_LENGTH
-    arrays.rows["reference_length_mm"][i] = reference_length_mm(pts, sites[0], spacing)
+    arrays.rows["reference_length_mm"][i] = lengths[0]
     fractions = [inside_fraction(a, size, shape) for a in affines]
     for site, a, f in zip(sites, affines, fractions):
         arrays.auto[site.name]["affine"][i] = a
