@@ -10,7 +10,7 @@ images of participants in no train or val split of any site (the images a model 
 - on true positives, the correlation of predicted and true area (mm^2) and the median ratio.
 
 With ``--rechoose`` the presence rules are first chosen again
-(:func:`hipoa.train.choose_presence_rule`, with ``--prevalence`` and ``--detect-threshold``)
+(:func:`hipoa.presence.choose_presence_rule`, with ``--prevalence`` and ``--detect-threshold``)
 into copies of the models under ``--work``; the models themselves are left as they are. This
 compares rules without retraining.
 
@@ -48,7 +48,7 @@ def rechoose_rules(models: dict[str, Path], stores: list[Path], splits: Path, wo
                    prevalence, detect_threshold) -> dict[str, Path]:
     """Copies of ``models`` under ``work`` with their presence rules chosen again."""
     from hipoa.modelio import load_model
-    from hipoa.train import choose_presence_rule
+    from hipoa.presence import choose_presence_rule
 
     out = {}
     for site, src in models.items():

@@ -243,7 +243,7 @@ def _split_data_args(p: argparse.ArgumentParser) -> None:
 def _split_data(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from hipoa.train import make_splits, split_counts
+    from hipoa.splits import make_splits, split_counts
 
     splits = make_splits(
         stores=[Path(s) for s in args.stores],

@@ -25,16 +25,10 @@ import numpy as np
 
 from hipoa.atomic import atomic_path
 from hipoa.metrics import confusion, dice, f1, presence_from_probability, sensitivity, specificity
-from hipoa.train import (
-    json_safe,
-    model_info_path,
-    open_site_patches,
-    patch_indices,
-    predict_probability,
-    read_masks,
-    read_splits,
-    take_rows,
-)
+from hipoa.inference import predict_probability, read_masks, take_rows
+from hipoa.modelio import model_json_path
+from hipoa.splits import open_site_patches, patch_indices, read_splits
+from hipoa.train import json_safe
 
 log = logging.getLogger(__name__)
 
@@ -96,7 +90,7 @@ def evaluate_site(
 
     model_path, out = Path(model), Path(out)
     figures_dir = Path(figures_dir) if figures_dir is not None else out.parent
-    info_path = model_info_path(model_path)
+    info_path = model_json_path(model_path)
     if not info_path.exists():
         raise FileNotFoundError(f"{model_path}: its settings file {info_path} is missing (it holds the presence rule)")
     presence = read_model_card(model_path)["presence"]

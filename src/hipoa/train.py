@@ -34,187 +34,17 @@ import pandas as pd
 from hipoa import __version__
 from hipoa.atomic import atomic_path
 from hipoa.augment import AugmentSettings, augment, check_context, draw_params, identity_params
-from hipoa.metrics import choose_min_area, dice, estimate_prevalence, predicted_area_px, presence_from_probability
+from hipoa.inference import take_rows
+from hipoa.modelio import model_json_path
+from hipoa.presence import choose_presence_rule
 from hipoa.progress import Progress, _fmt_seconds
 from hipoa.sites import PATCH_SIZE
-from hipoa.store import PatchSet, open_patches
+from hipoa.splits import open_site_patches, patch_indices, read_splits, split_counts
 
 log = logging.getLogger(__name__)
 
-KEY = ["eid", "instance", "side"]
-SPLITS = ("train", "val", "test", "unused")
-PIXEL_THRESHOLD = 0.5
-"""Pixel probability of the osteophyte mask (and area): the argmax of the two-class softmax."""
-DETECT_THRESHOLDS = (0.5, 0.7, 0.9)
-"""Candidate pixel probabilities a pixel needs to count towards ``min_area_px`` (presence), one
-chosen per site on validation (``detect_threshold="auto"``). A confident model separates better
-at 0.9: on the 400-participant synthetic cohort, held-out AUC 0.987 / 0.968 / 0.980 at 0.9 against
-0.978 / 0.956 / 0.988 at 0.5 (inferior / superior / acetabulum), and less prevalence bias. A
-small, less confident model (the demo's) rarely reaches 0.9 and needs 0.5."""
-POPULATION_SAMPLE = 4000
-"""At most this many unlabelled images are predicted to estimate a site's prevalence."""
 VAL_AUGMENT_SEED = 20_211_014
 """Seed of the validation augmentations: fixed, so every epoch and every run see the same set."""
-PRESENCE_RULE = (
-    "an image has an osteophyte if at least min_area_px patch pixels have a probability >= "
-    "detect_threshold; its mask (and area) are the pixels >= pixel_threshold. detect_threshold and "
-    "min_area_px maximise prevalence * sensitivity + (1 - prevalence) * specificity on the "
-    "validation split (ties: the higher detect_threshold, the geometric middle of the best "
-    "min_area_px stretch); prevalence is estimated on the cohort's images outside the train and val "
-    "splits by adjusted classify-and-count, or set in the config"
-)
-
-
-# ---- data selection --------------------------------------------------------------------------
-
-
-def open_site_patches(stores: Sequence[str | Path] | str | Path, site: str, source: str) -> PatchSet:
-    """:func:`hipoa.store.open_patches` for one path or several."""
-    if isinstance(stores, (str, Path)):
-        stores = [stores]
-    return open_patches([Path(s) for s in stores], site, source)
-
-
-def _keys(rows: pd.DataFrame) -> pd.DataFrame:
-    return pd.DataFrame(
-        {
-            "eid": rows["eid"].astype(str).to_numpy(),
-            "instance": rows["instance"].astype(np.int64).to_numpy(),
-            "side": rows["side"].astype(str).to_numpy(),
-        }
-    )
-
-
-def patch_indices(rows: pd.DataFrame, wanted: pd.DataFrame, what: str = "patch store") -> np.ndarray:
-    """Positions in ``rows`` (a PatchSet's table) of the ``(eid, instance, side)`` keys of ``wanted``.
-
-    Returns:
-        ``(len(wanted),)`` int64 indices, in ``wanted``'s order.
-
-    Raises:
-        KeyError: naming the first missing key(s).
-    """
-    have = _keys(rows)
-    have["_pos"] = np.arange(len(have))
-    want = _keys(wanted)
-    merged = want.merge(have, on=KEY, how="left", validate="many_to_one")
-    missing = merged["_pos"].isna()
-    if missing.any():
-        first = merged.loc[missing, KEY].head(3).to_dict("records")
-        raise KeyError(f"{int(missing.sum())} split rows have no patch in the {what}, e.g. {first}")
-    return merged["_pos"].to_numpy(np.int64)
-
-
-def make_splits(
-    *,
-    stores: Sequence[str | Path],
-    site: str,
-    seed: int,
-    val_fraction: float = 0.15,
-    test_fraction: float = 0.2,
-) -> pd.DataFrame:
-    """Split a site's annotated images into train / val / test by participant.
-
-    Candidates are annotated rows without a ``qc_reason``; positive means
-    ``{site}_true_area_mm2 > 0``. Participants (all their images, instances and sides) are
-    shuffled with ``seed`` separately among those with and without any positive image (so small
-    cohorts still get positives everywhere) and cut into test, val and train by the fractions.
-    In train and val, only images with a manual-point patch are usable, and negatives are sampled
-    to match the positives (the paper's Table 1; if negatives are the fewer, positives are sampled
-    to match them); the rest become ``unused``. The test split keeps
-    every candidate image of its participants, with its natural balance, and is evaluated on
-    automatic-point patches.
-
-    Args:
-        stores: Patch stores (Zarr) of one or more shards and sides.
-        site: Site key.
-        seed: Seed of the participant shuffle and the negative sampling.
-        val_fraction: Fraction of participants for validation.
-        test_fraction: Fraction of participants for testing.
-
-    Returns:
-        DataFrame with columns ``eid`` (str), ``instance`` (int16), ``side`` (str), ``split``
-        (one of ``train``, ``val``, ``test``, ``unused``), ``positive`` (bool), sorted by key.
-
-    Raises:
-        ValueError: on bad fractions or when the stores hold no annotated image for the site.
-    """
-    if not (0 <= val_fraction < 1 and 0 <= test_fraction < 1 and val_fraction + test_fraction < 1):
-        raise ValueError(f"need 0 <= val, test fractions and val + test < 1, got {val_fraction}, {test_fraction}")
-    auto = open_site_patches(stores, site, "auto")
-    rows = auto.rows
-    area_col = f"{site}_true_area_mm2"
-    if area_col not in rows:
-        raise KeyError(f"patch stores have no column {area_col!r}; is {site!r} one of their sites?")
-    qc = rows["qc_reason"].fillna("").astype(str)
-    area = rows[area_col].astype(float)
-    candidate = rows["annotated"].astype(bool).to_numpy() & (qc == "").to_numpy() & area.notna().to_numpy()
-    cand = _keys(rows)[candidate].reset_index(drop=True)
-    if cand.empty:
-        raise ValueError(f"no annotated images without qc_reason for site {site!r} in {len(rows)} rows of {stores}")
-    cand["positive"] = (area[candidate] > 0).to_numpy()
-
-    manual = _keys(open_site_patches(stores, site, "manual").rows)
-    manual["has_manual"] = True
-    cand = cand.merge(manual.drop_duplicates(KEY), on=KEY, how="left")
-    cand["has_manual"] = cand["has_manual"].fillna(False).astype(bool)
-    cand = cand.sort_values(KEY, kind="stable").reset_index(drop=True)
-
-    rng = np.random.default_rng(seed)
-    by_eid = cand.groupby("eid")["positive"].any()
-    split_of: dict[str, str] = {}
-    for stratum in (True, False):
-        eids = np.array(sorted(by_eid.index[by_eid == stratum]))
-        eids = eids[rng.permutation(len(eids))]
-        n_test = int(round(test_fraction * len(eids)))
-        n_val = int(round(val_fraction * len(eids)))
-        for i, e in enumerate(eids):
-            split_of[e] = "test" if i < n_test else "val" if i < n_test + n_val else "train"
-    cand["split"] = cand["eid"].map(split_of)
-
-    for name in ("train", "val"):
-        in_split = cand["split"] == name
-        cand.loc[in_split & ~cand["has_manual"], "split"] = "unused"
-        usable = in_split & cand["has_manual"]
-        pos = np.flatnonzero(usable & cand["positive"])
-        neg = np.flatnonzero(usable & ~cand["positive"])
-        # Balance by sampling the larger class down to the smaller (negatives, in UKB's 10 % prevalence).
-        larger, smaller = (neg, pos) if len(neg) >= len(pos) else (pos, neg)
-        if len(larger) > len(smaller):
-            keep = rng.choice(larger, size=len(smaller), replace=False)
-            cand.loc[np.setdiff1d(larger, keep), "split"] = "unused"
-            if larger is pos:
-                log.warning("%s %s: more positives (%d) than negatives (%d); %d positives unused to balance",
-                            site, name, len(pos), len(neg), len(pos) - len(neg))
-
-    out = cand[KEY + ["split", "positive"]].copy()
-    out["instance"] = out["instance"].astype(np.int16)
-    counts = out.groupby(["split", "positive"]).size().unstack(fill_value=0)
-    log.info("splits for %s (seed %d), images by split x positive:\n%s", site, seed, counts.to_string())
-    return out
-
-
-def read_splits(splits: str | Path | pd.DataFrame) -> pd.DataFrame:
-    """Read a split table (Parquet path or DataFrame) and check its columns."""
-    df = splits if isinstance(splits, pd.DataFrame) else pd.read_parquet(splits)
-    missing = {*KEY, "split", "positive"} - set(df.columns)
-    if missing:
-        where = "DataFrame" if isinstance(splits, pd.DataFrame) else str(splits)
-        raise ValueError(f"split table {where} lacks columns {sorted(missing)}")
-    bad = set(df["split"].unique()) - set(SPLITS)
-    if bad:
-        raise ValueError(f"split table has unknown split names {sorted(bad)}; expected {SPLITS}")
-    return df
-
-
-def split_counts(splits: pd.DataFrame) -> dict[str, dict[str, int]]:
-    """``{split: {"n": images, "positive": positive images}}``."""
-    out = {}
-    for name in SPLITS:
-        s = splits[splits["split"] == name]
-        out[name] = {"n": int(len(s)), "positive": int(s["positive"].sum())}
-    return out
-
 
 # ---- streaming samples -----------------------------------------------------------------------
 
@@ -340,66 +170,6 @@ class SampleStream:
             ),
         )
         return ds.prefetch(2)
-
-
-# ---- prediction helper (training and evaluation) ---------------------------------------------
-
-
-def predict_probability(
-    model, image, indices: np.ndarray, *, batch_size: int = 64, block: int = 512, crop: int = 0,
-    progress: str | None = None,
-) -> np.ndarray:
-    """Osteophyte probability maps for patches read in blocks from a (Dask or NumPy) array.
-
-    Args:
-        model: U-Net returning ``(B, S, S, 2)`` softmax.
-        image: ``(n, C, C)`` patches; with ``crop`` > 0 the centre ``C - 2 * crop`` crop is used.
-        indices: Rows of ``image`` to predict, any order.
-        batch_size: Batch size of ``model.predict``.
-        block: Patches read from the store at a time.
-        crop: Margin to cut from each side (``(C - 128) // 2`` for context patches).
-        progress: Log progress (rate, ETA) under this label; ``None``: silent.
-
-    Returns:
-        ``(len(indices), S, S)`` float32, softmax channel 1, in ``indices`` order.
-    """
-    indices = np.asarray(indices, dtype=np.int64)
-    out = [np.zeros((0, PATCH_SIZE, PATCH_SIZE), np.float32)]
-    tracker = Progress(len(indices), progress, log, unit="patches") if progress else None
-    for b in range(0, len(indices), block):
-        x = take_rows(image, indices[b : b + block]).astype(np.float32)
-        if crop:
-            x = x[:, crop : crop + PATCH_SIZE, crop : crop + PATCH_SIZE]
-        out.append(np.asarray(model.predict(x[..., None], batch_size=batch_size, verbose=0))[..., 1].astype(np.float32))
-        if tracker is not None:
-            tracker.update(len(x))
-    if tracker is not None:
-        tracker.close()
-    return np.concatenate(out)
-
-
-def take_rows(array, indices: np.ndarray) -> np.ndarray:
-    """``array[indices]`` as NumPy, in ``indices`` order, reading a Dask array in sorted order.
-
-    Dask reads run in the calling thread (``scheduler="synchronous"``): callers read a block at a
-    time from inside tf.data's generator thread, where a Dask thread pool per calling thread would
-    only add threads competing with TensorFlow's.
-    """
-    indices = np.asarray(indices, dtype=np.int64)
-    order = np.argsort(indices, kind="stable")
-    x = array[indices[order]]
-    x = np.asarray(x.compute(scheduler="synchronous") if hasattr(x, "compute") else x)
-    unsort = np.empty_like(order)
-    unsort[order] = np.arange(len(order))
-    return x[unsort]
-
-
-def read_masks(mask, indices: np.ndarray, *, crop: int = 0) -> np.ndarray:
-    """``(len(indices), 128, 128)`` uint8 0/1 masks, in ``indices`` order (optionally centre-cropped)."""
-    m = take_rows(mask, indices)
-    if crop:
-        m = m[:, crop : crop + PATCH_SIZE, crop : crop + PATCH_SIZE]
-    return (m > 0).astype(np.uint8)
 
 
 # ---- training --------------------------------------------------------------------------------
@@ -614,170 +384,6 @@ def train_site(
     return info
 
 
-# ---- presence rule ---------------------------------------------------------------------------
-
-
-def choose_presence_rule(
-    model,
-    *,
-    stores: Sequence[str | Path] | str | Path,
-    splits: str | Path | pd.DataFrame,
-    site: str,
-    prevalence: float | str = "auto",
-    detect_threshold: float | str = "auto",
-    batch_size: int = 32,
-    seed: int = 1,
-    max_population: int = POPULATION_SAMPLE,
-) -> tuple[dict, dict]:
-    """Choose a trained model's presence rule on the validation split, for the cohort's prevalence.
-
-    The rule (:func:`hipoa.metrics.presence_from_probability`): present when at least
-    ``min_area_px`` patch pixels reach ``detect_threshold``; the mask is the pixels >= 0.5. The
-    pair minimises the errors expected at the site's prevalence: for each candidate detection
-    threshold (:data:`DETECT_THRESHOLDS`, or the one given) :func:`hipoa.metrics.choose_min_area`
-    picks ``min_area_px``, and the candidate with the best prevalence-weighted accuracy wins (ties:
-    the higher threshold). The validation split is balanced, so its own balance says nothing
-    about the cohort's; with ``prevalence="auto"`` it is estimated where the model will be used:
-
-    1. at the detection threshold with the best Youden's J, ``T0``, the rule at prevalence 0.5,
-       and its validation sensitivity ``s`` and specificity ``c``;
-    2. ``q``, the fraction called present at ``T0`` among the measurable automatic-point patches
-       of participants in no train or val split (a seeded sample of at most ``max_population``);
-    3. prevalence ``= (q - (1 - c)) / (s + c - 1)`` (:func:`hipoa.metrics.estimate_prevalence`),
-       kept within [0.01, 0.99].
-
-    When that cannot be done (no such images, or ``s + c - 1 <= 0``) the prevalence is 0.5 and a
-    warning says why. Scoring uses the validation images' automatic-point patches (as the model is
-    used), or the manual centre crops where the stores have no automatic patches of them.
-
-    Args:
-        model: The trained U-Net.
-        stores, splits, site: As for :func:`train_site`.
-        prevalence: ``"auto"`` or the expected fraction of images with an osteophyte, in (0, 1).
-        detect_threshold: ``"auto"`` (choose among :data:`DETECT_THRESHOLDS`) or a number in [0.5, 1].
-        batch_size: Of ``model.predict``.
-        seed: Of the population sample.
-        max_population: Cap on the images predicted for the estimate.
-
-    Returns:
-        ``(presence, scores)``: ``presence`` is ``unet.json``'s rule (``pixel_threshold``,
-        ``detect_threshold``, ``min_area_px``, ``prevalence``, ``prevalence_source``,
-        ``candidates`` (per detection threshold: ``min_area_px``, ``weighted_accuracy``,
-        ``youden_j``) and, when estimated, ``prevalence_estimate``, ``rule``); ``scores`` are the
-        validation scores at the rule (:func:`hipoa.metrics.choose_min_area`) plus ``source``,
-        ``dice_mean_positive`` and ``dice_mean_all``.
-    """
-    if detect_threshold == "auto":
-        grid = DETECT_THRESHOLDS
-    elif isinstance(detect_threshold, (int, float)) and PIXEL_THRESHOLD <= detect_threshold <= 1.0:
-        grid = (float(detect_threshold),)
-    else:
-        raise ValueError(f"detect_threshold must be 'auto' or in [{PIXEL_THRESHOLD}, 1], got {detect_threshold!r}")
-    if prevalence != "auto" and not (isinstance(prevalence, (int, float)) and 0.0 < prevalence < 1.0):
-        raise ValueError(f"prevalence must be 'auto' or a number in (0, 1), got {prevalence!r}")
-    table = read_splits(splits)
-    val_rows = table[table["split"] == "val"]
-    val_truth = val_rows["positive"].to_numpy(bool)
-    source = "auto"
-    try:
-        auto = open_site_patches(stores, site, "auto")
-        idx = patch_indices(auto.rows, val_rows, "auto patches")
-        prob = predict_probability(model, auto.image, idx, batch_size=batch_size)
-        truth_mask = read_masks(auto.mask, idx)
-    except KeyError as exc:
-        log.warning("presence rule %s: %s; choosing it on manual centre crops", site, exc)
-        auto, source = None, "manual"
-        manual = open_site_patches(stores, site, "manual")
-        crop = (int(manual.image.shape[1]) - PATCH_SIZE) // 2
-        idx = patch_indices(manual.rows, val_rows, "manual patches")
-        prob = predict_probability(model, manual.image, idx, batch_size=batch_size, crop=crop)
-        truth_mask = read_masks(manual.mask, idx, crop=crop)
-    presence: dict = {"pixel_threshold": PIXEL_THRESHOLD}
-    if val_truth.all() or not val_truth.any():
-        log.warning("presence rule %s: the validation split is all one class; min_area_px defaults to 1", site)
-        detect, min_area = grid[0], 1
-        scores = {"n": int(len(val_truth)), "n_positive": int(val_truth.sum())}
-        presence.update(prevalence=None, prevalence_source="none (validation split all one class)")
-    else:
-        counts = {t: predicted_area_px(prob, t) for t in grid}
-        youden = {t: choose_min_area(counts[t], val_truth, 0.5) for t in grid}
-        t_j = max(grid, key=lambda t: (round(youden[t][1]["youden_j"], 9), t))
-        if youden[t_j][1]["youden_j"] <= 0:
-            log.warning("presence rule %s: no rule separates the validation images (Youden's J %.3f); the model "
-                        "has not learned to detect this site", site, youden[t_j][1]["youden_j"])
-        if prevalence == "auto":
-            pi, src, detail = _estimate_site_prevalence(
-                model, auto, table, site, t_j, *youden[t_j], batch_size, seed, max_population
-            )
-        else:
-            pi, src, detail = float(prevalence), "config", None
-        chosen = {t: choose_min_area(counts[t], val_truth, pi) for t in grid}
-        detect = max(grid, key=lambda t: (round(chosen[t][1]["weighted_accuracy"], 9), t))
-        min_area, scores = chosen[detect]
-        presence.update(prevalence=pi, prevalence_source=src)
-        if detail is not None:
-            presence["prevalence_estimate"] = detail
-        presence["candidates"] = {
-            str(t): {"min_area_px": int(chosen[t][0]), "weighted_accuracy": chosen[t][1]["weighted_accuracy"],
-                     "youden_j": youden[t][1]["youden_j"]}
-            for t in grid
-        }
-        log.info(
-            "presence rule %s: prevalence %.3f (%s); detect_threshold %.2f, min_area_px %d (best stretch %s), "
-            "val sensitivity %.3f, specificity %.3f; candidates %s",
-            site, pi, src, detect, min_area, scores["stretch"], scores["sensitivity"], scores["specificity"],
-            presence["candidates"],
-        )
-    presence["detect_threshold"] = float(detect)
-    presence["min_area_px"] = int(min_area)
-    presence["rule"] = PRESENCE_RULE
-    _, mask, _, _ = presence_from_probability(prob, PIXEL_THRESHOLD, min_area, detect)
-    d = dice(mask, truth_mask)
-    scores.update(
-        source=source,
-        dice_mean_positive=float(d[val_truth].mean()) if val_truth.any() else float("nan"),
-        dice_mean_all=float(d.mean()),
-    )
-    return presence, scores
-
-
-def _estimate_site_prevalence(
-    model, auto: PatchSet | None, table: pd.DataFrame, site: str, detect_threshold: float, t0: int,
-    youden: dict, batch_size: int, seed: int, max_population: int,
-) -> tuple[float, str, dict | None]:
-    """``(prevalence, source, detail)`` for :func:`choose_presence_rule`'s ``"auto"``: the rule
-    ``detect_threshold``, ``t0`` with validation scores ``youden``, applied to the cohort."""
-    from hipoa.predict import measurable
-    from hipoa.store import store_attrs
-
-    fallback = 0.5
-    if auto is None:
-        log.warning("presence rule %s: no automatic patches to estimate the prevalence; using %.2f", site, fallback)
-        return fallback, "fallback 0.5 (no automatic-point patches)", None
-    min_inside = max(float(store_attrs(s).get("min_inside_fraction", 0.0)) for s in auto.rows["store"].unique())
-    ok, _ = measurable(auto.rows, auto.inside, min_inside, auto.affine)
-    fitted = set(table.loc[table["split"].isin(["train", "val"]), "eid"].astype(str))
-    ok &= ~auto.rows["eid"].astype(str).isin(fitted).to_numpy()
-    candidates = np.flatnonzero(ok)
-    if candidates.size > max_population:
-        candidates = np.sort(np.random.default_rng([seed, 7]).choice(candidates, max_population, replace=False))
-    sens, spec = youden["sensitivity"], youden["specificity"]
-    if candidates.size == 0 or not sens + spec - 1.0 > 0:
-        why = "no measurable images outside train and val" if candidates.size == 0 else "Youden's J <= 0"
-        log.warning("presence rule %s: cannot estimate the prevalence (%s); using %.2f", site, why, fallback)
-        return fallback, f"fallback 0.5 ({why})", None
-    prob = predict_probability(model, auto.image, candidates, batch_size=batch_size,
-                               progress=f"presence rule {site}: images outside train and val (prevalence)")
-    q = float((predicted_area_px(prob, detect_threshold) >= t0).mean())
-    pi = float(np.clip(estimate_prevalence(q, sens, spec), 0.01, 0.99))
-    detail = {
-        "method": "adjusted classify-and-count at the Youden rule",
-        "n_images": int(candidates.size), "detect_threshold": float(detect_threshold), "min_area_px": int(t0),
-        "called_fraction": q, "val_sensitivity": sens, "val_specificity": spec,
-    }
-    return pi, "estimated", detail
-
-
 def json_safe(obj):
     """JSON has no NaN: write them as null."""
     if isinstance(obj, float) and not math.isfinite(obj):
@@ -789,13 +395,6 @@ def json_safe(obj):
     if isinstance(obj, np.generic):
         return json_safe(obj.item())
     return obj
-
-
-def model_info_path(model: str | Path) -> Path:
-    """The JSON beside a model (its model card): same stem, ``.json`` (:func:`hipoa.modelio.model_json_path`)."""
-    from hipoa.modelio import model_json_path
-
-    return model_json_path(model)
 
 
 def load_existing(*, model: str | Path, out: str | Path) -> dict:
@@ -819,7 +418,7 @@ def load_existing(*, model: str | Path, out: str | Path) -> dict:
     src, out = Path(model), Path(out)
     if not src.exists():
         raise FileNotFoundError(f"model to load not found: {src}")
-    info_path = model_info_path(src)
+    info_path = model_json_path(src)
     if not info_path.exists():
         raise FileNotFoundError(f"{src}: its settings file {info_path} is missing (it holds the presence rule)")
     info = read_model_card(src)
@@ -830,7 +429,7 @@ def load_existing(*, model: str | Path, out: str | Path) -> dict:
         with atomic_path(out) as tmp:
             shutil.copyfile(src, tmp)
     info["loaded_from"] = str(src)
-    with atomic_path(model_info_path(out)) as tmp:
+    with atomic_path(model_json_path(out)) as tmp:
         tmp.write_text(json.dumps(info, indent=2) + "\n")
     hist_src, hist_out = src.parent / "history.csv", out.parent / "history.csv"
     if hist_src.is_file():

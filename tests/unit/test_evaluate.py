@@ -12,7 +12,8 @@ from tiny_patch_store import write_tiny_store
 
 from hipoa.evaluate import PAPER_TABLE2, evaluate_site
 from hipoa.store import open_patches
-from hipoa.train import make_splits, patch_indices, read_masks
+from hipoa.inference import read_masks
+from hipoa.splits import make_splits, patch_indices
 from hipoa.unet import build_unet
 
 SITE = "superior_femoral_head"

@@ -13,7 +13,8 @@ from tiny_patch_store import write_tiny_store
 from hipoa.augment import AugmentSettings
 from hipoa.cli import main
 from hipoa.store import open_patches
-from hipoa.train import SampleStream, load_existing, make_splits
+from hipoa.splits import make_splits
+from hipoa.train import SampleStream, load_existing
 from hipoa.unet import build_unet
 
 SITE = "lateral_acetabulum"
@@ -208,7 +209,9 @@ def _bright_pixel_model(threshold: float = 2.0, gain: float = 6.0):
 
 def test_presence_rule_follows_the_prevalence(tmp_path):
     from hipoa.metrics import choose_min_area, predicted_area_px
-    from hipoa.train import choose_presence_rule, open_site_patches, patch_indices, predict_probability
+    from hipoa.inference import predict_probability
+    from hipoa.presence import choose_presence_rule
+    from hipoa.splits import open_site_patches, patch_indices
 
     eids = [str(4_000_000 + i) for i in range(90)]
     # Half the images annotated (half of those positive); the unannotated ones have no osteophyte,
