@@ -25,7 +25,7 @@ import numpy as np
 
 from hipoa.atomic import atomic_path
 from hipoa.metrics import confusion, dice, f1, presence_from_probability, sensitivity, specificity
-from hipoa.inference import predict_probability, read_masks, take_rows
+from hipoa.infer import predict_probability, read_masks, take_rows
 from hipoa.modelio import model_json_path
 from hipoa.splits import open_site_patches, patch_indices, read_splits
 from hipoa.train import json_safe

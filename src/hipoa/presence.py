@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from hipoa.inference import predict_probability, read_masks
+from hipoa.infer import predict_probability, read_masks
 from hipoa.metrics import choose_min_area, dice, estimate_prevalence, predicted_area_px, presence_from_probability
 from hipoa.sites import PATCH_SIZE
 from hipoa.splits import open_site_patches, patch_indices, read_splits

@@ -34,7 +34,7 @@ import pandas as pd
 from hipoa import __version__
 from hipoa.atomic import atomic_path
 from hipoa.augment import AugmentSettings, augment, check_context, draw_params, identity_params
-from hipoa.inference import take_rows
+from hipoa.infer import take_rows
 from hipoa.modelio import model_json_path
 from hipoa.presence import choose_presence_rule
 from hipoa.progress import Progress, _fmt_seconds

@@ -12,7 +12,7 @@ from tiny_patch_store import write_tiny_store
 
 from hipoa.evaluate import PAPER_TABLE2, evaluate_site
 from hipoa.store import open_patches
-from hipoa.inference import read_masks
+from hipoa.infer import read_masks
 from hipoa.splits import make_splits, patch_indices
 from hipoa.unet import build_unet
 

@@ -209,7 +209,7 @@ def _bright_pixel_model(threshold: float = 2.0, gain: float = 6.0):
 
 def test_presence_rule_follows_the_prevalence(tmp_path):
     from hipoa.metrics import choose_min_area, predicted_area_px
-    from hipoa.inference import predict_probability
+    from hipoa.infer import predict_probability
     from hipoa.presence import choose_presence_rule
     from hipoa.splits import open_site_patches, patch_indices
 
