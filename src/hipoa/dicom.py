@@ -323,39 +323,6 @@ def _read_bytes(image: str | Path, member: str | None, limits: Limits = DEFAULT_
         return _read_member(zf, image, member, limits)
 
 
-def read_header(image: str | Path, member: str | None = None) -> Dataset:
-    """Read a DICOM header without its pixel data.
-
-    Args:
-        image: A ``.dcm`` file, or a zip when ``member`` is given.
-        member: Name of the DICOM inside the zip; it is read from the zip, never unpacked to disk.
-
-    Returns:
-        The dataset, read with ``stop_before_pixels=True``.
-
-    Raises:
-        DicomError: the zip or the header cannot be read (``reason`` says which).
-    """
-    source = source_name(image, member)
-    if member is None:
-        if str(image).lower().endswith(".zip"):
-            raise ValueError(f"{image}: a zip needs a member (see find_hip_member)")
-        _check_file(image, DEFAULT_LIMITS)
-        try:
-            with open(image, "rb") as fp:
-                return _dcmread(fp, source, stop_before_pixels=True)
-        except OSError as exc:
-            raise DicomError(f"{source}: cannot read: {exc}") from None
-    with _open_zip(image) as zf:
-        try:
-            with zf.open(member) as fp:
-                return _dcmread(fp, source, stop_before_pixels=True)
-        except KeyError:
-            raise DicomError(f"{source}: no such member in the zip", UNREADABLE_ZIP) from None
-        except (zipfile.BadZipFile, zlib.error, EOFError, OSError, NotImplementedError, RuntimeError) as exc:
-            raise DicomError(f"{source}: cannot read from the zip: {exc}", UNREADABLE_ZIP) from None
-
-
 # ---------------------------------------------------------------------------------------------
 # Finding the hip in a zip
 
@@ -386,26 +353,6 @@ def _scan_hips(zf: zipfile.ZipFile, zip_path: str | Path) -> tuple[dict[str, lis
         if side is not None:
             found.setdefault(side, []).append(info.filename)
     return found, broken
-
-
-def hip_members(zip_path: str | Path) -> dict[str, str]:
-    """Find both hips of a zip in one pass over its members' headers.
-
-    Non-DICOM members (``manifest.cvs``) and DICOMs whose header cannot be parsed are skipped; a
-    side with two or more hip members is left out (see :func:`find_hip_member`).
-
-    Args:
-        zip_path: A UKB field-20158 zip.
-
-    Returns:
-        ``{"L": member, "R": member}`` for the sides present once (possibly empty).
-
-    Raises:
-        DicomError: ``reason="unreadable_zip"`` if the zip cannot be opened or read.
-    """
-    with _open_zip(zip_path) as zf:
-        found = _scan_hips(zf, zip_path)[0]
-    return {side: members[0] for side, members in found.items() if len(members) == 1}
 
 
 def _missing_hip_error(zip_path: str | Path, side: str, broken: Sequence[str]) -> DicomError:

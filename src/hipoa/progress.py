@@ -4,10 +4,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Iterable, Iterator
-from typing import TypeVar
 
-T = TypeVar("T")
 
 
 def _fmt_seconds(s: float) -> str:
@@ -65,14 +62,3 @@ class Progress:
         elapsed = time.monotonic() - self.start
         self.logger.info(self._line().replace(f", ETA {_fmt_seconds(0)}", "") + " - done")
         return self.done / elapsed if elapsed > 0 else float("nan")
-
-
-def track(
-    items: Iterable[T], total: int, what: str, logger: logging.Logger, unit: str = "items", every_s: float = 10.0
-) -> Iterator[T]:
-    """Yield from ``items`` while logging progress, rate and ETA."""
-    p = Progress(total, what, logger, unit=unit, every_s=every_s)
-    for item in items:
-        yield item
-        p.update()
-    p.close()

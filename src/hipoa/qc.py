@@ -70,15 +70,6 @@ def check_reasons(values: Iterable[object], where: str) -> None:
         raise ValueError(f"{where}: qc_reason(s) {unknown} are not in hipoa.qc.REASONS")
 
 
-def first_reason(*reasons: str) -> str:
-    """The earliest non-empty reason in check order (``""`` when all are empty)."""
-    given = [r for r in reasons if r]
-    if not given:
-        return ""
-    order = list(REASONS)
-    return min(given, key=order.index)
-
-
 @dataclass(frozen=True)
 class Limits:
     """Plausibility ranges and resource caps (config ``qc``; see config/README.md).

@@ -88,10 +88,3 @@ def load_sites(spec: str | Path | None) -> list[Site]:
         if "sites" in mapping:
             mapping = mapping["sites"]
     return sites_from_mapping(mapping)
-
-
-def site_by_name(sites: list[Site] | tuple[Site, ...], name: str) -> Site:
-    for s in sites:
-        if s.name == name:
-            return s
-    raise KeyError(f"unknown site {name!r}; known: {[s.name for s in sites]}")

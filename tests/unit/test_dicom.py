@@ -27,10 +27,8 @@ from hipoa.dicom import (
     DicomError,
     HipImage,
     find_hip_member,
-    hip_members,
     pixel_spacing,
     probe_hip,
-    read_header,
     read_image,
     read_image_header,
 )
@@ -446,11 +444,9 @@ def test_hip_in_zip_spacing_and_pixels_exact(hip_zip, tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == before  # nothing unpacked to disk
 
 
-def test_hip_members_one_pass_and_header(hip_zip):
+def test_probe_hip_finds_each_side_and_reads_its_header(hip_zip):
     path, _, _ = hip_zip
-    assert hip_members(path) == {"L": "1.3.6.1.4.1.9590.100.1.2.3", "R": "1.3.6.1.4.1.9590.100.1.2.2"}
-    ds = read_header(path, "1.3.6.1.4.1.9590.100.1.2.3")
-    assert "PixelData" not in ds and ds.Rows == 600 and ds.Columns == 680
+    assert find_hip_member(path, "L") == "1.3.6.1.4.1.9590.100.1.2.3"
     member, header = probe_hip(path, "R")
     assert member == "1.3.6.1.4.1.9590.100.1.2.2"
     assert (header.rows, header.cols, header.spacing_mm) == (600, 680, (0.25, 0.25))
@@ -492,7 +488,7 @@ def test_truncated_hip_in_zip_names_member(tmp_path):
 def test_bad_zip_is_unreadable_zip(tmp_path):
     path = tmp_path / "bad.zip"
     path.write_bytes(b"PK\x03\x04 this is not really a zip" * 10)
-    for call in (lambda: find_hip_member(path, "L"), lambda: hip_members(path), lambda: read_image(path, "m")):
+    for call in (lambda: find_hip_member(path, "L"), lambda: probe_hip(path, "R"), lambda: read_image(path, "m")):
         with pytest.raises(DicomError) as exc:
             call()
         assert exc.value.reason == "unreadable_zip" and str(path) in str(exc.value)
