@@ -2,7 +2,7 @@
 
 For trained models and the patch stores of one side of a synthetic cohort (``hipoa synth``
 writes ``truth.parquet`` beside the cohort), runs the real predict step
-(:func:`hipoa.predict.predict_shard`) on every shard and compares, per site, on the measurable
+(:func:`hipoa.predict.predict_shards`) on every shard and compares, per site, on the measurable
 images of participants in no train or val split of any site (the images a model did not learn from):
 
 - prevalence predicted against the truth's;
@@ -47,7 +47,10 @@ def _fmt(value, spec: str) -> str:
 def rechoose_rules(models: dict[str, Path], stores: list[Path], splits: Path, work: Path,
                    prevalence, detect_threshold) -> dict[str, Path]:
     """Copies of ``models`` under ``work`` with their presence rules chosen again."""
-    from hipoa.modelio import load_model
+    from dataclasses import replace
+
+    from hipoa.infer import SiteModel
+    from hipoa.modelio import write_model_card
     from hipoa.presence import choose_presence_rule
 
     out = {}
@@ -55,12 +58,11 @@ def rechoose_rules(models: dict[str, Path], stores: list[Path], splits: Path, wo
         dst = work / site / "unet.keras"
         dst.parent.mkdir(parents=True, exist_ok=True)
         shutil.copyfile(src, dst)
-        info = json.loads(src.with_suffix(".json").read_text())
-        model = load_model(src)
-        presence, scores = choose_presence_rule(model, stores=stores, splits=splits / f"{site}.parquet", site=site,
+        engine = SiteModel.load(src, precision="float32")
+        presence, scores = choose_presence_rule(engine, stores=stores, splits=splits / f"{site}.parquet", site=site,
                                                 prevalence=prevalence, detect_threshold=detect_threshold)
-        info["presence"], info["validation"] = presence, scores
-        dst.with_suffix(".json").write_text(json.dumps(info, indent=1, default=float))
+        # presence_info={}: the new rule's dict replaces the old one's whole
+        write_model_card(dst, replace(engine.card, presence=presence, presence_info={}, validation=scores))
         out[site] = dst
     return out
 
@@ -112,11 +114,13 @@ def main(argv: list[str] | None = None) -> int:
     if args.rechoose:
         models = rechoose_rules(models, args.stores, args.splits, work / "models", args.prevalence,
                                 args.detect_threshold)
-    from hipoa.predict import predict_shard, read_presence_rule
+    from hipoa.modelio import read_presence_rule
+    from hipoa.predict import predict_shards
 
+    # every shard in one call: the models are loaded once
     pred = pd.concat(
-        [predict_shard(store=st, models=models, out=work / f"pred-{k}.parquet", precision=args.precision)
-         for k, st in enumerate(args.stores)],
+        predict_shards(stores=args.stores, models=models, outs=[work / f"pred-{k}.parquet" for k in range(len(args.stores))],
+                       precision=args.precision),
         ignore_index=True,
     )
     pred["eid"] = pred["eid"].astype(str)

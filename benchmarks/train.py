@@ -1,15 +1,16 @@
 """Training throughput of the U-Net: patches per second and seconds per epoch, per precision.
 
-Runs the real training path (SampleStream -> tf.data -> model.fit, Adam, sparse categorical
-cross-entropy) for a few steps per precision, after one warm-up step, and prints:
+Runs the real training path (hipoa.train_input.TrainingInput -> tf.data -> model.fit with
+hipoa.train's callback container, Adam, sparse categorical cross-entropy) for a few steps per
+precision, after one warm-up step, and prints:
 
-- the sample stream alone (reading + augmentation), patches/s;
+- the training input alone (augmentation in the tf.data graph), patches/s;
 - training, patches/s and the seconds an epoch of the paper's acetabulum training set would take
   (Table 1: 3,760 images x 20 samples with n_augment 19) and of its superior-femoral-head set
   (1,700 images x 8 samples).
 
 Data: random context patches in memory (default), or the manual patches of a site in real stores
-(``--stores ... --site ...``), which adds Zarr reading and decompression.
+(``--stores ... --site ...``), read once into memory as training does.
 
 Usage::
 
@@ -30,13 +31,14 @@ PAPER_EPOCH_SAMPLES = {"lateral_acetabulum (3760 x 20)": 3760 * 20, "superior_fe
 def _data(args):
     if args.stores:
         from hipoa.store import open_patches
+        from hipoa.train_input import read_contexts
 
         ps = open_patches(args.stores, args.site, "manual")
-        return ps.image, ps.mask, np.arange(min(len(ps.rows), args.images))
+        return read_contexts(ps.image, ps.mask, np.arange(min(len(ps.rows), args.images)))
     rng = np.random.default_rng(0)
     image = rng.normal(size=(args.images, 176, 176)).astype(np.float16)
     mask = (rng.random((args.images, 176, 176)) > 0.97).astype(np.uint8)
-    return image, mask, np.arange(args.images)
+    return image, mask
 
 
 def main() -> None:
@@ -57,17 +59,20 @@ def main() -> None:
 
     from hipoa.augment import AugmentSettings
     from hipoa.precision import choose_policy
-    from hipoa.train import SampleStream
+    from hipoa.train import _callback_list
+    from hipoa.train_input import TrainingInput
     from hipoa.unet import build_unet
 
-    image, mask, idx = _data(args)
+    image, mask = _data(args)
     settings = AugmentSettings(0.1, 0.1, 0.05)
-    stream = SampleStream(image, mask, idx, n_augment=args.n_augment, settings=settings,
-                          batch_size=args.batch_size, seed=0, fixed=False)
+    train = TrainingInput(image, mask, n_augment=args.n_augment, settings=settings,
+                          batch_size=args.batch_size, seed=0)
+    it = iter(train.dataset())
+    next(it)  # tracing
     t = time.perf_counter()
-    n = sum(len(x) for x, _ in stream())
+    n = sum(int(next(it)[0].shape[0]) for _ in range(train.steps_per_epoch))
     aug_rate = n / (time.perf_counter() - t)
-    print(f"sample stream (read + augment), {len(idx)} images x {1 + args.n_augment}: {aug_rate:,.0f} patches/s")
+    print(f"training input (augment in tf.data), {len(image)} images x {1 + args.n_augment}: {aug_rate:,.0f} patches/s")
 
     batches = args.steps + 1
     for precision in args.precision:
@@ -78,16 +83,21 @@ def main() -> None:
         if policy == "mixed_float16":
             opt = keras.optimizers.LossScaleOptimizer(opt)
         model.compile(optimizer=opt, loss=keras.losses.SparseCategoricalCrossentropy())
-        ds = stream.dataset()
+        ds = train.dataset()
 
         class Timer(keras.callbacks.Callback):
+            """Clock after the warm-up (tracing) step is dispatched, and at the end (after Keras's sync)."""
+
             def on_train_batch_end(self, batch, logs=None):
                 if batch == 0:
-                    self.t0 = time.perf_counter()  # after the warm-up (tracing) step
+                    self.t0 = time.perf_counter()
+
+            def on_train_end(self, logs=None):
                 self.t1 = time.perf_counter()
 
         timer = Timer()
-        model.fit(ds, steps_per_epoch=batches, epochs=1, verbose=0, shuffle=False, callbacks=[timer])
+        callbacks = _callback_list([timer], model=model, epochs=1, steps=batches)
+        model.fit(ds, steps_per_epoch=batches, epochs=1, verbose=0, shuffle=False, callbacks=callbacks)
         rate = args.steps * args.batch_size / (timer.t1 - timer.t0)
         epochs = ", ".join(f"{name}: {s / rate:,.0f} s/epoch" for name, s in PAPER_EPOCH_SAMPLES.items())
         print(

@@ -309,11 +309,12 @@ def _train_unet_args(p: argparse.ArgumentParser) -> None:
 def _train_unet(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from hipoa.train import load_existing, train_site
+    from hipoa.modelio import install_model
+    from hipoa.train import train_site
 
     if args.load:
-        info = load_existing(model=Path(args.load), out=Path(args.out))
-        print(f"{args.out}: loaded from {args.load}, presence {info['presence']}")
+        card = install_model(Path(args.load), Path(args.out))
+        print(f"{args.out}: loaded from {args.load}, presence {card.to_dict()['presence']}")
         return 0
     if not args.stores or not args.splits:
         raise ValueError(f"train-unet {args.site}: --stores and --splits are required unless --load is given")
@@ -402,24 +403,27 @@ def _site_models(values: list[str]) -> dict:
 def _predict_args(p: argparse.ArgumentParser) -> None:
     from pathlib import Path
 
-    p.add_argument("--stores", type=Path, required=True, help="the shard's patch store (.zarr)")
+    p.add_argument("--stores", "--store", dest="stores", type=Path, action="extend", nargs="+", required=True,
+                   help="shard patch stores (.zarr); the models are loaded once for all of them")
     p.add_argument("--model", action="extend", nargs="+", required=True, metavar="SITE=M.keras",
                    help="site model; its presence rule is read from the .json beside it")
-    p.add_argument("--out", type=Path, required=True, help="per-shard predictions (.parquet)")
-    p.add_argument("--masks-out", type=Path, help="also write the predicted patch masks (.zarr)")
+    p.add_argument("--out", type=Path, action="extend", nargs="+", required=True,
+                   help="per-shard predictions (.parquet), one per --stores entry, in the same order")
+    p.add_argument("--masks-out", type=Path, action="extend", nargs="+",
+                   help="also write the predicted patch masks (.zarr), one per --stores entry")
     p.add_argument("--batch-size", type=int, default=64, help="patches per model call (sets memory)")
     p.add_argument("--precision", default="auto", help="auto, float32, mixed_bfloat16 or mixed_float16")
 
 
-@subcommand("predict-masks", "predict osteophyte presence and area per site for one shard", _predict_args)
+@subcommand("predict-masks", "predict osteophyte presence and area per site for one or more shards", _predict_args)
 def _predict_masks(args: argparse.Namespace) -> int:
-    from hipoa.predict import predict_shard
+    from hipoa.predict import predict_shards
 
-    predict_shard(
-        store=args.stores,
+    predict_shards(
+        stores=args.stores,
         models=_site_models(args.model),
-        out=args.out,
-        masks_out=args.masks_out,
+        outs=args.out,
+        masks_outs=args.masks_out,
         batch_size=args.batch_size,
         precision=args.precision,
     )

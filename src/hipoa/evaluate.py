@@ -3,7 +3,7 @@
 The test images are those of the split table's ``test`` split, each seen through its
 automatic-point patch (``auto/{site}`` in the patch stores), as the model is used; no augmentation.
 Presence uses the model's stored rule (:func:`hipoa.metrics.presence_from_probability` with the
-thresholds in the model's JSON); truth is ``positive`` in the split table
+thresholds in the model's card, computed beside the model by :class:`hipoa.infer.SiteModel`); truth is ``positive`` in the split table
 (``{site}_true_area_mm2 > 0``).
 
 Dice is reported two ways:
@@ -24,11 +24,10 @@ from pathlib import Path
 import numpy as np
 
 from hipoa.atomic import atomic_path
-from hipoa.metrics import confusion, dice, f1, presence_from_probability, sensitivity, specificity
-from hipoa.infer import predict_probability, read_masks, take_rows
-from hipoa.modelio import model_json_path
+from hipoa.infer import SiteModel, read_masks, take_rows
+from hipoa.metrics import confusion, dice, f1, sensitivity, specificity
+from hipoa.modelio import json_safe, model_json_path, read_model_card
 from hipoa.splits import open_site_patches, patch_indices, read_splits
-from hipoa.train import json_safe
 
 log = logging.getLogger(__name__)
 
@@ -85,40 +84,58 @@ def evaluate_site(
         hipoa.modelio.ModelError: (a ValueError) naming the model or its JSON when either is
             unusable (:func:`hipoa.modelio.load_model`, :func:`hipoa.modelio.read_model_card`).
     """
-    from hipoa.modelio import load_model, read_model_card
-    from hipoa.precision import choose_policy
-
     model_path, out = Path(model), Path(out)
     figures_dir = Path(figures_dir) if figures_dir is not None else out.parent
+    engine, test = _load(site, model_path, splits, precision)
+    auto = open_site_patches(stores, site, "auto")
+    idx = patch_indices(auto.rows, test, "auto patches")
+    presence = engine.card["presence"]
+    log.info(
+        "evaluate %s: %d test images (%d positive), %s, rule %s",
+        site, len(test), int(test["positive"].sum()), engine.policy, presence,
+    )
+    # Presence, area and the rule's masks are computed beside the model (hipoa.infer).
+    pred = engine.predict(auto.image, idx, batch_size=batch_size, masks="all")
+    truth_mask = read_masks(auto.mask, idx)
+    truth = test["positive"].to_numpy(bool)
+    d = dice(pred.mask, truth_mask)  # mask is empty where not present: a missed positive scores 0
+    result = _scores(site, model_path, pred.present, truth, d, presence, engine.policy)
+    # Each file appears complete or not at all (hipoa.atomic).
+    with atomic_path(out) as tmp:
+        tmp.write_text(json.dumps(json_safe(result), indent=2) + "\n")
+    figures_dir.mkdir(parents=True, exist_ok=True)
+    confusion_figure(result, figures_dir / f"{site}_confusion.png")
+    images = take_rows(auto.image, idx).astype(np.float32)
+    overlay_figure(images, truth_mask, pred.mask, d, truth, figures_dir / f"{site}_overlay.png", title=site)
+    log.info(
+        "evaluate %s: sensitivity %.3f, specificity %.3f, F1 %.3f, Dice %.3f +- %.3f (positives); wrote %s",
+        site, result["sensitivity"], result["specificity"], result["f1"], result["dice_mean"], result["dice_std"], out,
+    )
+    return result
+
+
+def _load(site: str, model_path: Path, splits, precision: str):
+    """``(engine, test)``: the model with its card (:meth:`hipoa.infer.SiteModel.load`) and the
+    split table's test rows; the card and the test split are checked before the model is loaded."""
     info_path = model_json_path(model_path)
     if not info_path.exists():
         raise FileNotFoundError(f"{model_path}: its settings file {info_path} is missing (it holds the presence rule)")
-    presence = read_model_card(model_path)["presence"]
+    read_model_card(model_path)
     table = read_splits(splits)
     test = table[table["split"] == "test"].reset_index(drop=True)
     if test.empty:
         raise ValueError(f"site {site}: the split table has no test images")
+    return SiteModel.load(model_path, precision=precision), test
 
-    policy = choose_policy(precision)
-    net = load_model(model_path, policy)
-    auto = open_site_patches(stores, site, "auto")
-    idx = patch_indices(auto.rows, test, "auto patches")
-    log.info(
-        "evaluate %s: %d test images (%d positive), %s, rule %s",
-        site, len(test), int(test["positive"].sum()), policy, presence,
-    )
-    prob = predict_probability(net, auto.image, idx, batch_size=batch_size)
-    truth_mask = read_masks(auto.mask, idx)
-    present, mask, area, probability = presence_from_probability(
-        prob, presence["pixel_threshold"], presence["min_area_px"], presence.get("detect_threshold")
-    )
-    truth = test["positive"].to_numpy(bool)
-    d = dice(mask, truth_mask)  # mask is empty where not present: a missed positive scores 0
+
+def _scores(site: str, model_path: Path, present: np.ndarray, truth: np.ndarray, d: np.ndarray, presence: dict,
+            policy: str) -> dict:
+    """The evaluation JSON's content (see :func:`evaluate_site`) from per-image calls and Dice."""
     tn, fp, fn, tp = confusion(present, truth)
-    result = {
+    return {
         "site": site,
         "model": str(model_path),
-        "n": int(len(test)),
+        "n": int(len(truth)),
         "n_positive": int(truth.sum()),
         "sensitivity": sensitivity(present, truth),
         "specificity": specificity(present, truth),
@@ -136,20 +153,6 @@ def evaluate_site(
         "precision": policy,
         "paper_table2": PAPER_TABLE2.get(site),
     }
-    # Each file appears complete or not at all (hipoa.atomic).
-    with atomic_path(out) as tmp:
-        tmp.write_text(json.dumps(json_safe(result), indent=2) + "\n")
-    figures_dir.mkdir(parents=True, exist_ok=True)
-    confusion_figure(result, figures_dir / f"{site}_confusion.png")
-    images = take_rows(auto.image, idx).astype(np.float32)
-    overlay_figure(
-        images, truth_mask, mask, d, truth, figures_dir / f"{site}_overlay.png", title=site
-    )
-    log.info(
-        "evaluate %s: sensitivity %.3f, specificity %.3f, F1 %.3f, Dice %.3f +- %.3f (positives); wrote %s",
-        site, result["sensitivity"], result["specificity"], result["f1"], result["dice_mean"], result["dice_std"], out,
-    )
-    return result
 
 
 def confusion_figure(result: dict, path: str | Path) -> Path:

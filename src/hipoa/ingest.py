@@ -47,7 +47,8 @@ from hipoa.dicom import (
     regular_file_problem,
     side_of_protocol,
 )
-from hipoa.points import N_POINTS, PointsError, points_inside, read_pts
+from hipoa.geometry import inside_image
+from hipoa.points import N_POINTS, PointsError, read_pts
 from hipoa.progress import Progress
 from hipoa.sites import DEFAULT_SITES
 
@@ -270,7 +271,7 @@ def _check_points(path: str, n_points: int, rows: int, cols: int) -> tuple[str, 
         return qc.POINTS_INVALID, str(exc)
     except OSError as exc:
         return qc.POINTS_INVALID, f"{path}: cannot read: {exc}"
-    inside = points_inside(pts, rows, cols)
+    inside = inside_image(pts[:, 0], pts[:, 1], (rows, cols))
     if not inside.all():
         i = int(np.flatnonzero(~inside)[0])
         return qc.POINTS_OUTSIDE_IMAGE, (
@@ -628,25 +629,36 @@ def build_manifest(
     jobs = [dataclasses.replace(j, limits=limits, labels=labels) for j in jobs]
     jobs.sort(key=lambda j: (j.eid, j.instance, j.side, j.array, j.image))
 
+    rows, mask_problems = _read_rows(jobs, int(workers), side)
+    summary = {"unmatched": unmatched, "mask_problems": dict(sorted(mask_problems.items()))}
+    if unmatched:
+        log.warning("%d file(s) found by the glob but not parsed by the pattern have no row (listed above)", len(unmatched))
+    if mask_problems:
+        log.warning("masks not used for training: %s", ", ".join(f"{k} {v}" for k, v in sorted(mask_problems.items())))
+    df = _manifest_table(rows, side, int(n_shards))
+    df.attrs["ingest"] = summary
+    return df
+
+
+def _read_rows(jobs: list, workers: int, side: str) -> tuple[list[dict[str, object]], Counter[str]]:
+    """Every job's manifest row (its notes logged) and the count of each mask problem."""
     rows: list[dict[str, object]] = []
     mask_problems: Counter[str] = Counter()
-    for row, notes in _run(jobs, int(workers), side):
+    for row, notes in _run(jobs, workers, side):
         for note in notes:
             log.warning("%s", note)
         problem = str(row.pop("_mask_problem", ""))
         if problem:
             mask_problems[problem] += 1
         rows.append(row)
-    summary = {"unmatched": unmatched, "mask_problems": dict(sorted(mask_problems.items()))}
-    if unmatched:
-        log.warning("%d file(s) found by the glob but not parsed by the pattern have no row (listed above)", len(unmatched))
-    if mask_problems:
-        log.warning("masks not used for training: %s", ", ".join(f"{k} {v}" for k, v in sorted(mask_problems.items())))
+    return rows, mask_problems
+
+
+def _manifest_table(rows: list[dict[str, object]], side: str, n_shards: int) -> pd.DataFrame:
+    """The typed manifest of ``rows``: shards assigned, duplicates marked, reasons checked."""
     if not rows:
         log.warning("no %s images to ingest", side)
-        df = empty_manifest()
-        df.attrs["ingest"] = summary
-        return df
+        return empty_manifest()
     df = pd.DataFrame.from_records(rows)
     df["shard"] = [shard_of(e, n_shards) for e in df["eid"]]
     df = df[list(MANIFEST_COLUMNS)].astype(_PANDAS_DTYPES)
@@ -655,7 +667,6 @@ def build_manifest(
     qc.check_reasons(df["qc_reason"], f"manifest {side}")
     counts = df["qc_reason"].replace("", "ok").value_counts().sort_index()
     log.info("manifest %s: %d rows; %s", side, len(df), ", ".join(f"{k} {v}" for k, v in counts.items()))
-    df.attrs["ingest"] = summary
     return df
 
 

@@ -238,3 +238,36 @@ def estimate_prevalence(called_fraction: float, sens: float, spec: float) -> flo
     if not j > 0:
         raise ValueError(f"estimate_prevalence: sensitivity {sens} + specificity {spec} - 1 must be > 0")
     return float(np.clip((called_fraction - (1.0 - spec)) / j, 0.0, 1.0))
+
+
+def mask_components(mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Connected regions of predicted masks: how many, and the largest one's pixel count, per image.
+
+    Regions are 8-connected (``skimage.measure.label(..., connectivity=2)``): pixels that touch
+    at a corner belong to one region. A U-Net's thresholded mask often joins an osteophyte's
+    pixels only diagonally along a thin edge; 4-connectivity would split one osteophyte into
+    several "regions" there, so 8-connectivity counts what a reader would call one outgrowth.
+
+    Args:
+        mask: ``(n, H, W)`` (or ``(H, W)``) masks, nonzero = osteophyte.
+
+    Returns:
+        ``(n_components, largest_px)``: ``(n,)`` int64 each; both 0 for an empty mask.
+    """
+    from skimage.measure import label
+
+    mask = np.asarray(mask)
+    single = mask.ndim == 2
+    if single:
+        mask = mask[None]
+    if mask.ndim != 3:
+        raise ValueError(f"mask_components: expected (H, W) or (n, H, W) masks, got shape {mask.shape}")
+    n_components = np.zeros(len(mask), np.int64)
+    largest = np.zeros(len(mask), np.int64)
+    for i, m in enumerate(mask):
+        if not m.any():
+            continue
+        labels, count = label(m != 0, connectivity=2, return_num=True)
+        n_components[i] = count
+        largest[i] = np.bincount(labels.ravel())[1:].max()
+    return n_components, largest

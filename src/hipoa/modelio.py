@@ -1,8 +1,8 @@
 """Reading a site's model (``unet.keras``) and its model card (``unet.json``), one way for every stage.
 
-Prediction (:func:`hipoa.predict.load_model`), evaluation (:func:`hipoa.evaluate.evaluate_site`)
-and ``train-unet --load`` (:func:`hipoa.train.load_existing`) load models through
-:func:`load_model`, which checks the file before Keras touches it:
+Inference (:class:`hipoa.infer.SiteModel`, used by prediction, evaluation and the presence-rule
+choice) and ``train-unet --load`` (:func:`install_model`) load models through :func:`load_model`,
+which checks the file before Keras touches it:
 
 - a regular file (not a directory or FIFO);
 - a zip archive that passes its CRC checks (a truncated or corrupt download is named as such);
@@ -17,7 +17,10 @@ shapes: input ``(128, 128, 1)``, output ``(128, 128, k)``. Every problem is a :c
 (a ``ValueError``) with a one-line message naming the file, which the CLI prints without a
 traceback.
 
-The model card, the JSON beside the model, holds the presence rule (:func:`read_presence_rule`).
+The model card, the JSON beside the model (``unet.json`` beside ``unet.keras``), is a
+:class:`ModelCard`: settings, data counts, training and validation figures, and the presence rule
+(:class:`PresenceRule`). It is read by :func:`read_model_card` (validated) and written by
+:func:`write_model_card` (atomically, NaN as null); nothing else parses or writes it.
 """
 
 from __future__ import annotations
@@ -27,7 +30,7 @@ import json
 import logging
 import math
 import zipfile
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -90,6 +93,9 @@ class PresenceRule:
                 "min_area_px": self.min_area_px}
 
 
+_RULE_KEYS = ("pixel_threshold", "detect_threshold", "min_area_px")
+
+
 def model_json_path(model: str | Path) -> Path:
     """The model card beside a model: ``unet.json`` beside ``unet.keras`` (same stem)."""
     return Path(model).with_suffix(".json")
@@ -116,15 +122,101 @@ def _presence_rule(rule: Any, path: Path) -> PresenceRule:
     return PresenceRule(pixel_threshold=thr, min_area_px=min_px, detect_threshold=detect)
 
 
-def read_model_card(model: str | Path) -> dict[str, Any]:
+_CARD_SECTIONS = ("site", "hipoa_version", "created", "settings", "architecture", "data", "training",
+                  "validation", "presence", "loaded_from")
+"""Top-level keys of ``unet.json`` that :class:`ModelCard` names, in the order they are written."""
+
+
+@dataclass(frozen=True)
+class ModelCard:
+    """A site model's card, ``unet.json`` beside ``unet.keras`` (its JSON layout: :meth:`to_dict`).
+
+    Attributes:
+        presence: The presence rule. Given a dict (``choose_presence_rule``'s ``presence``),
+            it is validated into a :class:`PresenceRule` and the dict's other keys
+            (``prevalence``, ``prevalence_source``, ``prevalence_estimate``, ``candidates``,
+            ``rule``) go to ``presence_info``.
+        site: Site key; ``hipoa_version``, ``created`` (ISO 8601 UTC) of the training run.
+        settings: Training settings (epochs, batch size, U-Net size, augmentation, seed, policy, ...).
+        architecture: U-Net size, classes, parameter count, saved policy.
+        data: Stores, split table, context size, ``counts`` per split, samples per epoch.
+        training: Epochs run, best epoch and validation loss, seconds, patches per second.
+        validation: Validation scores at the presence rule.
+        presence_info: How the rule was chosen (written inside ``presence``).
+        loaded_from: The model this one was copied from (``train-unet --load``), else None.
+        extra: Any other top-level keys of the JSON, kept as they are.
+
+    ``None`` (or empty ``extra``/``presence_info``) sections are not written. ``card["presence"]``
+    and the like read the JSON layout, for code written against the dict.
+    """
+
+    presence: PresenceRule
+    site: str | None = None
+    hipoa_version: str | None = None
+    created: str | None = None
+    settings: dict[str, Any] | None = None
+    architecture: dict[str, Any] | None = None
+    data: dict[str, Any] | None = None
+    training: dict[str, Any] | None = None
+    validation: dict[str, Any] | None = None
+    presence_info: dict[str, Any] = field(default_factory=dict)
+    loaded_from: str | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if isinstance(self.presence, dict):
+            rule = _presence_rule(self.presence, Path("model card"))
+            info = {k: v for k, v in self.presence.items() if k not in _RULE_KEYS}
+            object.__setattr__(self, "presence", rule)
+            object.__setattr__(self, "presence_info", {**info, **self.presence_info})
+        elif not isinstance(self.presence, PresenceRule):
+            raise ModelError(f"model card: presence must be a PresenceRule or a dict, got {self.presence!r}")
+
+    @classmethod
+    def from_dict(cls, card: Any, path: str | Path = "model card") -> ModelCard:
+        """The card of a parsed ``unet.json`` (``path`` names it in errors).
+
+        Raises:
+            ModelError: naming ``path`` when ``card`` is not an object or its presence rule is
+                missing or invalid.
+        """
+        path = Path(path)
+        if not isinstance(card, dict):
+            raise ModelError(f"{path}: model settings JSON must be an object, got {type(card).__name__}")
+        rule = _presence_rule(card.get("presence"), path)
+        named = {k: card[k] for k in _CARD_SECTIONS if k in card and k != "presence"}
+        return cls(
+            presence=rule,
+            presence_info={k: v for k, v in card["presence"].items() if k not in _RULE_KEYS},
+            extra={k: v for k, v in card.items() if k not in _CARD_SECTIONS},
+            **named,
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        """The card in ``unet.json``'s layout (sections in :data:`_CARD_SECTIONS` order, then ``extra``)."""
+        out: dict[str, Any] = {}
+        for key in _CARD_SECTIONS:
+            if key == "presence":
+                out[key] = {**self.presence_info, **self.presence.to_dict()}
+            elif getattr(self, key) is not None:
+                out[key] = getattr(self, key)
+        out.update(self.extra)
+        return out
+
+    def __getitem__(self, key: str) -> Any:
+        return self.to_dict()[key]
+
+
+def read_model_card(model: str | Path) -> ModelCard:
     """The model card (the JSON beside a ``.keras`` model), checked.
 
     Args:
         model: The ``.keras`` model; its card is :func:`model_json_path`.
 
     Returns:
-        The card's content: a dict whose ``presence`` entry is a valid presence rule
-        (:func:`read_presence_rule`).
+        The :class:`ModelCard`; its ``presence`` is a valid :class:`PresenceRule` (a card written
+        before hipoa 0.2, without ``detect_threshold``, reads as ``detect_threshold =
+        pixel_threshold``).
 
     Raises:
         FileNotFoundError: naming the card when it is missing.
@@ -145,10 +237,7 @@ def read_model_card(model: str | Path) -> dict[str, Any]:
         raise ModelError(f"{path}: model settings JSON is not valid JSON ({exc})") from None
     except OSError as exc:
         raise ModelError(f"{path}: cannot read the model settings JSON ({_one_line(exc)})") from None
-    if not isinstance(card, dict):
-        raise ModelError(f"{path}: model settings JSON must be an object, got {type(card).__name__}")
-    _presence_rule(card.get("presence"), path)
-    return card
+    return ModelCard.from_dict(card, path)
 
 
 def read_presence_rule(model: str | Path) -> PresenceRule:
@@ -158,8 +247,99 @@ def read_presence_rule(model: str | Path) -> PresenceRule:
         FileNotFoundError: naming the JSON when it is missing.
         ModelError: (a ValueError) naming the JSON and the value when the card or rule is invalid.
     """
-    card = read_model_card(model)
-    return _presence_rule(card["presence"], model_json_path(model))
+    return read_model_card(model).presence
+
+
+def json_safe(obj: Any) -> Any:
+    """``obj`` with NaN and infinities as None (JSON has no NaN: they are written as null), NumPy
+    scalars as Python numbers and tuples as lists, recursively through dicts and lists."""
+    import numpy as np
+
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    if isinstance(obj, dict):
+        return {k: json_safe(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [json_safe(v) for v in obj]
+    if isinstance(obj, np.generic):
+        return json_safe(obj.item())
+    return obj
+
+
+def write_model_card(model: str | Path, card: ModelCard | dict[str, Any]) -> Path:
+    """Write the model card beside ``model`` (``unet.json`` beside ``unet.keras``), atomically.
+
+    Args:
+        model: The ``.keras`` model the card describes (it need not exist yet).
+        card: A :class:`ModelCard`, or a dict in the card's JSON layout (validated as
+            :func:`read_model_card` does).
+
+    Returns:
+        The card's path. NaN is written as null (:func:`json_safe`); the file appears complete or
+        not at all (:mod:`hipoa.atomic`).
+
+    Raises:
+        ModelError: naming the card's path when a dict's presence rule is missing or invalid.
+    """
+    from hipoa.atomic import atomic_path
+
+    path = model_json_path(model)
+    if not isinstance(card, ModelCard):
+        card = ModelCard.from_dict(card, path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_path(path) as tmp:
+        tmp.write_text(json.dumps(json_safe(card.to_dict()), indent=2) + "\n")
+    return path
+
+
+def install_model(src: str | Path, out: str | Path) -> ModelCard:
+    """Use an existing model instead of training (``train-unet --load``): check it, copy it and its card.
+
+    The card is read and the model loaded (:func:`load_model`: the file checked, safe mode, the
+    shapes) before anything is written; then the model, its card (with ``loaded_from``) and its
+    ``history.csv`` (an empty one when the source has none) are written beside ``out``, each
+    complete or not at all.
+
+    Args:
+        src: An existing ``.keras`` U-Net with its ``.json`` card (same stem) beside it.
+        out: Where the workflow expects the model (``results/models/{site}/unet.keras``).
+
+    Returns:
+        The card written (``loaded_from`` = ``str(src)``).
+
+    Raises:
+        FileNotFoundError: naming the missing model or card.
+        ModelError: (a ValueError) naming the file: not a loadable, safe ``.keras`` U-Net, not
+            128x128 -> 128x128xk, or its card is invalid or lacks the presence rule.
+    """
+    import shutil
+
+    from hipoa.atomic import atomic_path
+
+    src, out = Path(src), Path(out)
+    if not src.exists():
+        raise FileNotFoundError(f"model to load not found: {src}")
+    info_path = model_json_path(src)
+    if not info_path.exists():
+        raise FileNotFoundError(f"{src}: its settings file {info_path} is missing (it holds the presence rule)")
+    card = read_model_card(src)
+    load_model(src)  # checks the file, then that Keras loads it and its shapes
+    out.parent.mkdir(parents=True, exist_ok=True)
+    if src.resolve() != out.resolve():
+        with atomic_path(out) as tmp:
+            shutil.copyfile(src, tmp)
+    card = replace(card, loaded_from=str(src))
+    write_model_card(out, card)
+    hist_src, hist_out = src.parent / "history.csv", out.parent / "history.csv"
+    if hist_src.is_file():
+        if hist_src.resolve() != hist_out.resolve():
+            with atomic_path(hist_out) as tmp:
+                shutil.copyfile(hist_src, tmp)
+    else:
+        with atomic_path(hist_out) as tmp:
+            tmp.write_text("epoch,loss,val_loss,seconds\n")
+    log.info("loaded %s (min_area_px %s) -> %s", src, card.presence.min_area_px, out)
+    return card
 
 
 # ---- model file ---------------------------------------------------------------------------------

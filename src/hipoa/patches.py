@@ -1,37 +1,10 @@
-"""Landmark-normalised patches: geometry, sampling, normalisation, and one shard's Zarr store.
+"""One shard's crop: landmark-normalised patches of every manifest row into a Zarr patch store.
 
-Geometry
---------
-Points are pixels of the image *as stored* (``.pts`` convention): x to the right, y down, (0, 0)
-at the centre of the top-left pixel. A pixel covers ``x - 0.5 .. x + 0.5``, so a point is in the
-image when ``-0.5 <= x <= cols - 0.5`` and ``-0.5 <= y <= rows - 0.5``.
-
-Right hips (``side == "R"``) are mirrored into the left orientation, image, points and mask
-together: ``x' = cols - 1 - x``, ``image[:, ::-1]``. All patches are therefore left hips.
-
-Work happens in millimetres so that anisotropic pixels are handled: ``X = x * dx``, ``Y = y * dy``
-with ``dx`` the column spacing and ``dy`` the row spacing (``HipImage.spacing_mm == (dy, dx)``).
-For a site (Ebsim et al., section 3):
-
-- reference length ``L_mm = |P[ref0] - P[ref1]|`` in mm (points 12 and 39 by default);
-- patch pixel size ``s = dp * L_mm`` in mm, square;
-- patch pixel ``(u, v)`` (u = column, v = row), centre ``c = (S - 1) / 2``, axis-aligned in the
-  mirrored frame: ``X' = X'c + (u - c) * s``, ``Y = Yc + (v - c) * s``.
-
-These compose, mirroring included, into one 2x3 affine from ``(u, v, 1)`` to the STORED image's
-pixel ``(x, y)``::
-
-    left:  x = xc + (u - c) * s / dx        right:  x = xc - (u - c) * s / dx
-           y = yc + (v - c) * s / dy                y = yc + (v - c) * s / dy
-
-so predictions map back to the original image without knowing the side, and the area of one
-patch pixel is ``|det(A[:, :2])| * dx * dy = s**2`` mm^2. Mirroring is done by the affine (a
-negative x scale), never by copying the image.
-
-Sampling: bilinear for images (``order=1``), nearest for masks (``order=0``), at the patch pixel
-centres. A patch pixel is *inside* when its centre falls on an image pixel (the bounds above);
-inside pixels within half a pixel of the border use the edge pixel, outside pixels get ``fill``.
-``inside_fraction`` is the share of inside pixels of the 128 x 128 patch.
+For each row :func:`crop_shard` reads the DICOM, its points and (if annotated) its mask, maps a
+patch per site through :func:`hipoa.geometry.patch_affine` (coordinate conventions, mirroring of
+right hips and the mm frame are documented in :mod:`hipoa.geometry`), samples it with
+:func:`hipoa.geometry.sample_patch` (bilinear images, nearest masks), normalises it, and finally
+writes the store with :func:`hipoa.store.write_patch_store` (layout: docs/DESIGN.md "Patch store").
 
 Normalisation
 -------------
@@ -47,10 +20,11 @@ to +-0.05 * 128 = 6.4 px (paper, section 4). Resampling the 128 patch itself wou
 corners, and re-reading the DICOMs at training time would tie training to the zips. So patches
 from manual points are stored as a larger *context* crop, C x C with C = 176 (default) at the same
 pixel size; the 128 patch is its centre crop at offset ``(C - 128) / 2 = 24``. The farthest
-context pixel an augmented patch needs is at half-width
-``64 * 1.1 * (cos 0.1 + sin 0.1) + 6.4 * sqrt(2) = 86.1 < 88 = C / 2``
-(``augmentation_half_width``), so augmentation never leaves the context. The affine stored with a
-context patch maps context pixel coordinates.
+context pixel an augmented patch reads is
+``1.1 * 63.5 * (cos 0.1 + sin 0.1) + 6.4 = 82.9 <= 87.5 = (C - 1) / 2`` pixels from the centre
+along an axis (:func:`hipoa.geometry.augmentation_reach`, recorded in the store attrs; C = 168
+would do, :func:`hipoa.geometry.required_context`), so augmentation never leaves the context. The
+affine stored with a context patch maps context pixel coordinates.
 
 Which points made a patch
 -------------------------
@@ -65,7 +39,6 @@ from __future__ import annotations
 import json
 import logging
 import math
-import shutil
 import time
 from collections import Counter
 from dataclasses import dataclass, field
@@ -74,13 +47,22 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
-from scipy import ndimage
 
 from hipoa import __version__, qc
 from hipoa.dicom import read_image
+from hipoa.geometry import (
+    augmentation_reach,
+    context_offset,
+    inside_fraction,
+    inside_mask,
+    patch_affine,
+    reference_length_mm,
+    sample_patch,
+)
 from hipoa.points import PointsError, read_pts
 from hipoa.progress import Progress
 from hipoa.sites import PATCH_SIZE, Site
+from hipoa.store import write_patch_store
 
 log = logging.getLogger(__name__)
 
@@ -112,8 +94,9 @@ NORMALISATION = (
 CONTEXT_NOTE = (
     "manual/ patches are context crops of C x C at the same pixel size as the 128 patch, which is "
     "their centre crop at offset (C-128)/2; C=176 covers training augmentation (rotation +-0.1 rad, "
-    "scale +-10%, centre displacement +-0.05*128 px) without blank corners: the farthest needed "
-    "context pixel is at half-width 64*1.1*(cos 0.1 + sin 0.1) + 6.4*sqrt(2) = 86.1 < 88"
+    "scale +-10%, centre displacement +-0.05*128 px) without blank corners: the farthest context "
+    "pixel read is 1.1*63.5*(cos 0.1 + sin 0.1) + 0.05*128 = 82.9 px from the centre along an axis, "
+    "within (176-1)/2 = 87.5 (augmentation.max_half_width_px; hipoa.geometry.required_context gives 168)"
 )
 
 AFFINE_NOTE = (
@@ -127,241 +110,6 @@ POINTS_SOURCE = {
     "auto": "automatic points (manifest points_auto) for every manifest row: evaluation and phenotyping",
     "manual": "manual points (manifest points_manual) for annotated rows only: training",
 }
-
-
-# --------------------------------------------------------------------------------------------
-# geometry
-
-
-def mirror_points(points: np.ndarray, cols: int) -> np.ndarray:
-    """Mirror points left-right in an image of ``cols`` columns: ``x' = cols - 1 - x``.
-
-    Args:
-        points: ``(n, 2)`` x, y in pixels.
-        cols: Image width in pixels.
-
-    Returns:
-        ``(n, 2)`` float64, a new array.
-    """
-    out = np.array(points, dtype=np.float64, copy=True)
-    out[:, 0] = cols - 1 - out[:, 0]
-    return out
-
-
-def reference_length_mm(points: np.ndarray, site: Site, spacing_mm: tuple[float, float]) -> float:
-    """Distance in mm between the site's two reference points.
-
-    Args:
-        points: ``(n, 2)`` x, y in stored-image pixels.
-        site: Gives the reference point indices.
-        spacing_mm: ``(dy, dx)``: row and column spacing in mm.
-
-    Returns:
-        The length in mm (mirroring does not change it).
-    """
-    dy, dx = spacing_mm
-    a, b = points[site.reference[0]], points[site.reference[1]]
-    return float(math.hypot((a[0] - b[0]) * dx, (a[1] - b[1]) * dy))
-
-
-def patch_affine(
-    points: np.ndarray,
-    site: Site,
-    spacing_mm: tuple[float, float],
-    cols: int,
-    side: str,
-    size: int = PATCH_SIZE,
-) -> np.ndarray:
-    """The 2x3 affine from patch pixel ``(u, v, 1)`` to stored-image pixel ``(x, y)``.
-
-    The patch is centred on ``points[site.centre]`` (patch pixel ``((size-1)/2, (size-1)/2)``), its
-    pixels are squares of ``site.dp * reference_length_mm`` mm, and right hips are mirrored into
-    the left orientation (see the module docstring for the formulas).
-
-    Args:
-        points: ``(n, 2)`` float x, y in stored-image pixels (right hips NOT mirrored).
-        site: Centre, reference points and dp.
-        spacing_mm: ``(dy, dx)`` row and column spacing in mm.
-        cols: Image width in pixels (only used to mirror; the result does not depend on it, since
-            mirroring the image and the points cancel).
-        side: ``"L"`` or ``"R"``.
-        size: Patch side in pixels (128, or the context size).
-
-    Returns:
-        ``(2, 3)`` float64.
-
-    Raises:
-        ValueError: on an unknown side, a non-positive spacing or a zero/non-finite reference length.
-    """
-    if side not in ("L", "R"):
-        raise ValueError(f"side must be 'L' or 'R', got {side!r}")
-    dy, dx = float(spacing_mm[0]), float(spacing_mm[1])
-    if not (dx > 0 and dy > 0 and math.isfinite(dx) and math.isfinite(dy)):
-        raise ValueError(f"pixel spacing must be positive and finite, got {spacing_mm}")
-    pts = np.asarray(points, dtype=np.float64)
-    if side == "R":
-        pts = mirror_points(pts, cols)
-    length = reference_length_mm(pts, site, (dy, dx))
-    if not (length > 0 and math.isfinite(length)):
-        raise ValueError(
-            f"site {site.name}: reference length between points {site.reference} is {length} mm"
-        )
-    s = site.dp * length
-    c = (size - 1) / 2.0
-    xc, yc = pts[site.centre]
-    if not (math.isfinite(xc) and math.isfinite(yc)):
-        raise ValueError(f"site {site.name}: centre point {site.centre} is not finite: {pts[site.centre]}")
-    # mirrored frame: x' = xc' + (u - c) * s/dx, y = yc + (v - c) * s/dy
-    a = np.array([[s / dx, 0.0, xc - c * s / dx], [0.0, s / dy, yc - c * s / dy]])
-    if side == "R":
-        # stored x = cols - 1 - x'
-        a[0] = [-a[0, 0], 0.0, cols - 1 - a[0, 2]]
-    return a
-
-
-def patch_coordinates(affine: np.ndarray, size: int) -> tuple[np.ndarray, np.ndarray]:
-    """Stored-image pixel coordinates of every patch pixel centre.
-
-    Args:
-        affine: ``(2, 3)`` patch -> image affine.
-        size: Patch side.
-
-    Returns:
-        ``(x, y)``, each ``(size, size)`` float64 indexed ``[v, u]``.
-    """
-    u = np.arange(size, dtype=np.float64)
-    uu, vv = np.meshgrid(u, u)
-    x = affine[0, 0] * uu + affine[0, 1] * vv + affine[0, 2]
-    y = affine[1, 0] * uu + affine[1, 1] * vv + affine[1, 2]
-    return x, y
-
-
-def _axis_aligned(affine: np.ndarray) -> bool:
-    return affine[0, 1] == 0.0 and affine[1, 0] == 0.0
-
-
-def _axis_coords(affine: np.ndarray, size: int) -> tuple[np.ndarray, np.ndarray]:
-    u = np.arange(size, dtype=np.float64)
-    return affine[0, 0] * u + affine[0, 2], affine[1, 1] * u + affine[1, 2]
-
-
-def inside_mask(affine: np.ndarray, size: int, shape: tuple[int, int]) -> np.ndarray:
-    """Which patch pixels have their centre on an image pixel.
-
-    Args:
-        affine: ``(2, 3)`` patch -> image affine.
-        size: Patch side.
-        shape: ``(rows, cols)`` of the image.
-
-    Returns:
-        ``(size, size)`` bool, indexed ``[v, u]``.
-    """
-    rows, cols = shape
-    if _axis_aligned(affine):
-        x, y = _axis_coords(affine, size)
-        in_x = (x >= -0.5) & (x <= cols - 0.5)
-        in_y = (y >= -0.5) & (y <= rows - 0.5)
-        return in_y[:, None] & in_x[None, :]
-    x, y = patch_coordinates(affine, size)
-    return (x >= -0.5) & (x <= cols - 0.5) & (y >= -0.5) & (y <= rows - 0.5)
-
-
-def inside_fraction(affine: np.ndarray, size: int, shape: tuple[int, int]) -> float:
-    """Fraction of the patch's pixels whose centres lie in the image (0..1)."""
-    rows, cols = shape
-    if _axis_aligned(affine):
-        x, y = _axis_coords(affine, size)
-        fx = np.count_nonzero((x >= -0.5) & (x <= cols - 0.5)) / size
-        fy = np.count_nonzero((y >= -0.5) & (y <= rows - 0.5)) / size
-        return float(fx * fy)
-    return float(inside_mask(affine, size, shape).mean())
-
-
-def _sample_axis_aligned(image: np.ndarray, affine: np.ndarray, size: int, order: int, fill: float) -> np.ndarray:
-    """``sample_patch`` for an axis-aligned affine: x depends on u only and y on v only, so the
-    interpolation is separable (rows, then columns) over only the pixels the patch touches."""
-    rows, cols = image.shape
-    x, y = _axis_coords(affine, size)  # (size,) each, monotonic
-    if order == 0:
-        xi = np.floor(x + 0.5).astype(np.intp)
-        yi = np.floor(y + 0.5).astype(np.intp)
-        np.clip(xi, 0, cols - 1, out=xi)
-        np.clip(yi, 0, rows - 1, out=yi)
-        out = image[yi[:, None], xi]
-    else:
-        x0, y0 = np.floor(x), np.floor(y)
-        fx = (x - x0).astype(np.float32)
-        fy = (y - y0).astype(np.float32)[:, None]
-        xa, ya = x0.astype(np.intp), y0.astype(np.intp)
-        xb, yb = xa + 1, ya + 1
-        # edge extension (mode "nearest"); only patches at the border need it
-        if min(xa[0], xa[-1]) < 0 or max(xb[0], xb[-1]) > cols - 1:
-            np.clip(xa, 0, cols - 1, out=xa)
-            np.clip(xb, 0, cols - 1, out=xb)
-        if min(ya[0], ya[-1]) < 0 or max(yb[0], yb[-1]) > rows - 1:
-            np.clip(ya, 0, rows - 1, out=ya)
-            np.clip(yb, 0, rows - 1, out=yb)
-        lo, hi = int(min(xa[0], xa[-1])), int(max(xb[0], xb[-1])) + 1
-        sub = image[:, lo:hi]
-        if sub.dtype != np.float32:
-            sub = sub.astype(np.float32)
-        top, bottom = sub[ya], sub[yb]  # (size, hi - lo) rows above / below each sample
-        bottom -= top
-        bottom *= fy
-        top += bottom
-        xa -= lo
-        xb -= lo
-        out, right = top[:, xa], top[:, xb]
-        right -= out
-        right *= fx
-        out += right
-    inside_x = -0.5 <= min(x[0], x[-1]) and max(x[0], x[-1]) <= cols - 0.5
-    inside_y = -0.5 <= min(y[0], y[-1]) and max(y[0], y[-1]) <= rows - 0.5
-    if not (inside_x and inside_y):
-        inside = ((y >= -0.5) & (y <= rows - 0.5))[:, None] & ((x >= -0.5) & (x <= cols - 0.5))
-        out[~inside] = fill
-    return out
-
-
-def sample_patch(
-    image: np.ndarray,
-    affine: np.ndarray,
-    size: int = PATCH_SIZE,
-    order: int = 1,
-    fill: float = 0.0,
-) -> np.ndarray:
-    """Sample a patch from an image through a patch -> image affine.
-
-    Axis-aligned affines (all of this module's) use an exact separable path that touches only
-    the rows and columns the patch needs; other affines (e.g. rotated ones from augmentation) go
-    through ``scipy.ndimage.map_coordinates``. Both give the same values: bilinear or nearest
-    interpolation at the patch pixel centres, edge pixels within half a pixel of the border,
-    ``fill`` outside (see ``inside_mask``).
-
-    Args:
-        image: ``(rows, cols)`` stored image (or mask), any real dtype.
-        affine: ``(2, 3)`` patch pixel ``(u, v, 1)`` -> image pixel ``(x, y)``.
-        size: Patch side in pixels.
-        order: 1 bilinear (images), 0 nearest (label masks).
-        fill: Value for patch pixels outside the image.
-
-    Returns:
-        ``(size, size)`` indexed ``[v, u]``: float32 for ``order=1``, ``image.dtype`` for ``order=0``.
-    """
-    if image.ndim != 2:
-        raise ValueError(f"image must be 2-D (rows, cols), got shape {image.shape}")
-    if order not in (0, 1):
-        raise ValueError(f"order must be 0 (nearest) or 1 (bilinear), got {order}")
-    rows, cols = image.shape
-    out_dtype = np.float32 if order == 1 else image.dtype
-    if _axis_aligned(affine):
-        return _sample_axis_aligned(image, affine, size, order, fill)
-    x, y = patch_coordinates(affine, size)
-    inside = (x >= -0.5) & (x <= cols - 0.5) & (y >= -0.5) & (y <= rows - 0.5)
-    src = image.astype(np.float32, copy=False) if order == 1 else image
-    out = ndimage.map_coordinates(src, [y, x], order=order, mode="nearest", output=out_dtype)
-    out[~inside] = fill
-    return out
 
 
 def normalise_patch(
@@ -391,33 +139,6 @@ def normalise_patch(
     if not all_inside:
         out[~inside] = FILL
     return out
-
-
-def augmentation_half_width(
-    size: int = PATCH_SIZE,
-    rotation: float = AUGMENT_ROTATION,
-    scale: float = AUGMENT_SCALE,
-    displacement: float = AUGMENT_DISPLACEMENT,
-) -> float:
-    """Largest distance (per axis, in patch pixels) from the centre that augmentation samples.
-
-    A patch of half-width ``size/2`` rotated by up to ``rotation`` and scaled by up to ``1+scale``
-    reaches ``size/2 * (1+scale) * (cos r + sin r)`` along an axis; a displacement of up to
-    ``displacement * size`` on both axes adds ``displacement * size * sqrt(2)`` (conservative).
-    """
-    half = size / 2.0
-    return half * (1.0 + scale) * (math.cos(rotation) + math.sin(rotation)) + displacement * size * math.sqrt(2.0)
-
-
-def context_offset(context: int, size: int = PATCH_SIZE) -> int:
-    """Offset of the ``size`` patch inside a ``context`` crop: ``(context - size) // 2``.
-
-    Raises:
-        ValueError: when ``context < size`` or ``context - size`` is odd (no exact centre crop).
-    """
-    if context < size or (context - size) % 2:
-        raise ValueError(f"context size must be >= {size} and differ from it by an even number, got {context}")
-    return (context - size) // 2
 
 
 # --------------------------------------------------------------------------------------------
@@ -522,6 +243,21 @@ class _Arrays:
                 "inside": np.full(n, np.nan, np.float32),
             }
             self.manual[site.name] = {"image": [], "mask": [], "affine": [], "inside": []}
+
+    def manual_arrays(self) -> dict[str, dict[str, np.ndarray]]:
+        """``manual/`` as arrays per site: the crops stacked (empty ones shaped), plus ``row``."""
+        c, m = self.context, len(self.manual_rows)
+        out = {}
+        for site in self.sites:
+            lists = self.manual[site.name]
+            out[site.name] = {
+                "image": np.stack(lists["image"]) if m else np.zeros((0, c, c), np.float16),
+                "mask": np.stack(lists["mask"]) if m else np.zeros((0, c, c), np.uint8),
+                "affine": np.stack(lists["affine"]) if m else np.zeros((0, 2, 3)),
+                "inside": np.asarray(lists["inside"], np.float32),
+                "row": np.asarray(self.manual_rows, np.int32),
+            }
+        return out
 
 
 def _crop_row(
@@ -696,72 +432,6 @@ def _crop_manual(
     arrays.manual_rows.append(i)
 
 
-def _compressor() -> Any:
-    from zarr.codecs import BloscCodec
-
-    # Bitshuffle groups the float16 sign/exponent bits and packs the 0/1 masks. On synthetic
-    # UKB-like patches lz4 is ~5x faster than zstd-3 for 7 % more bytes (24 vs 22.5 kB per
-    # 128x128 float16 patch), and the write would otherwise cost as much as the cropping.
-    return BloscCodec(cname="lz4", clevel=5, shuffle="bitshuffle")
-
-
-PATCH_CHUNK = 64
-"""Patches per Zarr chunk: 64 x 128 x 128 float16 = 2 MiB raw, ~1.5 MiB compressed (a few chunks
-per shard file set, and a sensible Dask chunk for prediction batches)."""
-
-
-def _write_array(group: Any, name: str, data: np.ndarray, attributes: dict[str, Any] | None = None) -> None:
-    data = np.asarray(data)
-    if data.dtype == object:
-        data = data.astype(str) if data.size else np.zeros(0, dtype=str)
-        dtype: Any = str
-    else:
-        dtype = data.dtype
-    # patches in chunks of PATCH_CHUNK rows; per-row tables (and affines) in one chunk
-    rows_per_chunk = PATCH_CHUNK if data.ndim == 3 and data.shape[1] >= 64 else data.shape[0]
-    chunks = (max(1, min(rows_per_chunk, data.shape[0])),) + data.shape[1:]
-    arr = group.create_array(
-        name,
-        shape=data.shape,
-        dtype=dtype,
-        chunks=chunks,
-        compressors=_compressor() if dtype is not str else "auto",
-        attributes=attributes or {},
-        # skip zarr's per-chunk "all fill value?" scan: a third of the write time, and an
-        # all-zero chunk compresses to a few bytes anyway
-        config={"write_empty_chunks": True},
-    )
-    if data.size:
-        arr[...] = data
-
-
-def _write_store(path: Path, arrays: _Arrays, attrs: dict[str, Any]) -> None:
-    import zarr
-
-    root = zarr.open_group(str(path), mode="w", zarr_format=3)
-    root.attrs.update(attrs)
-    rows = root.create_group("rows", attributes={"columns": list(arrays.rows)})
-    for name, data in arrays.rows.items():
-        _write_array(rows, name, data)
-    auto = root.create_group("auto", attributes={"points_source": POINTS_SOURCE["auto"]})
-    manual = root.create_group("manual", attributes={"points_source": POINTS_SOURCE["manual"]})
-    size, context = arrays.size, arrays.context
-    m = len(arrays.manual_rows)
-    for site in arrays.sites:
-        g = auto.create_group(site.name, attributes={"patch_size": size, "points_source": "auto"})
-        for name, data in arrays.auto[site.name].items():
-            _write_array(g, name, data)
-        g = manual.create_group(
-            site.name, attributes={"patch_size": context, "core_offset": context_offset(context, size), "points_source": "manual"}
-        )
-        lists = arrays.manual[site.name]
-        _write_array(g, "image", np.stack(lists["image"]) if m else np.zeros((0, context, context), np.float16))
-        _write_array(g, "mask", np.stack(lists["mask"]) if m else np.zeros((0, context, context), np.uint8))
-        _write_array(g, "affine", np.stack(lists["affine"]) if m else np.zeros((0, 2, 3)))
-        _write_array(g, "inside", np.asarray(lists["inside"], np.float32))
-        _write_array(g, "row", np.asarray(arrays.manual_rows, np.int32))
-
-
 def crop_shard(
     *,
     manifest: Path | pd.DataFrame,
@@ -785,8 +455,8 @@ def crop_shard(
     provided the manual points are valid and every site's 128 core is at least ``min_inside`` in
     the image.
 
-    The store is written to ``out`` + ``.tmp`` and renamed at the end, so a killed job leaves no
-    half-written store at ``out``.
+    The store is written by :func:`hipoa.store.write_patch_store`: to ``out`` + ``.tmp``, sealed,
+    and renamed at the end, so a killed job leaves no half-written store at ``out``.
 
     Args:
         manifest: The side's manifest (Parquet path or DataFrame; docs/DESIGN.md "Manifest").
@@ -809,7 +479,27 @@ def crop_shard(
             ``n_points``, or a bad ``context`` / ``min_inside``.
     """
     t0 = time.perf_counter()
-    out = Path(out)
+    rows, source, sides = _shard_rows(
+        manifest, shard=shard, sites=sites, context=context, min_inside=min_inside, n_points=n_points
+    )
+    limits = limits if limits is not None else qc.Limits()
+    arrays, reasons = _crop_rows(
+        rows, shard=shard, sites=list(sites), context=context, min_inside=min_inside, n_points=n_points, limits=limits
+    )
+    attrs = _store_attrs(
+        shard=shard, n=len(rows), sides=sides, context=context, sites=sites, min_inside=min_inside,
+        limits=limits, n_points=n_points, source=source,
+    )
+    out = write_patch_store(
+        out, attrs=attrs, rows=arrays.rows, auto=arrays.auto, manual=arrays.manual_arrays(), points_source=POINTS_SOURCE
+    )
+    return _summary(out, shard=shard, arrays=arrays, reasons=reasons, seconds=time.perf_counter() - t0)
+
+
+def _shard_rows(
+    manifest: Path | pd.DataFrame, *, shard: int, sites: list[Site], context: int, min_inside: float, n_points: int
+) -> tuple[pd.DataFrame, str, list[str]]:
+    """Validate the arguments and the manifest; the shard's rows, the manifest's name and its sides."""
     if not sites:
         raise ValueError("no sites to crop")
     context_offset(context, PATCH_SIZE)
@@ -830,15 +520,27 @@ def crop_shard(
     if missing:
         raise ValueError(f"{source}: manifest lacks columns {missing}")
     rows = table[table["shard"].astype("int64") == int(shard)].reset_index(drop=True)
-    n = len(rows)
     bad_side = sorted({_text(v) for v in rows["side"]} - {"L", "R"})
     if bad_side:
         raise ValueError(f"{source}: side must be L or R, got {bad_side} (a manifest not written by hipoa ingest?)")
     qc.check_reasons(rows["qc_reason"].fillna("") if "qc_reason" in rows else [], source)
-    limits = limits if limits is not None else qc.Limits()
     sides = sorted({_text(v) for v in table["side"]})
+    return rows, source, sides
 
-    arrays = _Arrays(n=n, sites=list(sites), size=PATCH_SIZE, context=context)
+
+def _crop_rows(
+    rows: pd.DataFrame,
+    *,
+    shard: int,
+    sites: list[Site],
+    context: int,
+    min_inside: float,
+    n_points: int,
+    limits: qc.Limits,
+) -> tuple[_Arrays, Counter[str]]:
+    """Crop every row into in-memory arrays; the arrays and the count of each qc_reason."""
+    n = len(rows)
+    arrays = _Arrays(n=n, sites=sites, size=PATCH_SIZE, context=context)
     reasons: Counter[str] = Counter()
     progress = Progress(n, f"crop-patches shard {shard}", log, unit="images")
     for i, row in enumerate(rows.itertuples(index=False)):
@@ -846,7 +548,7 @@ def crop_shard(
         arrays.rows["instance"][i] = _int(row.instance)
         arrays.rows["side"][i] = _text(row.side)
         try:
-            reason = _crop_row(arrays, i, row, list(sites), min_inside, n_points, limits)
+            reason = _crop_row(arrays, i, row, sites, min_inside, n_points, limits)
         except Exception:  # a bug on one odd image must not lose the shard; it is logged in full
             log.exception("row %d (eid %s): %s", i, row.eid, qc.CROP_FAILED)
             reason = qc.CROP_FAILED
@@ -858,8 +560,23 @@ def crop_shard(
         reasons[reason] += 1
         progress.update()
     progress.close()
+    return arrays, reasons
 
-    attrs = {
+
+def _store_attrs(
+    *,
+    shard: int,
+    n: int,
+    sides: list[str],
+    context: int,
+    sites: list[Site],
+    min_inside: float,
+    limits: qc.Limits,
+    n_points: int,
+    source: str,
+) -> dict[str, Any]:
+    """The store's root attributes (docs/DESIGN.md "Patch store")."""
+    return {
         "hipoa_version": __version__,
         "side": ",".join(s for s in sides if s),
         "shard": int(shard),
@@ -872,7 +589,7 @@ def crop_shard(
             "rotation_rad": AUGMENT_ROTATION,
             "scale": AUGMENT_SCALE,
             "displacement_fraction": AUGMENT_DISPLACEMENT,
-            "max_half_width_px": augmentation_half_width(),
+            "max_half_width_px": augmentation_reach(AUGMENT_ROTATION, AUGMENT_SCALE, AUGMENT_DISPLACEMENT),
         },
         "normalisation": NORMALISATION,
         "fill": FILL,
@@ -884,18 +601,11 @@ def crop_shard(
         "points_source": POINTS_SOURCE,
         "manifest": source,
     }
-    tmp = out.with_name(out.name + ".tmp")
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    _write_store(tmp, arrays, attrs)
-    from hipoa.store import seal_store
 
-    seal_store(tmp)  # the completion marker, written last: readers refuse a store without it
-    if out.exists():
-        shutil.rmtree(out)
-    tmp.rename(out)
 
-    seconds = time.perf_counter() - t0
+def _summary(out: Path, *, shard: int, arrays: _Arrays, reasons: Counter[str], seconds: float) -> dict[str, Any]:
+    """crop_shard's counts (see its Returns), logged in one line."""
+    n = arrays.n
     nbytes = sum(p.stat().st_size for p in out.rglob("*") if p.is_file())
     counts = {
         "rows": n,

@@ -32,7 +32,17 @@ import pandas as pd
 
 from hipoa import __version__, qc
 from hipoa.atomic import atomic_path
-from hipoa.predict import AREA, PRESENT, PROBABILITY, read_presence_rule, site_columns
+from hipoa.geometry import paste_patch_mask
+from hipoa.modelio import read_presence_rule
+from hipoa.predict import (
+    AREA,
+    LARGEST_AREA,
+    N_COMPONENTS,
+    PRESENT,
+    PROBABILITY,
+    SITE_DTYPES,
+    site_columns,
+)
 from hipoa.progress import Progress
 from hipoa.store import check_store
 
@@ -125,6 +135,10 @@ def _dictionary(sites: list[str]) -> list[tuple[str, str, str]]:
                 "reach (present when >= detect_threshold)",
                 "",
             ),
+            (f"{s}{N_COMPONENTS}", f"{s}: number of separate predicted osteophyte regions (8-connected) in the "
+             "patch; 0 when absent; NA not measurable", ""),
+            (f"{s}{LARGEST_AREA}", f"{s}: area of the largest predicted osteophyte region; 0 when absent; "
+             "NA not measurable", "mm^2"),
         ]
     rows += [
         ("any_present", "1 if any site present; 0 if all sites 0; NA if none is 1 and any is NA", ""),
@@ -196,8 +210,18 @@ def gather(
         raise ValueError("gather: no models given (expected SITE=MODEL.keras)")
     if not predictions:
         raise ValueError("gather: no prediction files given")
+    man = _read_manifest(Path(manifest), side)
+    pred = _read_predictions(predictions, sites, side)
+    merged = _merge(man, pred, Path(manifest), side)
+    df = _table(merged, sites, training_eids(list(splits)), side)
+    metadata = _metadata(sites, models, config_hash, side)
+    _write_outputs(df, out, metadata, sites, masks_dir=masks_dir, mask_stores=list(mask_stores), side=side)
+    return df
 
-    man = _read_table(Path(manifest))
+
+def _read_manifest(manifest: Path, side: str) -> pd.DataFrame:
+    """The manifest's rows of ``side``: keys, ``qc_reason``, ``annotated`` and ``_dup`` (repeat number)."""
+    man = _read_table(manifest)
     missing = {"eid", "instance", "side"} - set(man.columns)
     if missing:
         raise ValueError(f"{manifest}: manifest lacks columns {sorted(missing)}")
@@ -210,7 +234,16 @@ def gather(
     # Ingest keeps repeated (eid, instance, side) rows (the later ones flagged duplicate_image);
     # they are told apart by their order, which the shard stores and predictions keep.
     man["_dup"] = man.groupby(_KEY, sort=False).cumcount()
+    return man
 
+
+def _read_predictions(predictions: list[Path], sites: list[str], side: str) -> pd.DataFrame:
+    """Every per-shard prediction of ``side``, with ``_source`` (its file) and ``_dup``.
+
+    Raises:
+        ValueError: naming the file when one is given twice or lacks a column, or an image
+            predicted in two files.
+    """
     repeated = sorted({str(p) for p in predictions if list(map(str, predictions)).count(str(p)) > 1})
     if repeated:
         raise ValueError(f"prediction files given more than once: {repeated}")
@@ -236,6 +269,11 @@ def gather(
             f"({sorted(set(pred.loc[sources > 1, '_source']))})"
         )
     pred["_dup"] = pred.groupby(_KEY, sort=False).cumcount()
+    return pred
+
+
+def _merge(man: pd.DataFrame, pred: pd.DataFrame, manifest: Path, side: str) -> pd.DataFrame:
+    """Manifest rows joined to their predictions, exactly one each (ValueError naming an example)."""
     merged = man[_KEY + ["_dup", "qc_reason", "annotated"]].merge(
         pred.rename(columns={"qc_reason": "_pred_reason"}), on=_KEY + ["_dup"], how="outer", indicator=True
     )
@@ -253,15 +291,17 @@ def gather(
             f"{len(stale)} predicted images are not in {manifest} (stale predictions?), "
             f"e.g. {ex['eid']}_{ex['instance']}_{side} from {ex['_source']}"
         )
+    return merged
 
+
+def _table(merged: pd.DataFrame, sites: list[str], used: set[str], side: str) -> pd.DataFrame:
+    """The phenotype table (contract columns and dtypes), sorted by eid, instance, repeat."""
     reason = merged["qc_reason"].fillna("").astype(str)
     reason = reason.where(reason != "", merged["_pred_reason"].fillna("").astype(str))
     site_na = pd.concat([merged[c].isna() for s in sites for c in (f"{s}{PRESENT}", f"{s}{AREA}")], axis=1).any(axis=1)
     # Belt and braces: an image with any NA site is never reported as passing QC.
     reason = reason.where(~((reason == "") & site_na), qc.NOT_MEASURED)
     qc.check_reasons(reason, f"phenotypes {side}")
-    used = training_eids(list(splits))
-
     df = pd.DataFrame(
         {
             "eid": eid_column(merged["eid"]),
@@ -273,15 +313,17 @@ def gather(
         }
     )
     for s in sites:
-        df[f"{s}{PRESENT}"] = merged[f"{s}{PRESENT}"].astype("Int8").array
-        df[f"{s}{AREA}"] = merged[f"{s}{AREA}"].astype("Float64").array
-        df[f"{s}{PROBABILITY}"] = merged[f"{s}{PROBABILITY}"].astype("Float32").array
+        for suffix, dtype in SITE_DTYPES.items():
+            df[f"{s}{suffix}"] = merged[f"{s}{suffix}"].astype(dtype).array
     df = _combine(df, sites)
     df["annotated"] = merged["annotated"].to_numpy(dtype=bool)
     df["used_in_training"] = merged["eid"].isin(used).to_numpy(dtype=bool)
     df["_dup"] = merged["_dup"].to_numpy()
-    df = df.sort_values(["eid", "instance", "_dup"]).drop(columns="_dup").reset_index(drop=True)
+    return df.sort_values(["eid", "instance", "_dup"]).drop(columns="_dup").reset_index(drop=True)
 
+
+def _metadata(sites: list[str], models: dict[str, Path], config_hash: str, side: str) -> dict[str, str]:
+    """The Parquet's key-value metadata: version, config hash, each model's SHA-256 and rule, time."""
     metadata = {
         "hipoa_version": __version__,
         "config_hash": config_hash,
@@ -292,8 +334,18 @@ def gather(
         metadata[f"model_sha256:{s}"] = sha256_file(Path(models[s]))
         metadata[f"presence_threshold:{s}"] = json.dumps(read_presence_rule(Path(models[s])).to_dict(), sort_keys=True)
     metadata["created"] = created_timestamp()
-    # Every output is written to a temporary path and all are renamed only once all are complete
-    # (hipoa.atomic), so a killed job leaves none of them behind.
+    return metadata
+
+
+def _write_outputs(
+    df: pd.DataFrame, out: Path, metadata: dict[str, str], sites: list[str], *, masks_dir: Path | None,
+    mask_stores: list[Path], side: str,
+) -> None:
+    """Write the Parquet, the pheno and dict TSVs and (optionally) the mask PNGs.
+
+    Every output is written to a temporary path and all are renamed only once all are complete
+    (hipoa.atomic), so a killed job leaves none of them behind.
+    """
     with ExitStack() as outputs:
         masks_tmp = None
         if masks_dir is not None and mask_stores:
@@ -307,8 +359,7 @@ def gather(
         write_pheno_tsv(df, pheno_tmp, sites)
         write_dict_tsv(dict_tmp, df)
         if masks_tmp is not None:
-            write_masks(mask_stores=list(mask_stores), out_dir=masks_tmp, side=side)
-    return df
+            write_masks(mask_stores=mask_stores, out_dir=masks_tmp, side=side)
 
 
 def created_timestamp() -> str:
@@ -398,44 +449,6 @@ def write_dict_tsv(path: Path, df: pd.DataFrame) -> None:
         d.to_csv(tmp, sep="\t", index=False, lineterminator="\n")
 
 
-def patch_mask_to_image(
-    mask: np.ndarray, affine: np.ndarray, shape: tuple[int, int]
-) -> tuple[tuple[slice, slice], np.ndarray] | None:
-    """Where a patch mask falls in the stored image (nearest neighbour).
-
-    Args:
-        mask: ``(h, w)`` patch mask, nonzero = foreground.
-        affine: ``(2, 3)`` patch ``(u=col, v=row, 1)`` -> stored-image ``(x, y)`` pixel centres.
-        shape: ``(rows, cols)`` of the stored image.
-
-    Returns:
-        ``(window, fg)``: the image window (row slice, column slice) covering the patch and a bool
-        array of that window's shape, True where the image pixel centre maps into a foreground patch
-        pixel; None when the mask is empty or the patch misses the image.
-    """
-    if not mask.any():
-        return None
-    h, w = mask.shape
-    A = np.asarray(affine, dtype=np.float64)
-    corners = np.array([[-0.5, -0.5], [w - 0.5, -0.5], [-0.5, h - 0.5], [w - 0.5, h - 0.5]])
-    xy = corners @ A[:, :2].T + A[:, 2]
-    x0, y0 = np.floor(xy.min(axis=0)).astype(int)
-    x1, y1 = np.ceil(xy.max(axis=0)).astype(int)
-    x0, y0 = max(x0, 0), max(y0, 0)
-    x1, y1 = min(x1, shape[1] - 1), min(y1, shape[0] - 1)
-    if x1 < x0 or y1 < y0:
-        return None
-    ys, xs = np.mgrid[y0 : y1 + 1, x0 : x1 + 1]
-    inv = np.linalg.inv(A[:, :2])
-    uv = np.stack([xs - A[0, 2], ys - A[1, 2]], axis=-1) @ inv.T
-    u = np.floor(uv[..., 0] + 0.5).astype(int)
-    v = np.floor(uv[..., 1] + 0.5).astype(int)
-    inside = (u >= 0) & (u < w) & (v >= 0) & (v < h)
-    fg = np.zeros(u.shape, dtype=bool)
-    fg[inside] = mask[v[inside], u[inside]] != 0
-    return (slice(y0, y1 + 1), slice(x0, x1 + 1)), fg
-
-
 def _strings(array) -> np.ndarray:
     """A Zarr string array (fixed or variable length) as a NumPy ``str`` array."""
     return np.asarray(array[:]).astype(object).astype(str)
@@ -494,7 +507,7 @@ def write_masks(*, mask_stores: list[Path], out_dir: Path, side: str | None = No
             for s in sites:
                 if not measured[s][i]:
                     continue
-                placed = patch_mask_to_image(masks[s][i], affines[s][i], label.shape)
+                placed = paste_patch_mask(masks[s][i], affines[s][i], label.shape)
                 if placed is not None:
                     window, fg = placed
                     label[window][fg] = labels[s]

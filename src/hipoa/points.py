@@ -10,7 +10,8 @@ Format (version 1)::
     }
 
 Coordinates are x to the right and y down, in pixels of the image as stored, with (0, 0) at the
-centre of the top-left pixel. Right hips are NOT pre-mirrored in the file.
+centre of the top-left pixel (so a point is in the image by :func:`hipoa.geometry.inside_image`).
+Right hips are NOT pre-mirrored in the file.
 """
 
 from __future__ import annotations
@@ -27,27 +28,8 @@ class PointsError(ValueError):
     """A ``.pts`` file that cannot be used; the message names the file, the line and the value."""
 
 
-def read_pts(path: str | Path, n_points: int | None = N_POINTS) -> np.ndarray:
-    """Read a ``.pts`` file.
-
-    Args:
-        path: The file.
-        n_points: Expected number of points; ``None`` accepts any count.
-
-    Returns:
-        ``(n, 2)`` float64 array, columns x (right) and y (down), in pixels.
-
-    Raises:
-        FileNotFoundError: if the file does not exist.
-        PointsError: on a malformed header, a bad coordinate line, a non-finite value or a
-            count that differs from ``n_points``; the message names the file and line.
-    """
-    path = Path(path)
-    try:
-        text = path.read_text(encoding="utf-8-sig", errors="strict")
-    except UnicodeDecodeError as exc:
-        raise PointsError(f"{path}: not a text .pts file ({exc.reason} at byte {exc.start})") from None
-    lines = text.splitlines()
+def _read_header(lines: list[str], path: Path) -> tuple[int, int, int]:
+    """``(n_points declared, its line number, index of the line after '{')`` of a ``.pts`` header."""
     declared: int | None = None
     declared_line = 0
     i = 0
@@ -76,17 +58,20 @@ def read_pts(path: str | Path, n_points: int | None = N_POINTS) -> np.ndarray:
         raise PointsError(f"{path}: line {len(lines)}: no '{{' opening the point list (last line {last!r})")
     if declared is None:
         raise PointsError(f"{path}: line {i}: '{{' before any 'n_points:' header line")
+    return declared, declared_line, i
+
+
+def _read_coords(lines: list[str], i: int, path: Path) -> tuple[list[tuple[float, float]], list[int]]:
+    """The ``x y`` pairs from line index ``i`` to the closing ``}``, and their 1-based line numbers."""
     coords: list[tuple[float, float]] = []
     line_numbers: list[int] = []
-    closed = False
     while i < len(lines):
         line = lines[i].strip()
         i += 1
         if not line:
             continue
         if line == "}":
-            closed = True
-            break
+            return coords, line_numbers
         parts = line.split()
         if len(parts) != 2:
             raise PointsError(f"{path}: line {i}: expected 'x y', got {line!r}")
@@ -95,11 +80,33 @@ def read_pts(path: str | Path, n_points: int | None = N_POINTS) -> np.ndarray:
         except ValueError:
             raise PointsError(f"{path}: line {i}: coordinates are not numbers: {line!r}") from None
         line_numbers.append(i)
-    if not closed:
-        last = lines[-1].strip() if lines else ""
-        raise PointsError(
-            f"{path}: line {len(lines)}: point list not closed with '}}' (file truncated?), last line {last!r}"
-        )
+    last = lines[-1].strip() if lines else ""
+    raise PointsError(f"{path}: line {len(lines)}: point list not closed with '}}' (file truncated?), last line {last!r}")
+
+
+def read_pts(path: str | Path, n_points: int | None = N_POINTS) -> np.ndarray:
+    """Read a ``.pts`` file.
+
+    Args:
+        path: The file.
+        n_points: Expected number of points; ``None`` accepts any count.
+
+    Returns:
+        ``(n, 2)`` float64 array, columns x (right) and y (down), in pixels.
+
+    Raises:
+        FileNotFoundError: if the file does not exist.
+        PointsError: on a malformed header, a bad coordinate line, a non-finite value or a
+            count that differs from ``n_points``; the message names the file and line.
+    """
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8-sig", errors="strict")
+    except UnicodeDecodeError as exc:
+        raise PointsError(f"{path}: not a text .pts file ({exc.reason} at byte {exc.start})") from None
+    lines = text.splitlines()
+    declared, declared_line, i = _read_header(lines, path)
+    coords, line_numbers = _read_coords(lines, i, path)
     pts = np.asarray(coords, dtype=np.float64).reshape(-1, 2)
     # finiteness checked once for the whole array (per-value checks were half of read time)
     bad = np.flatnonzero(~np.isfinite(pts).all(axis=1))
@@ -126,8 +133,3 @@ def write_pts(path: str | Path, points: np.ndarray) -> None:
     body = "\n".join(f"{x:.3f} {y:.3f}" for x, y in pts)
     Path(path).write_text(f"version: 1\nn_points: {len(pts)}\n{{\n{body}\n}}\n", encoding="utf-8")
 
-
-def points_inside(points: np.ndarray, rows: int, cols: int) -> np.ndarray:
-    """Boolean ``(n,)``: which points lie within the image (pixel centres span -0.5 .. size-0.5)."""
-    x, y = points[:, 0], points[:, 1]
-    return (x >= -0.5) & (x <= cols - 0.5) & (y >= -0.5) & (y <= rows - 0.5)

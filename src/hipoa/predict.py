@@ -1,9 +1,11 @@
 """Predict osteophyte masks for one shard of patches, and measure presence and area per site.
 
 For every site, the site's U-Net is run on the patches cropped from the automatic points
-(``auto/{site}/`` of the shard's patch store, see docs/DESIGN.md). Patches are streamed from the
-Zarr store through Dask one batch at a time, so memory is set by ``batch_size``, not by the shard;
-the next batch is read while the current one is on the accelerator.
+(``auto/{site}/`` of the shard's patch store, see docs/DESIGN.md) through the one inference path,
+:class:`hipoa.infer.SiteModel`: batches are read from the Zarr store by reader threads while the
+model works, and presence, probability and area are computed on the device beside the model
+call; only the present images' masks come back to the host. :func:`predict_shards` loads the
+models once and predicts many shards in one call (a job per group of shards on a GPU node).
 
 Per image and site:
 
@@ -14,7 +16,10 @@ Per image and site:
   spacing_col_mm``. The patch pixel size depends on each image's reference length, so the patch
   pixel count alone is not an area. 0.0 when absent;
 - *probability*: the model's confidence that an osteophyte is present (as defined by
-  ``presence_from_probability``).
+  ``presence_from_probability``);
+- *regions*: ``n_components``, the number of 8-connected regions of the predicted mask
+  (:func:`hipoa.metrics.mask_components`, scikit-image), and ``largest_area_mm2``, the largest
+  region's area in mm^2 (its pixels times the patch pixel area). 0 and 0.0 when absent.
 
 Images that cannot be measured get NA, not a number: rows with a ``qc_reason`` from an earlier
 stage, rows whose patch for the site lies less than the store's ``min_inside_fraction`` inside the
@@ -40,6 +45,7 @@ anything is written.
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import ExitStack
 from pathlib import Path
@@ -51,17 +57,20 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from hipoa import __version__, qc
-# The model card (unet.json) is read in one place, hipoa.modelio; its names stay importable from here.
-from hipoa.modelio import PresenceRule, model_json_path, read_presence_rule  # noqa: F401
-from hipoa.progress import Progress
+from hipoa.geometry import patch_pixel_area_mm2
+from hipoa.infer import SiteModel
+from hipoa.metrics import mask_components
 from hipoa.sites import PATCH_SIZE
+from hipoa.store import PatchSet
 
 log = logging.getLogger(__name__)
 
 PRESENT = "_present"
 AREA = "_area_mm2"
 PROBABILITY = "_probability"
-SITE_DTYPES = {PRESENT: "Int8", AREA: "Float64", PROBABILITY: "Float32"}
+N_COMPONENTS = "_n_components"
+LARGEST_AREA = "_largest_area_mm2"
+SITE_DTYPES = {PRESENT: "Int8", AREA: "Float64", PROBABILITY: "Float32", N_COMPONENTS: "Int16", LARGEST_AREA: "Float64"}
 """Per-site column suffix -> pandas nullable dtype (NA = not measurable)."""
 
 REASON_OUTSIDE = qc.PATCH_OUTSIDE_IMAGE
@@ -70,117 +79,9 @@ REASON_POINTS = qc.POINTS_INVALID
 
 
 def site_columns(site: str) -> list[str]:
-    """The three phenotype columns of ``site``: presence, area (mm^2) and probability."""
+    """The phenotype columns of ``site``: presence, area (mm^2), probability, number of regions and
+    the largest region's area (mm^2), in :data:`SITE_DTYPES` order."""
     return [f"{site}{suffix}" for suffix in SITE_DTYPES]
-
-
-def patch_pixel_area_mm2(affine: np.ndarray, spacing_row_mm: np.ndarray, spacing_col_mm: np.ndarray) -> np.ndarray:
-    """Area of one patch pixel in mm^2.
-
-    Args:
-        affine: ``(n, 2, 3)`` float64, patch ``(u, v, 1)`` -> stored-image pixel ``(x, y)``.
-        spacing_row_mm: ``(n,)`` DICOM row spacing (pixel height) in mm.
-        spacing_col_mm: ``(n,)`` DICOM column spacing (pixel width) in mm.
-
-    Returns:
-        ``(n,)`` float64: ``|det(affine[:, :, :2])| * spacing_row_mm * spacing_col_mm``; mirroring
-        flips the determinant's sign, not the area.
-    """
-    affine = np.asarray(affine, dtype=np.float64)
-    if affine.ndim != 3 or affine.shape[1:] != (2, 3):
-        raise ValueError(f"affine must have shape (n, 2, 3), got {affine.shape}")
-    det = np.full(len(affine), np.nan)
-    finite = np.isfinite(affine).all(axis=(1, 2))  # rows without usable points have NaN affines
-    det[finite] = np.abs(np.linalg.det(affine[finite, :, :2]))
-    return det * np.asarray(spacing_row_mm, dtype=np.float64) * np.asarray(spacing_col_mm, dtype=np.float64)
-
-
-def _presence_from_probability(prob: np.ndarray, rule: PresenceRule):
-    """Presence, mask, mask area (patch pixels) and probability from ``(n, H, W)`` class-1 maps."""
-    from hipoa.metrics import presence_from_probability
-
-    present, mask, area_px, probability = presence_from_probability(
-        prob, pixel_threshold=rule.pixel_threshold, min_area_px=rule.min_area_px, detect_threshold=rule.detect
-    )
-    present = np.asarray(present).astype(bool)
-    mask = np.asarray(mask).astype(np.uint8)
-    # An absent call has area 0.0 (contract) and, for the masks written back, no pixels.
-    mask[~present] = 0
-    return present, mask, np.asarray(area_px), np.asarray(probability, dtype=np.float32)
-
-
-def load_model(path: Path, policy: str = "float32"):
-    """Load a site's ``.keras`` U-Net for inference under the Keras dtype ``policy``.
-
-    The file is checked before Keras reads it (:func:`hipoa.modelio.load_model`).
-
-    Raises:
-        FileNotFoundError: naming the model when it is missing.
-        hipoa.modelio.ModelError: (a ValueError) naming the model and what is wrong with it.
-    """
-    from hipoa import modelio
-
-    return modelio.load_model(Path(path), policy)
-
-
-def class1_probability(output: np.ndarray) -> np.ndarray:
-    """``(n, H, W)`` float32 osteophyte probability from a model output ``(n, H, W, C)``.
-
-    Two-class softmax: channel 1; a single sigmoid channel: channel 0.
-    """
-    output = np.asarray(output)
-    channel = 1 if output.shape[-1] >= 2 else 0
-    return output[..., channel].astype(np.float32)
-
-
-def predict_padded(model, x: np.ndarray, n: int) -> np.ndarray:
-    """``model.predict_on_batch(x)`` with ``x`` zero-padded to ``n`` patches, padding dropped.
-
-    The traced graph (and oneDNN's primitives) depend on the batch's shape: a shard's last,
-    shorter batch would trace the model a second time, which costs as much as predicting ~100
-    patches on a CPU. Padding keeps one shape per shard.
-    """
-    k = len(x)
-    if k < n:
-        x = np.concatenate([x, np.zeros((n - k, *x.shape[1:]), dtype=x.dtype)])
-    return np.asarray(model.predict_on_batch(x))[:k]
-
-
-def _as_index_or_slice(idx: np.ndarray):
-    """A slice when ``idx`` is a contiguous run (cheaper reads), else the index array."""
-    if len(idx) and idx[-1] - idx[0] + 1 == len(idx):
-        return slice(int(idx[0]), int(idx[-1]) + 1)
-    return idx
-
-
-def iter_batches(image, idx: np.ndarray, batch_size: int):
-    """Yield ``(indices, patches)`` batches of ``image[indices]`` as float32 ``(b, H, W, 1)``.
-
-    Reads one batch ahead in a background thread, so reading and decompressing the Zarr chunks
-    overlaps the model's work on the previous batch. Memory: two batches.
-
-    Args:
-        image: ``(n, H, W)`` Dask (or NumPy) array of patches.
-        idx: Sorted row indices to read.
-        batch_size: Patches per batch.
-    """
-    if batch_size < 1:
-        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-    batches = [idx[i : i + batch_size] for i in range(0, len(idx), batch_size)]
-
-    def read(b: np.ndarray) -> np.ndarray:
-        part = image[_as_index_or_slice(b)]
-        if hasattr(part, "compute"):
-            part = part.compute(scheduler="synchronous")
-        return np.asarray(part, dtype=np.float32)[..., None]
-
-    with ThreadPoolExecutor(max_workers=1) as pool:
-        future = pool.submit(read, batches[0]) if batches else None
-        for k, b in enumerate(batches):
-            x = future.result()
-            if k + 1 < len(batches):
-                future = pool.submit(read, batches[k + 1])
-            yield b, x
 
 
 def measurable(
@@ -242,6 +143,195 @@ def _write_mask_store_header(masks_out: Path, rows: pd.DataFrame, attrs: dict[st
     return root
 
 
+def _site_results(n: int) -> dict[str, Any]:
+    """All-NA per-site columns for ``n`` rows (filled where measured)."""
+    return {suffix: pd.array([pd.NA] * n, dtype=dtype) for suffix, dtype in SITE_DTYPES.items()}
+
+
+def _predict_site(
+    engine: SiteModel, data: PatchSet, idx: np.ndarray, px_area: np.ndarray, *, batch_size: int, keep_masks: bool,
+    site: str,
+) -> tuple[dict[str, Any], np.ndarray | None]:
+    """Run ``engine`` on rows ``idx`` of ``data``; the site's columns and (optionally) its masks.
+
+    Args:
+        engine: The site's model.
+        data: The store's ``auto/{site}`` patches.
+        idx: ``(m,)`` measurable rows.
+        px_area: ``(n,)`` float64 mm^2 per patch pixel.
+        batch_size: Patches per model call.
+        keep_masks: Return the ``(n, 128, 128)`` uint8 masks (0 where absent or not measured).
+        site: For the progress log.
+
+    Returns:
+        ``(columns, masks)``: suffix -> ``(n,)`` nullable array (NA where not measured), and the
+        masks or None.
+    """
+    n = len(data)
+    cols = _site_results(n)
+    full = np.zeros((n, PATCH_SIZE, PATCH_SIZE), np.uint8) if keep_masks else None
+    labelled = []
+    # Connected components need the masks on the host; they run in a thread beside the model,
+    # on the present images only (an absent image has none).
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="hipoa-label") as pool:
+        for r in engine.run(data.image, idx, batch_size=batch_size, masks="present", progress=f"predict {site}"):
+            b = r.indices
+            cols[PRESENT][b] = r.present.astype(np.int8)
+            cols[AREA][b] = np.where(r.present, r.area_px * px_area[b], 0.0)
+            cols[PROBABILITY][b] = r.probability
+            hit = np.flatnonzero(r.present)
+            if full is not None and hit.size:
+                full[b[hit]] = r.mask[hit]
+            labelled.append((b, pool.submit(mask_components, r.mask[hit]), hit))
+        for b, future, hit in labelled:
+            count, largest_px = future.result()
+            n_comp, largest = np.zeros(len(b), np.int16), np.zeros(len(b), np.float64)
+            n_comp[hit], largest[hit] = count, largest_px * px_area[b[hit]]
+            cols[N_COMPONENTS][b] = n_comp
+            cols[LARGEST_AREA][b] = largest
+    return cols, full
+
+
+def load_site_models(models: dict[str, Path], precision: str = "auto") -> dict[str, SiteModel]:
+    """Every site's model, loaded once (:meth:`hipoa.infer.SiteModel.load`), all cards first.
+
+    Every card and model is checked and loaded before anything is written: a bad model fails
+    the job at once, naming the file, not after the first sites' masks.
+
+    Raises:
+        ValueError: when ``models`` is empty; FileNotFoundError / hipoa.modelio.ModelError
+            naming a model or card that is missing or unusable.
+    """
+    from hipoa.modelio import read_model_card
+    from hipoa.precision import choose_policy
+
+    if not models:
+        raise ValueError("predict_shard: no models given (expected SITE=MODEL.keras)")
+    for m in models.values():
+        read_model_card(Path(m))
+    policy = choose_policy(precision)
+    return {site: SiteModel.load(Path(m), policy=policy) for site, m in models.items()}
+
+
+def _store_frame(table: pd.DataFrame, reasons: np.ndarray, site_cols: dict[str, dict[str, Any]]) -> pd.DataFrame:
+    """The per-shard table: the row keys, then each site's columns in :data:`SITE_DTYPES` order."""
+    df = pd.DataFrame(
+        {
+            "eid": pd.array(table["eid"].astype(str), dtype="string"),
+            "instance": table["instance"].to_numpy(dtype=np.int16),
+            "side": pd.array(table["side"].astype(str), dtype="string"),
+            "qc_reason": pd.array(reasons.astype(str), dtype="string"),
+            "reference_length_mm": table["reference_length_mm"].to_numpy(dtype=np.float64),
+            "annotated": table["annotated"].to_numpy(dtype=bool),
+        }
+    )
+    sites = [pd.DataFrame({f"{site}{suffix}": values for suffix, values in cols.items()})
+             for site, cols in site_cols.items()]
+    # A site that could not be measured is NA for that site only; the others keep their values,
+    # while qc_reason (qc_pass false) records that not every site could be measured.
+    return pd.concat([df, *sites], axis=1)
+
+
+def _predict_store(
+    store: Path, engines: dict[str, SiteModel], out: Path, masks_out: Path | None, batch_size: int
+) -> pd.DataFrame:
+    """Predict one shard store with loaded models and write its outputs (see :func:`predict_shard`)."""
+    from hipoa.atomic import atomic_path
+    from hipoa.store import open_patches, seal_store, store_attrs
+
+    attrs = store_attrs(store)
+    min_inside = float(attrs.get("min_inside_fraction", 0.0))
+    first = next(iter(engines))
+    table: pd.DataFrame | None = None
+    reasons: np.ndarray | None = None
+    site_cols: dict[str, dict[str, Any]] = {}
+    with ExitStack() as outputs:
+        # Both outputs are written to temporary paths and renamed when complete (hipoa.atomic):
+        # the masks first, then the Parquet.
+        out_tmp = outputs.enter_context(atomic_path(out))
+        masks_tmp = outputs.enter_context(atomic_path(Path(masks_out))) if masks_out is not None else None
+        root = None
+        for site, engine in engines.items():
+            data = open_patches([store], site, source="auto")
+            rows, affine = data.rows, np.asarray(data.affine, dtype=np.float64)
+            if table is None:
+                table = rows
+                reasons = rows["qc_reason"].fillna("").astype(str).to_numpy(dtype=object).copy()
+                root = _write_mask_store_header(masks_tmp, rows, attrs, store) if masks_tmp is not None else None
+            elif len(rows) != len(table) or not (rows["eid"].astype(str).values == table["eid"].astype(str).values).all():
+                raise ValueError(f"{store}: rows of site {site!r} differ from those of {first!r}")
+            ok, site_reason = measurable(rows, data.inside, min_inside, affine)
+            # The first reason of an image is its reason (earlier stages' reasons are kept as they are).
+            reasons = np.where(reasons == "", site_reason, reasons)
+            idx = np.flatnonzero(ok)
+            log.info("%s: %d/%d images measurable, %d not (%s)", site, len(idx), len(rows), len(rows) - len(idx),
+                     {str(k): int(v) for k, v in pd.Series(site_reason[~ok]).value_counts().items()})
+            px_area = patch_pixel_area_mm2(affine, rows["spacing_row_mm"], rows["spacing_col_mm"])
+            site_cols[site], masks = _predict_site(engine, data, idx, px_area, batch_size=batch_size,
+                                                   keep_masks=root is not None, site=site)
+            if root is not None:
+                _write_site_masks(root, site, masks, affine, ok, batch_size)
+        assert table is not None and reasons is not None
+        df = _store_frame(table, reasons, site_cols)
+        pq.write_table(pa.Table.from_pandas(df, preserve_index=False), out_tmp)
+        if masks_tmp is not None:
+            seal_store(masks_tmp)
+    log.info("%s: wrote %d rows (%d pass QC)", out, len(df), int((df["qc_reason"] == "").sum()))
+    return df
+
+
+def _write_site_masks(root, site: str, masks: np.ndarray, affine: np.ndarray, ok: np.ndarray, batch_size: int) -> None:
+    """``{site}/mask``, ``affine`` and ``measured`` of the predicted-mask store."""
+    n = len(masks)
+    g = root.create_group(site)
+    chunk = max(1, min(batch_size, n))
+    g.create_array("mask", shape=(n, PATCH_SIZE, PATCH_SIZE), chunks=(chunk, PATCH_SIZE, PATCH_SIZE),
+                   dtype="uint8")[...] = masks
+    g.create_array("affine", shape=(n, 2, 3), dtype="float64")[...] = affine
+    g.create_array("measured", shape=(n,), dtype="bool")[...] = ok
+
+
+def predict_shards(
+    *,
+    stores: Sequence[Path],
+    models: dict[str, Path],
+    outs: Sequence[Path],
+    masks_outs: Sequence[Path] | None = None,
+    batch_size: int = 64,
+    precision: str = "auto",
+) -> list[pd.DataFrame]:
+    """:func:`predict_shard` for several shards, with every site's model loaded once.
+
+    Args:
+        stores: Patch stores, one per shard.
+        models: Site name -> ``.keras`` model (its card beside it).
+        outs: Per-shard Parquets, one per store.
+        masks_outs: Predicted-mask Zarrs, one per store, or None.
+        batch_size, precision: As for :func:`predict_shard`.
+
+    Returns:
+        The tables written, in ``stores`` order.
+
+    Raises:
+        ValueError: when the lists' lengths differ, a path is given twice, or as for
+            :func:`predict_shard`.
+    """
+    stores, outs = [Path(s) for s in stores], [Path(o) for o in outs]
+    masks = [Path(m) for m in masks_outs] if masks_outs is not None else [None] * len(stores)
+    if not stores or len(outs) != len(stores) or len(masks) != len(stores):
+        raise ValueError(f"predict_shards: need one out (and masks out) per store, got {len(stores)} stores, "
+                         f"{len(outs)} outs, {len(masks)} masks outs")
+    written = [str(p) for p in outs + [m for m in masks if m is not None]]
+    if len(set(written)) != len(written):
+        raise ValueError(f"predict_shards: an output path is given twice: {sorted(written)}")
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    engines = load_site_models(models, precision)
+    log.info("%d stores, %d sites, precision %s, batch %d", len(stores), len(engines),
+             next(iter(engines.values())).policy, batch_size)
+    return [_predict_store(s, engines, o, m, batch_size) for s, o, m in zip(stores, outs, masks)]
+
+
 def predict_shard(
     *,
     store: Path,
@@ -251,7 +341,7 @@ def predict_shard(
     batch_size: int = 64,
     precision: str = "auto",
 ) -> pd.DataFrame:
-    """Predict presence, area and probability per site for every image of one shard.
+    """Predict presence, area, probability and regions per site for every image of one shard.
 
     Args:
         store: The shard's patch store (``results/patches/{side}/shard-{k:04d}.zarr``).
@@ -262,7 +352,8 @@ def predict_shard(
             (1 = osteophyte), ``{site}/affine`` ``(n, 2, 3)`` float64 (patch -> stored-image
             pixels), ``{site}/measured`` ``(n,)`` bool, ``rows/`` (eid, instance, side, rows, cols)
             and the store's site table in the attributes, for :func:`hipoa.phenotypes.write_masks`.
-        batch_size: Patches per model call.
+        batch_size: Patches per model call (memory: a few batches of patches and masks, plus,
+            with ``masks_out``, 16 KiB per image of the shard for the site's masks).
         precision: ``"auto"``, ``"float32"``, ``"mixed_bfloat16"`` or ``"mixed_float16"``
             (:func:`hipoa.precision.choose_policy`).
 
@@ -270,109 +361,15 @@ def predict_shard(
         One row per store row (manifest order): ``eid``, ``instance`` (int16), ``side``,
         ``qc_reason`` (string; "" when every site was measured), ``reference_length_mm``
         (float64), ``annotated`` (bool) and per site ``{site}_present`` (Int8),
-        ``{site}_area_mm2`` (Float64, mm^2), ``{site}_probability`` (Float32); NA where not
-        measurable.
+        ``{site}_area_mm2`` (Float64, mm^2), ``{site}_probability`` (Float32),
+        ``{site}_n_components`` (Int16) and ``{site}_largest_area_mm2`` (Float64, mm^2); NA
+        where not measurable.
 
     Raises:
         KeyError: naming the store and site when the store has no patches for a site.
         ValueError: naming the store when the sites' rows disagree, or a model is unusable.
         FileNotFoundError: naming the store, a model or its JSON when missing.
     """
-    from hipoa.atomic import atomic_path
-    from hipoa.precision import choose_policy
-    from hipoa.store import open_patches, seal_store, store_attrs
-
-    store, out = Path(store), Path(out)
-    if not models:
-        raise ValueError("predict_shard: no models given (expected SITE=MODEL.keras)")
-    if batch_size < 1:
-        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-    attrs = store_attrs(store)
-    min_inside = float(attrs.get("min_inside_fraction", 0.0))
-    policy = choose_policy(precision)
-    # Every model card and model is checked and loaded before anything is written: a bad model
-    # fails the job at once, naming the file, not after the first sites' masks.
-    rules = {site: read_presence_rule(Path(m)) for site, m in models.items()}
-    nets = {site: load_model(Path(m), policy) for site, m in models.items()}
-    log.info("%s: %d sites, precision %s, batch %d", store, len(models), policy, batch_size)
-
-    table: pd.DataFrame | None = None
-    reasons: np.ndarray | None = None
-    site_frames: dict[str, pd.DataFrame] = {}
-    root = None
-    with ExitStack() as outputs:
-        # Both outputs are written to temporary paths and renamed when complete (hipoa.atomic):
-        # the masks first, then the Parquet.
-        out_tmp = outputs.enter_context(atomic_path(out))
-        masks_tmp = outputs.enter_context(atomic_path(Path(masks_out))) if masks_out is not None else None
-        for site in models:
-            data = open_patches([store], site, source="auto")
-            rows = data.rows
-            affine = np.asarray(data.affine, dtype=np.float64)
-            n = len(rows)
-            if table is None:
-                table = rows
-                reasons = rows["qc_reason"].fillna("").astype(str).to_numpy(dtype=object).copy()
-                if masks_tmp is not None:
-                    root = _write_mask_store_header(masks_tmp, rows, attrs, store)
-            elif len(rows) != len(table) or not (rows["eid"].astype(str).values == table["eid"].astype(str).values).all():
-                raise ValueError(f"{store}: rows of site {site!r} differ from those of {next(iter(models))!r}")
-            ok, site_reason = measurable(rows, data.inside, min_inside, affine)
-            # The first reason of an image is its reason (earlier stages' reasons are kept as they are).
-            reasons = np.where(reasons == "", site_reason, reasons)
-            idx = np.flatnonzero(ok)
-            px_area = patch_pixel_area_mm2(affine, rows["spacing_row_mm"], rows["spacing_col_mm"])
-
-            present = pd.array([pd.NA] * n, dtype="Int8")
-            area = pd.array([pd.NA] * n, dtype="Float64")
-            prob = pd.array([pd.NA] * n, dtype="Float32")
-            if root is not None:
-                g = root.create_group(site)
-                chunk = max(1, min(batch_size, n))
-                mask_arr = g.create_array(
-                    "mask", shape=(n, PATCH_SIZE, PATCH_SIZE), chunks=(chunk, PATCH_SIZE, PATCH_SIZE), dtype="uint8"
-                )
-                g.create_array("affine", shape=(n, 2, 3), dtype="float64")[...] = affine
-                g.create_array("measured", shape=(n,), dtype="bool")[...] = ok
-            log.info("%s: %d/%d images measurable, %d not (%s)", site, len(idx), n, n - len(idx),
-                     {str(k): int(v) for k, v in pd.Series(site_reason[~ok]).value_counts().items()})
-            model = nets.pop(site)  # dropped after its site: one model's activations at a time
-            if len(idx):
-                progress = Progress(len(idx), f"predict {site}", log, unit="patches")
-                steady = min(batch_size, len(idx))
-                for b, x in iter_batches(data.image, idx, batch_size):
-                    p = class1_probability(predict_padded(model, x, steady))
-                    is_present, mask, area_px, probability = _presence_from_probability(p, rules[site])
-                    area_b = np.where(is_present, np.asarray(area_px, dtype=np.float64) * px_area[b], 0.0)
-                    present[b] = is_present.astype(np.int8)
-                    area[b] = area_b
-                    prob[b] = probability
-                    if root is not None:
-                        mask_arr.oindex[b] = mask
-                    progress.update(len(b))
-                progress.close()
-            del model
-            site_frames[site] = pd.DataFrame(
-                {f"{site}{PRESENT}": present, f"{site}{AREA}": area, f"{site}{PROBABILITY}": prob}
-            )
-
-        assert table is not None and reasons is not None
-        df = pd.DataFrame(
-            {
-                "eid": pd.array(table["eid"].astype(str), dtype="string"),
-                "instance": table["instance"].to_numpy(dtype=np.int16),
-                "side": pd.array(table["side"].astype(str), dtype="string"),
-                "qc_reason": pd.array(reasons.astype(str), dtype="string"),
-                "reference_length_mm": table["reference_length_mm"].to_numpy(dtype=np.float64),
-                "annotated": table["annotated"].to_numpy(dtype=bool),
-            }
-        )
-        df = pd.concat([df] + [site_frames[s] for s in models], axis=1)
-        # A site that could not be measured is NA for that site only; the others keep their values,
-        # while qc_reason (qc_pass false) records that not every site could be measured.
-        failed = df["qc_reason"] != ""
-        pq.write_table(pa.Table.from_pandas(df, preserve_index=False), out_tmp)
-        if masks_tmp is not None:
-            seal_store(masks_tmp)
-    log.info("%s: wrote %d rows (%d pass QC)", out, len(df), int((~failed).sum()))
-    return df
+    return predict_shards(stores=[store], models=models, outs=[out],
+                          masks_outs=None if masks_out is None else [masks_out],
+                          batch_size=batch_size, precision=precision)[0]

@@ -2,7 +2,9 @@
 
 :func:`choose_presence_rule` picks ``detect_threshold`` and ``min_area_px`` of
 :func:`hipoa.metrics.presence_from_probability` (see :data:`PRESENCE_RULE`); the rule is written
-to the model card by :func:`hipoa.train.train_site`.
+to the model card by :func:`hipoa.train.train_site`. The model runs through the one inference
+path (:class:`hipoa.infer.SiteModel`): the pixel counts at the candidate thresholds and the 0.5
+masks are computed on the device, never the probability maps.
 """
 
 from __future__ import annotations
@@ -14,8 +16,9 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from hipoa.infer import predict_probability, read_masks
-from hipoa.metrics import choose_min_area, dice, estimate_prevalence, predicted_area_px, presence_from_probability
+from hipoa.infer import SiteModel, as_site_model, read_masks
+from hipoa.metrics import choose_min_area, dice, estimate_prevalence
+from hipoa.modelio import PresenceRule
 from hipoa.sites import PATCH_SIZE
 from hipoa.splits import open_site_patches, patch_indices, read_splits
 from hipoa.store import PatchSet
@@ -76,11 +79,11 @@ def choose_presence_rule(
     used), or the manual centre crops where the stores have no automatic patches of them.
 
     Args:
-        model: The trained U-Net.
+        model: The trained U-Net: a Keras model (run as built) or a :class:`hipoa.infer.SiteModel`.
         stores, splits, site: As for :func:`train_site`.
         prevalence: ``"auto"`` or the expected fraction of images with an osteophyte, in (0, 1).
         detect_threshold: ``"auto"`` (choose among :data:`DETECT_THRESHOLDS`) or a number in [0.5, 1].
-        batch_size: Of ``model.predict``.
+        batch_size: Patches per model call.
         seed: Of the population sample.
         max_population: Cap on the images predicted for the estimate.
 
@@ -92,31 +95,12 @@ def choose_presence_rule(
         validation scores at the rule (:func:`hipoa.metrics.choose_min_area`) plus ``source``,
         ``dice_mean_positive`` and ``dice_mean_all``.
     """
-    if detect_threshold == "auto":
-        grid = DETECT_THRESHOLDS
-    elif isinstance(detect_threshold, (int, float)) and PIXEL_THRESHOLD <= detect_threshold <= 1.0:
-        grid = (float(detect_threshold),)
-    else:
-        raise ValueError(f"detect_threshold must be 'auto' or in [{PIXEL_THRESHOLD}, 1], got {detect_threshold!r}")
-    if prevalence != "auto" and not (isinstance(prevalence, (int, float)) and 0.0 < prevalence < 1.0):
-        raise ValueError(f"prevalence must be 'auto' or a number in (0, 1), got {prevalence!r}")
+    grid = _candidate_thresholds(detect_threshold, prevalence)
+    engine = as_site_model(model)
     table = read_splits(splits)
     val_rows = table[table["split"] == "val"]
     val_truth = val_rows["positive"].to_numpy(bool)
-    source = "auto"
-    try:
-        auto = open_site_patches(stores, site, "auto")
-        idx = patch_indices(auto.rows, val_rows, "auto patches")
-        prob = predict_probability(model, auto.image, idx, batch_size=batch_size)
-        truth_mask = read_masks(auto.mask, idx)
-    except KeyError as exc:
-        log.warning("presence rule %s: %s; choosing it on manual centre crops", site, exc)
-        auto, source = None, "manual"
-        manual = open_site_patches(stores, site, "manual")
-        crop = (int(manual.image.shape[1]) - PATCH_SIZE) // 2
-        idx = patch_indices(manual.rows, val_rows, "manual patches")
-        prob = predict_probability(model, manual.image, idx, batch_size=batch_size, crop=crop)
-        truth_mask = read_masks(manual.mask, idx, crop=crop)
+    counts, pixels, truth_mask, auto, source = _score_validation(engine, stores, site, val_rows, grid, batch_size)
     presence: dict = {"pixel_threshold": PIXEL_THRESHOLD}
     if val_truth.all() or not val_truth.any():
         log.warning("presence rule %s: the validation split is all one class; min_area_px defaults to 1", site)
@@ -124,40 +108,17 @@ def choose_presence_rule(
         scores = {"n": int(len(val_truth)), "n_positive": int(val_truth.sum())}
         presence.update(prevalence=None, prevalence_source="none (validation split all one class)")
     else:
-        counts = {t: predicted_area_px(prob, t) for t in grid}
-        youden = {t: choose_min_area(counts[t], val_truth, 0.5) for t in grid}
-        t_j = max(grid, key=lambda t: (round(youden[t][1]["youden_j"], 9), t))
-        if youden[t_j][1]["youden_j"] <= 0:
-            log.warning("presence rule %s: no rule separates the validation images (Youden's J %.3f); the model "
-                        "has not learned to detect this site", site, youden[t_j][1]["youden_j"])
-        if prevalence == "auto":
-            pi, src, detail = _estimate_site_prevalence(
-                model, auto, table, site, t_j, *youden[t_j], batch_size, seed, max_population
-            )
-        else:
-            pi, src, detail = float(prevalence), "config", None
-        chosen = {t: choose_min_area(counts[t], val_truth, pi) for t in grid}
-        detect = max(grid, key=lambda t: (round(chosen[t][1]["weighted_accuracy"], 9), t))
-        min_area, scores = chosen[detect]
-        presence.update(prevalence=pi, prevalence_source=src)
-        if detail is not None:
-            presence["prevalence_estimate"] = detail
-        presence["candidates"] = {
-            str(t): {"min_area_px": int(chosen[t][0]), "weighted_accuracy": chosen[t][1]["weighted_accuracy"],
-                     "youden_j": youden[t][1]["youden_j"]}
-            for t in grid
-        }
-        log.info(
-            "presence rule %s: prevalence %.3f (%s); detect_threshold %.2f, min_area_px %d (best stretch %s), "
-            "val sensitivity %.3f, specificity %.3f; candidates %s",
-            site, pi, src, detect, min_area, scores["stretch"], scores["sensitivity"], scores["specificity"],
-            presence["candidates"],
+        detect, min_area, scores = _fit_rule(
+            presence, engine, counts, val_truth, grid, auto=auto, table=table, site=site, prevalence=prevalence,
+            batch_size=batch_size, seed=seed, max_population=max_population,
         )
     presence["detect_threshold"] = float(detect)
     presence["min_area_px"] = int(min_area)
     presence["rule"] = PRESENCE_RULE
-    _, mask, _, _ = presence_from_probability(prob, PIXEL_THRESHOLD, min_area, detect)
-    d = dice(mask, truth_mask)
+    # The rule's mask: the pixels >= 0.5 of the images with >= min_area_px pixels >= detect
+    # (the same as presence_from_probability: the k-th largest pixel reaches detect exactly then).
+    present = counts[:, grid.index(detect)] >= min_area
+    d = dice(pixels * present[:, None, None].astype(np.uint8), truth_mask)
     scores.update(
         source=source,
         dice_mean_positive=float(d[val_truth].mean()) if val_truth.any() else float("nan"),
@@ -166,8 +127,95 @@ def choose_presence_rule(
     return presence, scores
 
 
+def _fit_rule(
+    presence: dict, engine: SiteModel, counts: np.ndarray, val_truth: np.ndarray, grid: tuple[float, ...], *,
+    auto: PatchSet | None, table: pd.DataFrame, site: str, prevalence: float | str, batch_size: int, seed: int,
+    max_population: int,
+) -> tuple[float, int, dict]:
+    """``(detect, min_area, scores)`` on a validation split with both classes; adds the prevalence,
+    its source and estimate, and the candidates to ``presence`` (see :func:`choose_presence_rule`)."""
+    by_t = {t: counts[:, j] for j, t in enumerate(grid)}
+    youden = {t: choose_min_area(by_t[t], val_truth, 0.5) for t in grid}
+    t_j = max(grid, key=lambda t: (round(youden[t][1]["youden_j"], 9), t))
+    if youden[t_j][1]["youden_j"] <= 0:
+        log.warning("presence rule %s: no rule separates the validation images (Youden's J %.3f); the model "
+                    "has not learned to detect this site", site, youden[t_j][1]["youden_j"])
+    if prevalence == "auto":
+        pi, src, detail = _estimate_site_prevalence(
+            engine, auto, table, site, t_j, *youden[t_j], batch_size, seed, max_population
+        )
+    else:
+        pi, src, detail = float(prevalence), "config", None
+    detect, min_area, scores, candidates = _best_rule(by_t, val_truth, pi, youden, grid)
+    presence.update(prevalence=pi, prevalence_source=src)
+    if detail is not None:
+        presence["prevalence_estimate"] = detail
+    presence["candidates"] = candidates
+    log.info(
+        "presence rule %s: prevalence %.3f (%s); detect_threshold %.2f, min_area_px %d (best stretch %s), "
+        "val sensitivity %.3f, specificity %.3f; candidates %s",
+        site, pi, src, detect, min_area, scores["stretch"], scores["sensitivity"], scores["specificity"],
+        presence["candidates"],
+    )
+    return detect, min_area, scores
+
+
+def _candidate_thresholds(detect_threshold: float | str, prevalence: float | str) -> tuple[float, ...]:
+    """The detection thresholds to try; checks both settings (ValueError naming the value)."""
+    if detect_threshold == "auto":
+        grid = DETECT_THRESHOLDS
+    elif isinstance(detect_threshold, (int, float)) and PIXEL_THRESHOLD <= detect_threshold <= 1.0:
+        grid = (float(detect_threshold),)
+    else:
+        raise ValueError(f"detect_threshold must be 'auto' or in [{PIXEL_THRESHOLD}, 1], got {detect_threshold!r}")
+    if prevalence != "auto" and not (isinstance(prevalence, (int, float)) and 0.0 < prevalence < 1.0):
+        raise ValueError(f"prevalence must be 'auto' or a number in (0, 1), got {prevalence!r}")
+    return tuple(grid)
+
+
+def _score_validation(
+    engine: SiteModel, stores, site: str, val_rows: pd.DataFrame, grid: tuple[float, ...], batch_size: int
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, PatchSet | None, str]:
+    """Run the model on the validation images: per-image pixel counts at each of ``grid`` and the
+    ``(n, 128, 128)`` uint8 pixels >= 0.5, computed on the device (no probability maps).
+
+    Returns:
+        ``(counts (n, len(grid)) int64, pixels, truth_mask (n, 128, 128) uint8, auto, source)``:
+        the automatic-point patches (``auto`` their PatchSet, source ``"auto"``), or the manual
+        centre crops where the stores have none (``auto`` None, source ``"manual"``).
+    """
+    request = {"batch_size": batch_size, "masks": "pixels", "count_thresholds": grid,
+               "rule": PresenceRule(PIXEL_THRESHOLD, 1, PIXEL_THRESHOLD)}
+    try:
+        auto = open_site_patches(stores, site, "auto")
+        idx = patch_indices(auto.rows, val_rows, "auto patches")
+        out = engine.predict(auto.image, idx, **request)
+        return out.counts, out.mask, read_masks(auto.mask, idx), auto, "auto"
+    except KeyError as exc:
+        log.warning("presence rule %s: %s; choosing it on manual centre crops", site, exc)
+    manual = open_site_patches(stores, site, "manual")
+    crop = (int(manual.image.shape[1]) - PATCH_SIZE) // 2
+    idx = patch_indices(manual.rows, val_rows, "manual patches")
+    out = engine.predict(manual.image, idx, crop=crop, **request)
+    return out.counts, out.mask, read_masks(manual.mask, idx, crop=crop), None, "manual"
+
+
+def _best_rule(by_t: dict, val_truth: np.ndarray, pi: float, youden: dict, grid) -> tuple:
+    """``(detect, min_area, scores, candidates)``: per threshold the best ``min_area_px`` at
+    prevalence ``pi``, then the threshold with the best weighted accuracy (ties: the higher)."""
+    chosen = {t: choose_min_area(by_t[t], val_truth, pi) for t in grid}
+    detect = max(grid, key=lambda t: (round(chosen[t][1]["weighted_accuracy"], 9), t))
+    min_area, scores = chosen[detect]
+    candidates = {
+        str(t): {"min_area_px": int(chosen[t][0]), "weighted_accuracy": chosen[t][1]["weighted_accuracy"],
+                 "youden_j": youden[t][1]["youden_j"]}
+        for t in grid
+    }
+    return detect, min_area, scores, candidates
+
+
 def _estimate_site_prevalence(
-    model, auto: PatchSet | None, table: pd.DataFrame, site: str, detect_threshold: float, t0: int,
+    engine: SiteModel, auto: PatchSet | None, table: pd.DataFrame, site: str, detect_threshold: float, t0: int,
     youden: dict, batch_size: int, seed: int, max_population: int,
 ) -> tuple[float, str, dict | None]:
     """``(prevalence, source, detail)`` for :func:`choose_presence_rule`'s ``"auto"``: the rule
@@ -191,9 +239,10 @@ def _estimate_site_prevalence(
         why = "no measurable images outside train and val" if candidates.size == 0 else "Youden's J <= 0"
         log.warning("presence rule %s: cannot estimate the prevalence (%s); using %.2f", site, why, fallback)
         return fallback, f"fallback 0.5 ({why})", None
-    prob = predict_probability(model, auto.image, candidates, batch_size=batch_size,
-                               progress=f"presence rule {site}: images outside train and val (prevalence)")
-    q = float((predicted_area_px(prob, detect_threshold) >= t0).mean())
+    out = engine.predict(auto.image, candidates, batch_size=batch_size, count_thresholds=(detect_threshold,),
+                         rule=PresenceRule(PIXEL_THRESHOLD, 1, PIXEL_THRESHOLD),
+                         progress=f"presence rule {site}: images outside train and val (prevalence)")
+    q = float((out.counts[:, 0] >= t0).mean())
     pi = float(np.clip(estimate_prevalence(q, sens, spec), 0.01, 0.99))
     detail = {
         "method": "adjusted classify-and-count at the Youden rule",

@@ -62,6 +62,59 @@ def patch_indices(rows: pd.DataFrame, wanted: pd.DataFrame, what: str = "patch s
     return merged["_pos"].to_numpy(np.int64)
 
 
+def _candidates(stores: Sequence[str | Path], site: str) -> pd.DataFrame:
+    """Annotated rows without a qc_reason: keys, ``positive`` and ``has_manual``, sorted by key."""
+    rows = open_site_patches(stores, site, "auto").rows
+    area_col = f"{site}_true_area_mm2"
+    if area_col not in rows:
+        raise KeyError(f"patch stores have no column {area_col!r}; is {site!r} one of their sites?")
+    qc = rows["qc_reason"].fillna("").astype(str)
+    area = rows[area_col].astype(float)
+    candidate = rows["annotated"].astype(bool).to_numpy() & (qc == "").to_numpy() & area.notna().to_numpy()
+    cand = _keys(rows)[candidate].reset_index(drop=True)
+    if cand.empty:
+        raise ValueError(f"no annotated images without qc_reason for site {site!r} in {len(rows)} rows of {stores}")
+    cand["positive"] = (area[candidate] > 0).to_numpy()
+    manual = _keys(open_site_patches(stores, site, "manual").rows)
+    manual["has_manual"] = True
+    cand = cand.merge(manual.drop_duplicates(KEY), on=KEY, how="left")
+    cand["has_manual"] = cand["has_manual"].fillna(False).astype(bool)
+    return cand.sort_values(KEY, kind="stable").reset_index(drop=True)
+
+
+def _participant_splits(
+    cand: pd.DataFrame, rng: np.random.Generator, val_fraction: float, test_fraction: float
+) -> dict[str, str]:
+    """``{eid: split}``: participants with and without a positive image shuffled and cut separately."""
+    by_eid = cand.groupby("eid")["positive"].any()
+    split_of: dict[str, str] = {}
+    for stratum in (True, False):
+        eids = np.array(sorted(by_eid.index[by_eid == stratum]))
+        eids = eids[rng.permutation(len(eids))]
+        n_test = int(round(test_fraction * len(eids)))
+        n_val = int(round(val_fraction * len(eids)))
+        for i, e in enumerate(eids):
+            split_of[e] = "test" if i < n_test else "val" if i < n_test + n_val else "train"
+    return split_of
+
+
+def _balance(cand: pd.DataFrame, name: str, rng: np.random.Generator, site: str) -> None:
+    """In split ``name``, mark images without a manual patch and the larger class's surplus ``unused``."""
+    in_split = cand["split"] == name
+    cand.loc[in_split & ~cand["has_manual"], "split"] = "unused"
+    usable = in_split & cand["has_manual"]
+    pos = np.flatnonzero(usable & cand["positive"])
+    neg = np.flatnonzero(usable & ~cand["positive"])
+    # Balance by sampling the larger class down to the smaller (negatives, in UKB's 10 % prevalence).
+    larger, smaller = (neg, pos) if len(neg) >= len(pos) else (pos, neg)
+    if len(larger) > len(smaller):
+        keep = rng.choice(larger, size=len(smaller), replace=False)
+        cand.loc[np.setdiff1d(larger, keep), "split"] = "unused"
+        if larger is pos:
+            log.warning("%s %s: more positives (%d) than negatives (%d); %d positives unused to balance",
+                        site, name, len(pos), len(neg), len(pos) - len(neg))
+
+
 def make_splits(
     *,
     stores: Sequence[str | Path],
@@ -98,51 +151,11 @@ def make_splits(
     """
     if not (0 <= val_fraction < 1 and 0 <= test_fraction < 1 and val_fraction + test_fraction < 1):
         raise ValueError(f"need 0 <= val, test fractions and val + test < 1, got {val_fraction}, {test_fraction}")
-    auto = open_site_patches(stores, site, "auto")
-    rows = auto.rows
-    area_col = f"{site}_true_area_mm2"
-    if area_col not in rows:
-        raise KeyError(f"patch stores have no column {area_col!r}; is {site!r} one of their sites?")
-    qc = rows["qc_reason"].fillna("").astype(str)
-    area = rows[area_col].astype(float)
-    candidate = rows["annotated"].astype(bool).to_numpy() & (qc == "").to_numpy() & area.notna().to_numpy()
-    cand = _keys(rows)[candidate].reset_index(drop=True)
-    if cand.empty:
-        raise ValueError(f"no annotated images without qc_reason for site {site!r} in {len(rows)} rows of {stores}")
-    cand["positive"] = (area[candidate] > 0).to_numpy()
-
-    manual = _keys(open_site_patches(stores, site, "manual").rows)
-    manual["has_manual"] = True
-    cand = cand.merge(manual.drop_duplicates(KEY), on=KEY, how="left")
-    cand["has_manual"] = cand["has_manual"].fillna(False).astype(bool)
-    cand = cand.sort_values(KEY, kind="stable").reset_index(drop=True)
-
+    cand = _candidates(stores, site)
     rng = np.random.default_rng(seed)
-    by_eid = cand.groupby("eid")["positive"].any()
-    split_of: dict[str, str] = {}
-    for stratum in (True, False):
-        eids = np.array(sorted(by_eid.index[by_eid == stratum]))
-        eids = eids[rng.permutation(len(eids))]
-        n_test = int(round(test_fraction * len(eids)))
-        n_val = int(round(val_fraction * len(eids)))
-        for i, e in enumerate(eids):
-            split_of[e] = "test" if i < n_test else "val" if i < n_test + n_val else "train"
-    cand["split"] = cand["eid"].map(split_of)
-
+    cand["split"] = cand["eid"].map(_participant_splits(cand, rng, val_fraction, test_fraction))
     for name in ("train", "val"):
-        in_split = cand["split"] == name
-        cand.loc[in_split & ~cand["has_manual"], "split"] = "unused"
-        usable = in_split & cand["has_manual"]
-        pos = np.flatnonzero(usable & cand["positive"])
-        neg = np.flatnonzero(usable & ~cand["positive"])
-        # Balance by sampling the larger class down to the smaller (negatives, in UKB's 10 % prevalence).
-        larger, smaller = (neg, pos) if len(neg) >= len(pos) else (pos, neg)
-        if len(larger) > len(smaller):
-            keep = rng.choice(larger, size=len(smaller), replace=False)
-            cand.loc[np.setdiff1d(larger, keep), "split"] = "unused"
-            if larger is pos:
-                log.warning("%s %s: more positives (%d) than negatives (%d); %d positives unused to balance",
-                            site, name, len(pos), len(neg), len(pos) - len(neg))
+        _balance(cand, name, rng, site)
 
     out = cand[KEY + ["split", "positive"]].copy()
     out["instance"] = out["instance"].astype(np.int16)

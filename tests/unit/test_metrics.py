@@ -153,3 +153,18 @@ def test_estimate_prevalence_inverts_the_classifier_errors():
     assert estimate_prevalence(0.01, 0.9, 0.95) == 0.0  # fewer calls than false positives: clipped
     with pytest.raises(ValueError, match="must be > 0"):
         estimate_prevalence(0.3, 0.5, 0.5)
+
+
+def test_mask_components_by_hand():
+    from hipoa.metrics import mask_components
+
+    m = np.zeros((4, 8, 8), np.uint8)
+    m[1, 1:3, 1:3] = 1  # one region of 4
+    m[2, 0, 0] = m[2, 5:8, 5:8] = 1  # two regions: 1 and 9 pixels
+    m[3, 0, 0] = m[3, 1, 1] = m[3, 2, 2] = 1  # a diagonal line: one 8-connected region of 3
+    m[3, 0, 7] = 1  # and a second region
+    count, largest = mask_components(m)
+    assert count.tolist() == [0, 1, 2, 2] and largest.tolist() == [0, 4, 9, 3]
+    assert [int(v[0]) for v in mask_components(m[1])] == [1, 4]
+    with pytest.raises(ValueError, match="got shape"):
+        mask_components(np.zeros(3))

@@ -184,3 +184,87 @@ def test_cli_maps_oserror_to_exit_2(tmp_path, capsys, monkeypatch):
     assert main(argv) == 2
     line = _error_line(capsys)
     assert "Is a directory" in line and str(tmp_path / "manifest.parquet") in line
+
+
+# ---- the model card (ModelCard) and train-unet --load (install_model) ----------------------------
+
+
+def _tiny_unet(path: Path, presence=None) -> Path:
+    from hipoa.unet import build_unet
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    build_unet(depth=1, base_filters=2).save(path)
+    if presence is not False:
+        path.with_suffix(".json").write_text(json.dumps({"presence": presence or {"pixel_threshold": 0.5, "min_area_px": 7}}))
+    return path
+
+
+def test_model_card_round_trip_keeps_the_json_layout(tmp_path):
+    presence = {"pixel_threshold": 0.5, "prevalence": 0.2, "prevalence_source": "config",
+                "candidates": {"0.9": {"min_area_px": 12}}, "detect_threshold": 0.9, "min_area_px": 12, "rule": "r"}
+    card = modelio.ModelCard(site="lateral_acetabulum", hipoa_version="0.3", created="2024-01-01T00:00:00+00:00",
+                             settings={"epochs": 3}, architecture={"depth": 1}, data={"counts": {"train": {"n": 4}}},
+                             training={"best_val_loss": float("nan")}, validation={"sensitivity": 1.0},
+                             presence=presence)
+    assert card.presence == modelio.PresenceRule(0.5, 12, 0.9)
+    assert card.presence_info["prevalence"] == 0.2 and card["presence"] == presence
+    model = tmp_path / "m" / "unet.keras"
+    path = modelio.write_model_card(model, card)
+    assert path == model.with_suffix(".json") and not list(path.parent.glob("*.tmp*"))
+    on_disk = json.loads(path.read_text())
+    assert list(on_disk) == ["site", "hipoa_version", "created", "settings", "architecture", "data", "training",
+                             "validation", "presence"]
+    assert on_disk["training"]["best_val_loss"] is None  # NaN -> null
+    assert on_disk["presence"] == presence
+    back = modelio.read_model_card(model)
+    assert back.presence == card.presence and back.data == card.data and back.training == {"best_val_loss": None}
+    # a dict in the card's layout is accepted (and validated) as well
+    modelio.write_model_card(model, {**on_disk, "extra_key": [1, 2]})
+    assert modelio.read_model_card(model).extra == {"extra_key": [1, 2]}
+    with pytest.raises(modelio.ModelError, match="min_area_px"):
+        modelio.write_model_card(model, {"presence": {"pixel_threshold": 0.5}})
+    assert modelio.json_safe({"a": (1.0, float("inf"))}) == {"a": [1.0, None]}
+
+
+def test_old_model_card_without_detect_threshold_reads(tmp_path):
+    model = tmp_path / "unet.keras"
+    model.with_suffix(".json").write_text(json.dumps({"presence": {"pixel_threshold": 0.4, "min_area_px": 7},
+                                                      "epochs": 3}))
+    card = modelio.read_model_card(model)
+    assert card.presence == modelio.PresenceRule(0.4, 7, 0.4) and card.extra == {"epochs": 3}
+    assert card.site is None and "site" not in card.to_dict()
+
+
+def test_install_model_copies_model_and_card(tmp_path):
+    import keras
+
+    site = SITES[0]
+    src = _tiny_unet(tmp_path / "old" / "unet.keras")
+    out = tmp_path / "results" / "models" / site / "unet.keras"
+    card = modelio.install_model(src, out)
+    assert card.presence.min_area_px == 7 and card.loaded_from == str(src)
+    assert out.read_bytes() == src.read_bytes()
+    on_disk = json.loads(out.with_suffix(".json").read_text())
+    assert on_disk["presence"]["min_area_px"] == 7 and on_disk["loaded_from"] == str(src)
+    assert (out.parent / "history.csv").exists()
+    keras.saving.load_model(out)
+
+    out2 = tmp_path / "cli" / "unet.keras"
+    assert main(["train-unet", "--site", site, "--out", str(out2), "--load", str(src)]) == 0
+    assert out2.exists() and out2.with_suffix(".json").exists()
+    assert main(["train-unet", "--site", site, "--out", str(out2)]) == 2  # neither data nor --load
+
+
+def test_install_model_rejects_missing_card_and_wrong_shapes(tmp_path):
+    from hipoa.unet import build_unet
+
+    no_json = _tiny_unet(tmp_path / "a" / "unet.keras", presence=False)
+    with pytest.raises(FileNotFoundError, match="unet.json"):
+        modelio.install_model(no_json, tmp_path / "out" / "unet.keras")
+    wrong = tmp_path / "b" / "unet.keras"
+    wrong.parent.mkdir()
+    build_unet(size=64, depth=1, base_filters=2).save(wrong)
+    wrong.with_suffix(".json").write_text(json.dumps({"presence": {"pixel_threshold": 0.5, "min_area_px": 1}}))
+    with pytest.raises(ValueError, match="expected input"):
+        modelio.install_model(wrong, tmp_path / "out" / "unet.keras")
+    assert not (tmp_path / "out").exists()  # nothing written for a model that does not fit

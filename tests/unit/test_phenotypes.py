@@ -33,7 +33,8 @@ CONTRACT = {  # column -> (arrow type, nullable)
     "qc_pass": ("bool", False),
     "qc_reason": ("string", False),
     "reference_length_mm": ("double", True),  # unknown (null) when the points are missing
-    **{c: (t, True) for s in SITES for c, t in zip(predict.site_columns(s), ("int8", "double", "float"))},
+    **{c: (t, True) for s in SITES
+       for c, t in zip(predict.site_columns(s), ("int8", "double", "float", "int16", "double"))},
     "any_present": ("int8", True),
     "total_area_mm2": ("double", True),
     "annotated": ("bool", False),
@@ -101,11 +102,14 @@ def test_every_manifest_row_once_with_values(left):
     for _, r in df.iterrows():
         exp = expected[(str(r["eid"]), int(r["instance"]))]
         for site, value in exp.items():
-            present, area, prob = (r[c] for c in predict.site_columns(site))
+            present, area, prob, n_regions, largest = (r[c] for c in predict.site_columns(site))
             if value is None:
                 assert pd.isna(present) and pd.isna(area) and pd.isna(prob)
+                assert pd.isna(n_regions) and pd.isna(largest)
             else:
                 assert present == value[0] and area == pytest.approx(value[1], rel=1e-12)
+                # each hand-made osteophyte is one rectangle: one region holding all of the area
+                assert n_regions == value[0] and largest == pytest.approx(value[1], rel=1e-12)
         measured_all = all(v is not None for v in exp.values())
         assert r["qc_pass"] == measured_all
         assert (r["qc_reason"] == "") == measured_all
@@ -207,6 +211,11 @@ def test_pheno_and_dict_tsv(left):
     d = d.set_index("FIELD")
     assert d.loc[f"{A}_area_mm2", "UNITS"] == "mm^2" and d.loc[f"{A}_area_mm2", "TYPE"] == "Float64"
     assert d.loc["eid", "TYPE"] == "int64" and d.loc["any_present", "TYPE"] == "Int8"
+    assert d.loc[f"{A}_n_components", "TYPE"] == "Int16" and d.loc[f"{A}_n_components", "UNITS"] == ""
+    assert d.loc[f"{A}_largest_area_mm2", "TYPE"] == "Float64"
+    assert d.loc[f"{A}_largest_area_mm2", "UNITS"] == "mm^2"
+    # the GWAS file keeps its traits (presence, area): the region columns are in the Parquet only
+    assert f"{A}_n_components" not in t.columns
 
 
 def test_rerun_is_identical_but_created(left, models, tmp_path):

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from hipoa.points import N_POINTS, PointsError, points_inside, read_pts, write_pts
+from hipoa.points import N_POINTS, PointsError, read_pts, write_pts
 
 
 def _pts_text(points: list[tuple[float, float]], declared: int | None = None) -> str:
@@ -93,9 +93,3 @@ def test_write_rejects_bad_shapes_and_values(tmp_path):
         write_pts(tmp_path / "x.pts", np.zeros(3))
     with pytest.raises(ValueError, match=r"y.pts.*\[1\].*nan"):
         write_pts(tmp_path / "y.pts", np.array([[0.0, 1.0], [np.nan, 2.0]]))
-
-
-def test_points_inside_pixel_centre_convention():
-    # 4 rows x 5 cols: pixel centres at x 0..4, y 0..3; the image spans -0.5 .. size - 0.5
-    pts = np.array([[-0.5, -0.5], [4.5, 3.5], [-0.51, 0], [0, 3.51], [4.51, 0], [2, 2]])
-    np.testing.assert_array_equal(points_inside(pts, rows=4, cols=5), [True, True, False, False, False, True])

@@ -19,6 +19,8 @@ import pyarrow.parquet as pq
 import pytest
 
 from hipoa import predict
+from hipoa.geometry import patch_pixel_area_mm2
+from hipoa.modelio import PresenceRule, model_json_path, read_presence_rule
 from hipoa.sites import DEFAULT_SITES, PATCH_SIZE
 from hipoa.store import seal_store
 
@@ -63,7 +65,7 @@ def make_model(path: Path, min_area_px: int = MIN_AREA_PX, pixel_threshold: floa
     path.parent.mkdir(parents=True, exist_ok=True)
     model.save(path)
     rule = {"pixel_threshold": pixel_threshold, "min_area_px": min_area_px}
-    predict.model_json_path(path).write_text(json.dumps({"presence": rule, "validation": {"dice": 1.0}}))
+    model_json_path(path).write_text(json.dumps({"presence": rule, "validation": {"dice": 1.0}}))
     return path
 
 
@@ -196,29 +198,29 @@ def models(tmp_path_factory) -> dict[str, Path]:
 def test_patch_pixel_area_by_hand():
     aff = np.stack([scale_affine(2.0, 5, 5), np.array([[0.0, 3.0, 1.0], [2.0, 0.0, 1.0]]),
                     mirror_affine(scale_affine(2.0, 5, 5), 100)])
-    got = predict.patch_pixel_area_mm2(aff, np.array([0.25, 0.5, 0.25]), np.array([0.2, 0.1, 0.2]))
+    got = patch_pixel_area_mm2(aff, np.array([0.25, 0.5, 0.25]), np.array([0.2, 0.1, 0.2]))
     # det 4 * 0.05 mm^2; |det| 6 (a swap of axes) * 0.05; the mirror keeps the area.
     np.testing.assert_allclose(got, [0.2, 0.3, 0.2])
     with pytest.raises(ValueError, match=r"\(n, 2, 3\)"):
-        predict.patch_pixel_area_mm2(np.eye(3)[None], [1.0], [1.0])
+        patch_pixel_area_mm2(np.eye(3)[None], [1.0], [1.0])
 
 
 def test_presence_rule_read_and_errors(tmp_path):
     m = tmp_path / "unet.keras"
     with pytest.raises(FileNotFoundError, match="unet.json"):
-        predict.read_presence_rule(m)
-    predict.model_json_path(m).write_text(json.dumps({"presence": {"pixel_threshold": 0.4, "min_area_px": 7}}))
+        read_presence_rule(m)
+    model_json_path(m).write_text(json.dumps({"presence": {"pixel_threshold": 0.4, "min_area_px": 7}}))
     # a rule from before the detection threshold: it equals the pixel threshold
-    assert predict.read_presence_rule(m) == predict.PresenceRule(0.4, 7, 0.4)
+    assert read_presence_rule(m) == PresenceRule(0.4, 7, 0.4)
     rule = {"pixel_threshold": 0.5, "detect_threshold": 0.9, "min_area_px": 12, "prevalence": 0.2}
-    predict.model_json_path(m).write_text(json.dumps({"presence": rule}))
-    assert predict.read_presence_rule(m).to_dict() == {"pixel_threshold": 0.5, "detect_threshold": 0.9, "min_area_px": 12}
-    predict.model_json_path(m).write_text(json.dumps({"presence": {**rule, "detect_threshold": 0.3}}))
+    model_json_path(m).write_text(json.dumps({"presence": rule}))
+    assert read_presence_rule(m).to_dict() == {"pixel_threshold": 0.5, "detect_threshold": 0.9, "min_area_px": 12}
+    model_json_path(m).write_text(json.dumps({"presence": {**rule, "detect_threshold": 0.3}}))
     with pytest.raises(ValueError, match="detect_threshold"):
-        predict.read_presence_rule(m)
-    predict.model_json_path(m).write_text(json.dumps({"epochs": 3}))
+        read_presence_rule(m)
+    model_json_path(m).write_text(json.dumps({"epochs": 3}))
     with pytest.raises(ValueError, match="presence"):
-        predict.read_presence_rule(m)
+        read_presence_rule(m)
 
 
 def test_measurable_reasons():
@@ -234,10 +236,13 @@ def test_measurable_reasons():
 def _check(df: pd.DataFrame, expected: dict) -> None:
     for site, values in expected.items():
         for i, value in enumerate(values):
-            present, area, prob = (df.loc[i, c] for c in predict.site_columns(site))
+            present, area, prob, n_regions, largest = (df.loc[i, c] for c in predict.site_columns(site))
             if value is None:
                 assert pd.isna(present) and pd.isna(area) and pd.isna(prob), (site, i)
+                assert pd.isna(n_regions) and pd.isna(largest), (site, i)
             else:
+                # every hand-made osteophyte here is one rectangle: one region, all of the area
+                assert n_regions == value[0] and largest == pytest.approx(value[1], rel=1e-12), (site, i)
                 assert present == value[0], (site, i)
                 assert area == pytest.approx(value[1], rel=1e-12), (site, i)
                 assert 0.0 <= prob <= 1.0 and (prob > 0.5) == bool(value[0]), (site, i, prob)
@@ -296,7 +301,7 @@ def test_real_unet_runs(tmp_path):
     model = build_unet(depth=1, base_filters=2, dropout=0.0)
     path = tmp_path / "unet.keras"
     model.save(path)
-    predict.model_json_path(path).write_text(json.dumps({"presence": {"pixel_threshold": 0.5, "min_area_px": 5}}))
+    model_json_path(path).write_text(json.dumps({"presence": {"pixel_threshold": 0.5, "min_area_px": 5}}))
     store, _, _ = example_shard(tmp_path)
     df = predict.predict_shard(store=store, models={SITES[0]: path}, out=tmp_path / "p.parquet", batch_size=4)
     measured = df[f"{SITES[0]}_present"].notna()
@@ -325,15 +330,44 @@ def test_cli_predict_masks(tmp_path, models):
     assert (tmp_path / "m.zarr").is_dir()
 
 
-def test_predict_padded_matches_and_keeps_one_batch_shape(tmp_path):
-    import keras
+def test_connected_components_counts_and_largest_area(tmp_path, models):
+    n = 5
+    rows = pd.DataFrame({"eid": [str(7000 + i) for i in range(n)], "instance": [2] * n,
+                         "qc_reason": ["", "", "", "", "points_missing"], "spacing_row_mm": [0.25] * n,
+                         "spacing_col_mm": [0.25] * n, "rows": [600] * n, "cols": [680] * n})
+    p = np.stack([-np.ones((PATCH_SIZE, PATCH_SIZE), np.float16)] * n)
+    p[1, 10:16, 10:16] = 1  # one 6x6 region
+    p[2, 10:15, 10:15] = 1  # two regions, 5x5 and 6x6, apart
+    p[2, 60:66, 60:66] = 1
+    p[3, 10:15, 10:15] = 1  # two 5x5 squares touching at a corner only: one 8-connected region
+    p[3, 15:20, 15:20] = 1
+    p[4, 0:30, 0:30] = 1  # failed QC: never measured
+    site = SITES[0]
+    store = make_store(tmp_path / "cc.zarr", rows, {site: p}, {site: np.stack([scale_affine(2.0, 100.0, 50.0)] * n)})
+    df = predict.predict_shard(store=store, models={site: models[site]}, out=tmp_path / "cc.parquet",
+                               precision="float32")
+    px = 4 * 0.25 * 0.25  # mm^2 per patch pixel: det 4 image pixels of 0.25 x 0.25 mm
+    assert df[f"{site}_n_components"].tolist()[:4] == [0, 1, 2, 1]
+    assert df[f"{site}_largest_area_mm2"].tolist()[:4] == pytest.approx([0.0, 36 * px, 36 * px, 50 * px])
+    assert df[f"{site}_area_mm2"].tolist()[:4] == pytest.approx([0.0, 36 * px, 61 * px, 50 * px])
+    assert pd.isna(df.loc[4, f"{site}_n_components"]) and pd.isna(df.loc[4, f"{site}_largest_area_mm2"])
+    back = pd.read_parquet(tmp_path / "cc.parquet")
+    assert str(back[f"{site}_n_components"].dtype) == "Int16"
+    assert str(back[f"{site}_largest_area_mm2"].dtype) == "Float64"
 
-    model = keras.saving.load_model(make_model(tmp_path / "unet.keras"), compile=False)
-    x = np.random.default_rng(0).normal(size=(5, PATCH_SIZE, PATCH_SIZE, 1)).astype(np.float32)
-    seen = []
-    original = model.predict_on_batch
-    model.predict_on_batch = lambda batch: (seen.append(len(batch)), original(batch))[1]
-    got = predict.predict_padded(model, x[:3], 5)
-    assert got.shape == (3, PATCH_SIZE, PATCH_SIZE, 2) and seen == [5]  # padded to the steady batch
-    np.testing.assert_allclose(got, original(x[:3]), rtol=1e-6, atol=1e-7)
-    np.testing.assert_allclose(predict.predict_padded(model, x, 5), original(x), rtol=1e-6, atol=1e-7)
+
+def test_cli_predict_masks_several_shards(tmp_path, models):
+    from hipoa.cli import main
+
+    a, _, expected = example_shard(tmp_path, name="shard-0000")
+    b, _, _ = example_shard(tmp_path, name="shard-0001", eids=[str(3000 + i) for i in range(6)])
+    outs = [tmp_path / "p" / "0.parquet", tmp_path / "p" / "1.parquet"]
+    argv = ["predict-masks", "--stores", str(a), str(b), "--out", *map(str, outs),
+            "--masks-out", str(tmp_path / "m0.zarr"), str(tmp_path / "m1.zarr"), "--precision", "float32"]
+    for site, m in models.items():
+        argv += ["--model", f"{site}={m}"]
+    assert main(argv) == 0
+    for out in outs:
+        _check(pd.read_parquet(out), expected)
+    assert (tmp_path / "m1.zarr").is_dir()
+    assert main(argv[:5] + argv[6:]) == 2  # two stores, one out: refused, naming the counts

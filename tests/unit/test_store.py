@@ -3,14 +3,12 @@
 from __future__ import annotations
 
 import io
-import logging
 import zipfile
 from pathlib import Path
 
 import dask.array as da
 import numpy as np
 import pandas as pd
-import pydicom
 import pytest
 import zarr
 from PIL import Image
@@ -19,19 +17,19 @@ from pydicom.uid import ImplicitVRLittleEndian, generate_uid
 
 from hipoa.cli import main
 from hipoa.dicom import read_image
-from hipoa.patches import (
-    CONTEXT_SIZE,
-    crop_shard,
-    inside_mask,
-    mirror_points,
-    normalise_patch,
-    patch_affine,
-    sample_patch,
-)
+from hipoa.geometry import inside_mask, mirror_points, patch_affine, sample_patch
+from hipoa.patches import CONTEXT_SIZE, crop_shard, normalise_patch
 from hipoa.points import read_pts, write_pts
 from hipoa.qc import Limits
 from hipoa.sites import DEFAULT_SITES
-from hipoa.store import open_patches, read_rows, save_montage, store_attrs
+from hipoa.store import (
+    MARKER,
+    check_store,
+    open_patches,
+    read_rows,
+    store_attrs,
+    write_patch_store,
+)
 
 ROWS, COLS = 220, 260
 EXPOSED_AREA = (65, 66)  # (0040,0303) [width_mm, height_mm], VR US: dx = 0.25, dy = 0.3 mm
@@ -369,6 +367,50 @@ def test_bad_arguments_raise(cohort, tmp_path):
         crop_shard(manifest=manifest, shard=0, out=tmp_path / "x.zarr", sites=list(DEFAULT_SITES), n_points=50)
     with pytest.raises(ValueError, match="lacks columns"):
         crop_shard(manifest=manifest.drop(columns=["member"]), shard=0, out=tmp_path / "x.zarr", sites=list(DEFAULT_SITES), limits=ANISOTROPIC)
+
+
+def _tiny_store_arrays(n: int = 3, m: int = 1) -> dict:
+    """write_patch_store's arguments for one site: n rows with 8 px patches, m context crops of 12 px."""
+    rows = {"eid": np.array(["1", "2", "3"][:n], dtype=object), "qc_reason": np.array(["", "x", ""][:n], dtype=object),
+            "instance": np.arange(n, dtype=np.int16)}
+    auto = {"s": {"image": np.ones((n, 8, 8), np.float16), "mask": np.zeros((n, 8, 8), np.uint8),
+                  "affine": np.zeros((n, 2, 3)), "inside": np.ones(n, np.float32)}}
+    manual = {"s": {"image": np.full((m, 12, 12), 2, np.float16), "mask": np.ones((m, 12, 12), np.uint8),
+                    "affine": np.zeros((m, 2, 3)), "inside": np.ones(m, np.float32), "row": np.arange(m, dtype=np.int32)}}
+    return dict(attrs={"shard": 0}, rows=rows, auto=auto, manual=manual, points_source={"auto": "A", "manual": "M"})
+
+
+def test_write_patch_store_layout_sealed_and_atomic(tmp_path):
+    out = tmp_path / "t.zarr"
+    out.mkdir()
+    (out / "stale").write_text("from an earlier run")
+    assert write_patch_store(out, **_tiny_store_arrays()) == out
+    check_store(out)  # sealed: the marker lists every file
+    assert (out / MARKER).is_file() and not (out / "stale").exists() and not (tmp_path / "t.zarr.tmp").exists()
+    root = zarr.open_group(str(out), mode="r")
+    assert root.attrs["shard"] == 0 and root["rows"].attrs["columns"] == ["eid", "qc_reason", "instance"]
+    assert dict(root["auto/s"].attrs) == {"patch_size": 8, "points_source": "auto"}
+    assert dict(root["manual/s"].attrs) == {"patch_size": 12, "core_offset": 2, "points_source": "manual"}
+    assert root["auto"].attrs["points_source"] == "A" and root["manual"].attrs["points_source"] == "M"
+    ps = open_patches(out, "s", source="manual")
+    assert ps.core_offset == 2 and ps.rows["eid"].tolist() == ["1"] and float(ps.image[0].compute().mean()) == 2.0
+    assert read_rows(out)["qc_reason"].tolist() == ["", "x", ""]
+
+
+def test_write_patch_store_refuses_ragged_arrays_and_writes_nothing(tmp_path):
+    args = _tiny_store_arrays()
+    args["auto"]["s"]["inside"] = np.ones(2, np.float32)
+    with pytest.raises(ValueError, match=r"auto/s/inside has 2 rows, expected 3"):
+        write_patch_store(tmp_path / "bad.zarr", **args)
+    args = _tiny_store_arrays()
+    args["manual"]["s"]["image"] = np.zeros((2, 12, 12), np.float16)
+    with pytest.raises(ValueError, match=r"manual/s/image has 2 rows, expected 1"):
+        write_patch_store(tmp_path / "bad.zarr", **args)
+    args = _tiny_store_arrays()
+    args["manual"]["s"]["image"] = np.zeros((1, 11, 11), np.float16)  # odd margin: no exact centre crop
+    with pytest.raises(ValueError, match="context"):
+        write_patch_store(tmp_path / "bad.zarr", **args)
+    assert list(tmp_path.iterdir()) == []  # neither the store nor its temporary directory
 
 
 def test_cli_crop_and_show_patches(cohort, tmp_path):

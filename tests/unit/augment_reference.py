@@ -1,0 +1,74 @@
+"""The NumPy reference of the training augmentation, for tests only.
+
+:mod:`hipoa.train_input` resamples training samples with TensorFlow ops; these functions do the
+same in NumPy on the library's geometry (:func:`hipoa.geometry.augment_affine`,
+:func:`hipoa.geometry.patch_coordinates`, :func:`hipoa.geometry.sample_grid`), so that
+tests/unit/test_train_input.py can hold the TensorFlow version to them.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from hipoa.augment import AugmentSettings
+from hipoa.geometry import augment_affine, patch_coordinates, sample_grid
+from hipoa.sites import PATCH_SIZE
+
+
+def draw_params(n: int, settings: AugmentSettings, rng: np.random.Generator, size: int = PATCH_SIZE) -> np.ndarray:
+    """Draw ``n`` random transforms, uniformly within the settings' ranges.
+
+    Returns:
+        ``(n, 4)`` float64: ``theta`` (rad), ``s`` (factor), ``dx``, ``dy`` (patch pixels).
+    """
+    theta = rng.uniform(-settings.rotation, settings.rotation, n)
+    s = rng.uniform(1.0 - settings.scale, 1.0 + settings.scale, n)
+    d = settings.displacement * size
+    dx = rng.uniform(-d, d, n)
+    dy = rng.uniform(-d, d, n)
+    return np.stack([theta, s, dx, dy], axis=1)
+
+
+def identity_params(n: int) -> np.ndarray:
+    """``(n, 4)`` parameters of the identity transform (the centre crop)."""
+    p = np.zeros((n, 4))
+    p[:, 1] = 1.0
+    return p
+
+
+def augment(
+    images: np.ndarray,
+    masks: np.ndarray,
+    params: np.ndarray,
+    size: int = PATCH_SIZE,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Resample patches from context patches.
+
+    Args:
+        images: ``(n, C, C)`` float (float16 from the store is fine), normalised image context.
+        masks: ``(n, C, C)`` uint8 masks on the same grid.
+        params: ``(n, 4)`` transforms (:func:`draw_params`, :func:`identity_params`).
+        size: Side of the output patch.
+
+    Returns:
+        ``(n, size, size)`` float32 images (bilinear) and ``(n, size, size)`` uint8 masks (nearest).
+
+    Raises:
+        ValueError: naming the shapes when they disagree, or when a transform reads outside the
+            context (which would leave a blank corner).
+    """
+    images = np.asarray(images)
+    masks = np.asarray(masks)
+    if images.ndim != 3 or images.shape[1] != images.shape[2]:
+        raise ValueError(f"images must be (n, C, C), got {images.shape}")
+    if masks.shape != images.shape:
+        raise ValueError(f"masks shape {masks.shape} differs from images shape {images.shape}")
+    n, context = images.shape[0], images.shape[1]
+    params = np.asarray(params, dtype=np.float64).reshape(-1, 4)
+    if params.shape[0] != n:
+        raise ValueError(f"got {params.shape[0]} transforms for {n} images")
+    # float32 coordinates: ~1e-5 px from the float64 affine, half the memory traffic
+    x, y = patch_coordinates(augment_affine(params, context, size), size, dtype=np.float32)
+    out_img = sample_grid(images, x, y, order=1)  # raises on a read outside the context
+    out_mask = sample_grid(masks, x, y, order=0).astype(np.uint8, copy=False)
+    return out_img, out_mask
