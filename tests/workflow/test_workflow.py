@@ -94,7 +94,8 @@ def test_lint_and_format_are_clean():
 
 
 def test_dry_run_of_a_large_manifest_is_sharded(tmp_path):
-    """2,000 images, 10 shards a side: jobs scale with shards, not images; no file is read."""
+    """2,000 images, 10 shards a side: jobs scale with shards, not images; no file is read.
+    Prediction runs predictions.shards_per_job (here 4) shards per job: 3 jobs a side."""
     sys.path.insert(0, str(REPO / "benchmarks"))
     try:
         from dryrun_40k import write_manifest
@@ -103,11 +104,11 @@ def test_dry_run_of_a_large_manifest_is_sharded(tmp_path):
     manifest = tmp_path / "manifest.csv"
     write_manifest(manifest, 2000, ["L", "R"])
     override = {"cohort": {"synthesize": False}, "sides": ["L", "R"], "patches": {"shards": 10},
-                "inputs": {"manifest": str(manifest)}}
+                "predictions": {"shards_per_job": 4}, "inputs": {"manifest": str(manifest)}}
     done = snakemake(tmp_path / "run", override, "--dry-run", "--quiet", "rules")
     counts = job_counts(done.stdout + done.stderr)
     assert counts["ingest"] == 2
-    assert counts["crop_patches"] == 20 and counts["predict_masks"] == 20
+    assert counts["crop_patches"] == 20 and counts["predict_masks"] == 6
     assert counts["train_unet"] == 3 and counts["evaluate_unet"] == 3
     assert "synth_cohort" not in counts
 

@@ -15,6 +15,7 @@ import yaml
 wildcard_constraints:
     side="L|R",
     shard=r"\d{4}",
+    group=r"\d{4}",
     site=r"[a-z][a-z0-9_]*",
     source="auto|manual",
 
@@ -22,6 +23,9 @@ wildcard_constraints:
 SIDES = list(config["sides"])
 SITES = list(config["sites"])
 SHARDS = [f"{k:04d}" for k in range(config["patches"]["shards"])]
+# Shards predicted by one predict_masks job, which loads the models once for all of them.
+_PER_JOB = config["predictions"]["shards_per_job"]
+PREDICT_GROUPS = {f"{g:04d}": SHARDS[g * _PER_JOB : (g + 1) * _PER_JOB] for g in range(-(-len(SHARDS) // _PER_JOB))}
 COHORT_DIR = config["cohort"]["dir"].rstrip("/")
 CONDA_CPU = "../../envs/cpu.yaml"
 CONDA_GPU = "../../envs/gpu.yaml"
@@ -259,40 +263,51 @@ def train_unet_settings(wildcards):
 # ---- predict_masks / phenotypes ---------------------------------------------------------------
 
 
-def predict_masks_outputs():
-    """The predicted-mask Zarr beside each shard's table, only when predictions.write_masks."""
-    if config["predictions"]["write_masks"]:
-        return {"masks": directory("results/predictions/{side}/shard-{shard}.zarr")}
-    return {}
+def group_dir(side, group):
+    """A predict_masks job's output folder: shard-{k}.parquet (and shard-{k}.zarr) of its shards."""
+    return f"results/predictions/{side}/group-{group}"
 
 
-def predict_masks_flags(wildcards):
-    """`--masks-out` when predictions.write_masks."""
+def shard_predictions(side, kind):
+    """Every shard's prediction file of ``side`` ("parquet" table or "zarr" masks), in shard order."""
+    return [
+        f"{group_dir(side, group)}/shard-{shard}.{kind}"
+        for group, shards in PREDICT_GROUPS.items()
+        for shard in shards
+    ]
+
+
+def predict_group_stores(wildcards):
+    """Input function: the patch stores of one predict_masks job's shards."""
+    return expand(
+        "results/patches/{side}/shard-{shard}.zarr",
+        side=wildcards.side,
+        shard=PREDICT_GROUPS[wildcards.group],
+    )
+
+
+def predict_group_args(wildcards):
+    """`--stores ... --out ... [--masks-out ...]` for the job's shards: one process, models loaded once."""
+    shards = PREDICT_GROUPS[wildcards.group]
+    out = group_dir(wildcards.side, wildcards.group)
+    args = [
+        "--stores " + " ".join(f"results/patches/{wildcards.side}/shard-{k}.zarr" for k in shards),
+        "--out " + " ".join(f"{out}/shard-{k}.parquet" for k in shards),
+    ]
     if config["predictions"]["write_masks"]:
-        return f"--masks-out results/predictions/{wildcards.side}/shard-{wildcards.shard}.zarr"
-    return ""
+        args.append("--masks-out " + " ".join(f"{out}/shard-{k}.zarr" for k in shards))
+    return " ".join(args)
 
 
 def phenotypes_input(wildcards):
-    """Shard predictions, models, the splits of trained sites and (for PNGs) the mask stores."""
-    inputs = {
+    """Prediction folders, models, the splits of trained sites."""
+    return {
         "manifest": f"results/manifest/{wildcards.side}.parquet",
-        "predictions": expand(
-            "results/predictions/{side}/shard-{shard}.parquet",
-            side=wildcards.side,
-            shard=SHARDS,
-        ),
+        "predictions": [group_dir(wildcards.side, group) for group in PREDICT_GROUPS],
         "models": [model_path(site) for site in SITES],
         "cards": [model_card(site) for site in SITES],
         "splits": expand("results/splits/{site}.parquet", site=TRAINED_SITES),
     }
-    if config["predictions"]["write_masks"]:
-        inputs["masks"] = expand(
-            "results/predictions/{side}/shard-{shard}.zarr",
-            side=wildcards.side,
-            shard=SHARDS,
-        )
-    return inputs
 
 
 def phenotypes_outputs():
@@ -303,17 +318,14 @@ def phenotypes_outputs():
 
 
 def phenotypes_flags(wildcards):
-    """`--splits` for trained sites, and `--masks-dir --mask-stores` when predictions.write_masks."""
-    flags = []
+    """`--predictions` per shard, `--splits` for trained sites, and `--masks-dir --mask-stores`
+    when predictions.write_masks."""
+    flags = ["--predictions " + " ".join(shard_predictions(wildcards.side, "parquet"))]
     if TRAINED_SITES:
         splits = expand("results/splits/{site}.parquet", site=TRAINED_SITES)
         flags.append("--splits " + " ".join(splits))
     if config["predictions"]["write_masks"]:
-        stores = expand(
-            "results/predictions/{side}/shard-{shard}.zarr",
-            side=wildcards.side,
-            shard=SHARDS,
-        )
+        stores = shard_predictions(wildcards.side, "zarr")
         flags.append(f"--masks-dir results/masks/{wildcards.side}")
         flags.append("--mask-stores " + " ".join(stores))
     return " ".join(flags)

@@ -1,25 +1,25 @@
-# Every patch cropped from automatic points through every site's model, one job per shard;
+# Every patch cropped from automatic points through every site's model, one job per group of
+# predictions.shards_per_job shards (the models are loaded once per job);
 # then the per-side phenotype table for GWAS (Parquet + plink2/regenie TSVs).
 
 
 rule predict_masks:
     input:
-        store="results/patches/{side}/shard-{shard}.zarr",
+        stores=predict_group_stores,
         models=[model_path(site) for site in SITES],
         cards=[model_card(site) for site in SITES],
     output:
-        **predict_masks_outputs(),
-        table="results/predictions/{side}/shard-{shard}.parquet",
+        predictions=directory("results/predictions/{side}/group-{group}"),
     log:
-        "logs/predict_masks/{side}/shard-{shard}.log",
+        "logs/predict_masks/{side}/group-{group}.log",
     benchmark:
-        "benchmarks/predict_masks/{side}/shard-{shard}.tsv"
+        "benchmarks/predict_masks/{side}/group-{group}.tsv"
     params:
+        shards=predict_group_args,
         models=model_args,
-        masks=predict_masks_flags,
         batch_size=config["predictions"]["batch_size"],
         precision=config["predictions"]["precision"],
-    threads: 2
+    threads: 4
     resources:
         gpu=1,
         mem_mb=16000,
@@ -27,8 +27,8 @@ rule predict_masks:
     conda:
         CONDA_GPU
     shell:
-        "hipoa predict-masks --stores {input.store} --model {params.models} --out {output.table} "
-        "{params.masks} --batch-size {params.batch_size} --precision {params.precision} 2> {log}"
+        "mkdir -p {output.predictions} && hipoa predict-masks {params.shards} --model {params.models} "
+        "--batch-size {params.batch_size} --precision {params.precision} 2> {log}"
 
 
 rule phenotypes:
@@ -55,6 +55,6 @@ rule phenotypes:
     conda:
         CONDA_CPU
     shell:
-        "hipoa phenotypes --manifest {input.manifest} --predictions {input.predictions} "
+        "hipoa phenotypes --manifest {input.manifest} "
         "--model {params.models} {params.flags} --side {wildcards.side} --out {output.table} "
         "--config-hash {params.config_hash} 2> {log} | tee {output.summary}"
