@@ -66,7 +66,7 @@ def main() -> None:
     image, mask = _data(args)
     settings = AugmentSettings(0.1, 0.1, 0.05)
     train = TrainingInput(image, mask, n_augment=args.n_augment, settings=settings,
-                          batch_size=args.batch_size, seed=0)
+                          batch_size=args.batch_size, seed=0, epochs=15)
     it = iter(train.dataset())
     next(it)  # tracing
     t = time.perf_counter()

@@ -96,12 +96,14 @@ def main(argv: list[str] | None = None) -> int:
 
     per_core = []
     for n_augment in (7, 19):
-        train = TrainingInput(image, mask, n_augment=n_augment, settings=settings, batch_size=args.batch_size, seed=1)
+        train = TrainingInput(image, mask, n_augment=n_augment, settings=settings, batch_size=args.batch_size, seed=1,
+                              epochs=15)
         wall_rate, cpu_rate, n = pipeline_rate(train, args.seconds)
         per_core.append(cpu_rate)
         print(f"pipeline alone, n_augment {n_augment:2d}: {wall_rate:,.0f} samples/s wall, "
               f"{cpu_rate:,.0f} samples per CPU-second ({n:,} samples)")
-    train = TrainingInput(image, mask, n_augment=7, settings=settings, batch_size=args.batch_size, seed=1)
+    train = TrainingInput(image, mask, n_augment=7, settings=settings, batch_size=args.batch_size, seed=1,
+                              epochs=15)
     for rate in args.consumer_rate:
         busy, got = consumer_busy(train, rate, args.seconds)
         print(f"consumer at {rate:,.0f} samples/s (n_augment 7): busy {100 * busy:.1f} % of wall time, "

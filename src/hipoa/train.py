@@ -188,13 +188,15 @@ def _open_site_data(stores: Sequence[str | Path], splits, site: str, settings: A
     )
 
 
-def _make_inputs(data: _SiteData, *, n_augment: int, settings: AugmentSettings, batch_size: int, seed: int):
+def _make_inputs(data: _SiteData, *, n_augment: int, settings: AugmentSettings, batch_size: int, seed: int,
+                 epochs: int):
     """Read the train and val contexts once; ``(TrainingInput, ValidationInput)``."""
     from hipoa.train_input import TrainingInput, ValidationInput, read_contexts
 
     t0 = time.monotonic()
     kw = {"n_augment": n_augment, "settings": settings, "batch_size": batch_size}
-    train = TrainingInput(*read_contexts(data.manual.image, data.manual.mask, data.train_idx), seed=seed, **kw)
+    train = TrainingInput(*read_contexts(data.manual.image, data.manual.mask, data.train_idx), seed=seed,
+                          epochs=epochs, **kw)
     val = ValidationInput(*read_contexts(data.manual.image, data.manual.mask, data.val_idx), seed=VAL_AUGMENT_SEED, **kw)
     log.info("training input: %d train and %d val contexts read, %d val samples made, %.1f s",
              len(data.train_idx), len(data.val_idx), val.n_samples, time.monotonic() - t0)
@@ -333,7 +335,8 @@ def train_site(
     data = _open_site_data(stores, splits, site, augment)
     keras.utils.set_random_seed(seed)
     policy = choose_policy(precision)
-    train, val = _make_inputs(data, n_augment=n_augment, settings=augment, batch_size=batch_size, seed=seed)
+    train, val = _make_inputs(data, n_augment=n_augment, settings=augment, batch_size=batch_size, seed=seed,
+                              epochs=epochs)
     fit = _fit(train, val, site=site, epochs=epochs, depth=depth, base_filters=base_filters, dropout=dropout,
                policy=policy)
 
