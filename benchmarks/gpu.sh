@@ -18,6 +18,7 @@ DEPTH=${DEPTH:-4}
 FILTERS=${FILTERS:-64}
 POLICY=${POLICY:-mixed_bfloat16}
 N_PREDICT=${N_PREDICT:-120000}
+PREDICT_BATCH=${PREDICT_BATCH:-512}   # patches per model call (config predictions.batch_size)
 WORK=${WORK:-$(mktemp -d)}
 export TF_CPP_MIN_LOG_LEVEL=${TF_CPP_MIN_LOG_LEVEL:-2}
 
@@ -32,7 +33,7 @@ python benchmarks/gpu_train.py store --n "$N_PREDICT" --out "$WORK/shard-0000.za
     --depth "$DEPTH" --base-filters "$FILTERS"
 start=$(date +%s.%N)
 hipoa predict-masks --store "$WORK/shard-0000.zarr" --model "lateral_acetabulum=$WORK/unet.keras" \
-    --out "$WORK/shard-0000.parquet" 2> "$WORK/predict.log" || { tail -20 "$WORK/predict.log"; exit 1; }
+    --out "$WORK/shard-0000.parquet" --batch-size "$PREDICT_BATCH" 2> "$WORK/predict.log" || { tail -20 "$WORK/predict.log"; exit 1; }
 end=$(date +%s.%N)
 rows=$(python -c "import pandas as pd, sys; print(len(pd.read_parquet(sys.argv[1])))" "$WORK/shard-0000.parquet")
 python -c "import sys; s = float(sys.argv[2]) - float(sys.argv[1]); n = int(sys.argv[3]); \

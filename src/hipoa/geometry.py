@@ -298,7 +298,7 @@ def sample_grid(images: np.ndarray, x: np.ndarray, y: np.ndarray, order: int = 1
         images: ``(n, rows, cols)`` any real dtype (float16 from a store is fine).
         x: ``(n, ...)`` column coordinates into the matching image, within ``0 .. cols - 1``.
         y: Row coordinates, the same shape as ``x``, within ``0 .. rows - 1``.
-        order: 1 bilinear (images), 0 nearest (masks; ties round up).
+        order: 1 bilinear (images), 0 nearest (masks; ties to even).
 
     Returns:
         ``x.shape``: float32 for ``order=1``, ``images.dtype`` for ``order=0``.
@@ -323,7 +323,9 @@ def sample_grid(images: np.ndarray, x: np.ndarray, y: np.ndarray, order: int = 1
         )
     base = (np.arange(n, dtype=np.intp) * (rows * cols)).reshape((n,) + (1,) * (x.ndim - 1))
     if order == 0:
-        return images.reshape(-1).take(base + _nearest(y) * cols + _nearest(x))
+        # Ties to even (np.rint, tf.round): the rounding every trained model's masks were
+        # resampled with; crops keep _nearest, whose ties follow the inside test.
+        return images.reshape(-1).take(base + np.rint(y).astype(np.intp) * cols + np.rint(x).astype(np.intp))
     # x0 <= cols - 2 so x0 + 1 is a pixel; at x = cols - 1 the weight fx is then exactly 1
     # (one-pixel axes step 0: their only coordinate is 0, with weight 0 on the neighbour)
     xf = np.minimum(np.floor(x), max(cols - 2, 0))
@@ -497,6 +499,44 @@ def augment_affine(params: np.ndarray, context: int, size: int = PATCH_SIZE) -> 
     out[:, 0, 0], out[:, 0, 1], out[:, 0, 2] = a, -b, o + c + dx - (a - b) * c
     out[:, 1, 0], out[:, 1, 1], out[:, 1, 2] = b, a, o + c + dy - (a + b) * c
     return out
+
+
+def augment_coefficients(params: np.ndarray, context: int, size: int = PATCH_SIZE) -> np.ndarray:
+    """The centred form of :func:`augment_affine`, in float32: what the training input computes with.
+
+    ``x = xc + a (u - c) - b (v - c)``, ``y = yc + b (u - c) + a (v - c)`` with ``a = s cos(theta)``,
+    ``b = s sin(theta)``, ``(xc, yc) = (o + c + dx, o + c + dy)``: the affine
+    ``[[a, -b, xc - (a - b) c], [b, a, yc - (a + b) c]]``. Coordinates from the centre keep float32
+    exact at the identity (the centre crop) and are what hipoa has always resampled with, so a
+    seed gives the same training samples on every version and device.
+
+    Args:
+        params: ``(n, 4)`` ``theta`` (rad), ``s``, ``dx``, ``dy`` (patch pixels).
+        context: Side ``C`` of the context patch.
+        size: Side of the output patch.
+
+    Returns:
+        ``(n, 4)`` float32 ``a, b, xc, yc``.
+    """
+    params = np.asarray(params, dtype=np.float64).reshape(-1, 4)
+    theta, s, dx, dy = params.T
+    c = (size - 1) / 2.0
+    o = (context - size) // 2
+    return np.stack([s * np.cos(theta), s * np.sin(theta), o + c + dx, o + c + dy], axis=1).astype(np.float32)
+
+
+def augment_coordinates(coefficients: np.ndarray, size: int = PATCH_SIZE) -> tuple[np.ndarray, np.ndarray]:
+    """Context coordinates of every patch pixel from :func:`augment_coefficients`, in float32.
+
+    Returns:
+        ``(x, y)``, each ``(n, size, size)`` float32 indexed ``[v, u]``; the operations and their
+        order are the ones :func:`hipoa.train_input.warp` repeats in TensorFlow, so both round alike.
+    """
+    k = np.asarray(coefficients, dtype=np.float32).reshape(-1, 4)
+    a, b, xc, yc = (k[:, j, None, None] for j in range(4))
+    d = np.arange(size, dtype=np.float32) - np.float32((size - 1) / 2.0)
+    du, dv = d[None, None, :], d[None, :, None]
+    return xc + a * du - b * dv, (yc + b * du) + a * dv
 
 
 # --------------------------------------------------------------------------------------------

@@ -7,23 +7,18 @@ them by handle instead of embedding 140 MB of constants in every dataset graph.
 
 Each image gives ``1 + n_augment`` samples per epoch: sample 0 is the identity (exactly the
 stored centre crop), the others a rotation, scaling and displacement drawn uniformly within
-:class:`hipoa.augment.AugmentSettings` (the NumPy reference is tests/unit/augment_reference.py;
-the geometry is :func:`hipoa.geometry.augment_affine`, whose TF twin is :func:`augment_affine_tf`).
-Which image and which transform each sample of an epoch gets, and their order, is a small table
-(about 40 bytes a sample) that a pure function of ``(seed, epoch)`` draws on the host
-(:func:`epoch_plan`), so a run repeats exactly, each epoch differs, and the draws are the ones the
-previous streaming reader made. Only ids and transforms cross from Python into the graph; the
-pixels never do. Samples are resampled by
-``tf.raw_ops.ImageProjectiveTransformV3`` (a fused, multithreaded C++ kernel; bilinear for
-images, nearest for masks), which maps each OUTPUT pixel ``(u, v)`` to the INPUT pixel
-``(a0 u + a1 v + a2, b0 u + b1 v + b2)`` with integer pixel centres, as our affine does.
+:class:`hipoa.augment.AugmentSettings`. Which image and which transform each sample of an epoch
+gets, and their order, is a small table (about 20 bytes a sample) that a pure function of
+``(seed, epoch)`` draws on the host (:func:`epoch_plan`) for every epoch up front: a run repeats
+exactly, each epoch differs, and the draws are those of the streaming reader this module
+replaced. Only that table enters the input graph; no pixel passes through Python.
 
-The pipeline feeds batches of sample ids and then warps a whole batch per call (``map`` with
-``num_parallel_calls=AUTOTUNE``): on a shared 2-core CPU, 2,000-3,600 samples per CPU-second
-(benchmarks/train_input.py; the spread is other load) against 1,050 for the NumPy generator it
-replaced. Images are cast to float32 before the warp:
-the float16 kernel rounds its output to float16 (up to 2e-3 on z-scored values) and was slower
-(2,900 samples per CPU-second).
+The resampling (:func:`warp`) runs in the tf.data graph, a whole batch per call (``map`` with
+``num_parallel_calls=AUTOTUNE``), on the geometry of :func:`hipoa.geometry.augment_coefficients`:
+bilinear for images, nearest for masks, with the same float32 operations in the same order as the
+NumPy reference (tests/unit/augment_reference.py), so the samples are equal to it bit for bit and
+a seed trains the same model as before. (``tf.raw_ops.ImageProjectiveTransformV3`` is about 1.5x
+faster on a CPU but rounds differently, which changed the trained demo models.)
 
 Validation samples (:class:`ValidationInput`) are made once with a fixed seed and held in
 memory (float32, as the network sees them), so every epoch is scored on the same samples.
@@ -39,6 +34,7 @@ import numpy as np
 import tensorflow as tf
 
 from hipoa.augment import AugmentSettings, check_context
+from hipoa.geometry import augment_coefficients
 from hipoa.sites import PATCH_SIZE
 
 log = logging.getLogger(__name__)
@@ -73,58 +69,45 @@ def read_contexts(image: Any, mask: Any, indices: np.ndarray) -> tuple[np.ndarra
     return np.asarray(x, dtype=np.float16), (np.asarray(y) > 0).astype(np.uint8)
 
 
-def augment_affine_tf(params: tf.Tensor, context: int, size: int = PATCH_SIZE) -> tf.Tensor:
-    """TF twin of :func:`hipoa.geometry.augment_affine` (tested equal to it).
+def warp(images: tf.Tensor, masks: tf.Tensor, coefficients: tf.Tensor, size: int = PATCH_SIZE) -> tuple[tf.Tensor, tf.Tensor]:
+    """Resample samples from contexts: images bilinear, masks nearest, as TensorFlow ops.
 
-    Args:
-        params: ``(n, 4)`` float64 ``theta`` (rad), ``s`` (factor), ``dx``, ``dy`` (patch pixels).
-        context: Side ``C`` of the context patch.
-        size: Side of the output patch.
-
-    Returns:
-        ``(n, 2, 3)`` float64 affines from patch pixel ``(u, v, 1)`` to context pixel ``(x, y)``.
-    """
-    params = tf.reshape(tf.cast(params, tf.float64), (-1, 4))
-    theta, s, dx, dy = tf.unstack(params, axis=1)
-    c = (size - 1) / 2.0
-    o = float((context - size) // 2)
-    a, b = s * tf.cos(theta), s * tf.sin(theta)
-    row0 = tf.stack([a, -b, o + c + dx - (a - b) * c], axis=1)
-    row1 = tf.stack([b, a, o + c + dy - (a + b) * c], axis=1)
-    return tf.stack([row0, row1], axis=1)
-
-
-def projective_transforms(affine: tf.Tensor) -> tf.Tensor:
-    """``(n, 8)`` float32 ``[a0, a1, a2, b0, b1, b2, 0, 0]`` for ImageProjectiveTransformV3.
-
-    Args:
-        affine: ``(n, 2, 3)`` patch -> context affines (:func:`augment_affine_tf`).
-    """
-    flat = tf.reshape(tf.cast(affine, tf.float32), (-1, 6))
-    return tf.concat([flat, tf.zeros((tf.shape(flat)[0], 2), tf.float32)], axis=1)
-
-
-def warp(images: tf.Tensor, masks: tf.Tensor, params: tf.Tensor, size: int = PATCH_SIZE) -> tuple[tf.Tensor, tf.Tensor]:
-    """Resample samples from contexts: the TF counterpart of the NumPy reference in tests/unit/augment_reference.py.
+    The same operations, in the same order and precision, as the NumPy reference
+    (:func:`hipoa.geometry.augment_coordinates` then :func:`hipoa.geometry.sample_grid`), so the
+    samples are equal bit for bit (tests/unit/test_train_input.py), on any device.
 
     Args:
         images: ``(n, C, C)`` float16 or float32 contexts.
         masks: ``(n, C, C)`` uint8 masks on the same grid.
-        params: ``(n, 4)`` transforms (see :func:`augment_affine_tf`); within
-            :func:`hipoa.augment.check_context`, so every read is inside the context.
+        coefficients: ``(n, 4)`` float32 ``a, b, xc, yc`` (:func:`hipoa.geometry.augment_coefficients`),
+            within :func:`hipoa.augment.check_context`, so every read is inside the context.
         size: Side of the output patch.
 
     Returns:
         ``x`` ``(n, size, size, 1)`` float32 (bilinear) and ``y`` ``(n, size, size)`` uint8 (nearest).
     """
     context = int(images.shape[-1])
-    transforms = projective_transforms(augment_affine_tf(params, context, size))
-    common = {"transforms": transforms, "output_shape": [size, size], "fill_value": 0.0, "fill_mode": "CONSTANT"}
-    x = tf.raw_ops.ImageProjectiveTransformV3(
-        images=tf.cast(images, tf.float32)[..., None], interpolation="BILINEAR", **common
-    )
-    y = tf.raw_ops.ImageProjectiveTransformV3(images=masks[..., None], interpolation="NEAREST", **common)
-    return x, y[..., 0]
+    k = tf.cast(coefficients, tf.float32)
+    a, b, xc, yc = (k[:, j, None, None] for j in range(4))
+    d = tf.range(size, dtype=tf.float32) - tf.constant((size - 1) / 2.0, tf.float32)
+    du, dv = d[None, None, :], d[None, :, None]
+    x = xc + a * du - b * dv
+    # (yc + b du) - (-a) dv is yc + b du + a dv exactly; written as a difference because Grappler
+    # re-associates chains of additions, which would round differently from the reference.
+    y = (yc + b * du) - (-a) * dv
+    base = (tf.range(tf.shape(images)[0]) * (context * context))[:, None, None]
+    xf = tf.minimum(tf.floor(x), float(context - 2))  # x0 + 1 is a pixel; at x = C - 1, fx is 1
+    yf = tf.minimum(tf.floor(y), float(context - 2))
+    fx, fy = x - xf, y - yf
+    flat = base + tf.cast(yf, tf.int32) * context + tf.cast(xf, tf.int32)
+    pixels = tf.reshape(tf.cast(images, tf.float32), [-1])
+    top = tf.gather(pixels, flat)
+    top = top + (tf.gather(pixels, flat + 1) - top) * fx
+    bottom = tf.gather(pixels, flat + context)
+    bottom = bottom + (tf.gather(pixels, flat + context + 1) - bottom) * fx
+    out = top + (bottom - top) * fy
+    nearest = base + tf.cast(tf.round(y), tf.int32) * context + tf.cast(tf.round(x), tf.int32)  # ties to even
+    return out[..., None], tf.gather(tf.reshape(masks, [-1]), nearest)
 
 
 STREAM_GROUP = 16
@@ -239,16 +222,17 @@ class TrainingInput:
         # Every epoch's plan up front (about 40 bytes a sample and epoch): the input graph then
         # runs without Python, and a rerun with the same seed makes the same batches.
         plans = [self.epoch_plan(e) for e in range(self.epochs)]
+        context = int(images.shape[1])
         self._ids = _resident(np.stack([ids for ids, _ in plans]), "train_ids")
-        self._params = _resident(np.stack([params for _, params in plans]), "train_params")
+        self._coefficients = _resident(np.stack([augment_coefficients(p, context) for _, p in plans]), "train_coefficients")
 
     def epoch_plan(self, epoch: int) -> tuple[np.ndarray, np.ndarray]:
         """Epoch ``epoch``'s ``(ids, params)`` in training order (:func:`epoch_plan`)."""
         return epoch_plan(self.n_images, self.per_image, self.settings, self.seed, int(epoch))
 
-    def _batch(self, ids: tf.Tensor, params: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
+    def _batch(self, ids: tf.Tensor, coefficients: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
         rows = ids // self.per_image
-        return warp(tf.gather(self._images, rows), tf.gather(self._masks, rows), params)
+        return warp(tf.gather(self._images, rows), tf.gather(self._masks, rows), coefficients)
 
     def dataset(self) -> tf.data.Dataset:
         """Endless ``(x, y)``: ``x`` ``(B, 128, 128, 1)`` float32, ``y`` ``(B, 128, 128)`` uint8 0/1.
@@ -259,7 +243,7 @@ class TrainingInput:
         iterator every epoch, which would repeat epoch 0's transforms.)
         """
         def one_epoch(epoch):
-            return tf.data.Dataset.from_tensor_slices((self._ids[epoch], self._params[epoch])).batch(self.batch_size)
+            return tf.data.Dataset.from_tensor_slices((self._ids[epoch], self._coefficients[epoch])).batch(self.batch_size)
 
         ds = tf.data.Dataset.range(self.epochs).repeat().flat_map(one_epoch)
         ds = ds.map(self._batch, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
@@ -288,7 +272,8 @@ class ValidationInput:
         fixed = draw_params(plan.n_images, plan.per_image, settings, np.random.default_rng(seed))
         ids, params = epoch_plan(plan.n_images, plan.per_image, settings, seed, 0, fixed=fixed)
         xs, ys = [], []
-        plans = tf.data.Dataset.from_tensor_slices((ids, params)).batch(_WARP_CHUNK)
+        coefficients = augment_coefficients(params, int(images.shape[1]))
+        plans = tf.data.Dataset.from_tensor_slices((ids, coefficients)).batch(_WARP_CHUNK)
         for x, y in plans.map(plan._batch, num_parallel_calls=tf.data.AUTOTUNE):
             xs.append(x[..., 0].numpy())
             ys.append(y.numpy())

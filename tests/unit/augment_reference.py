@@ -1,9 +1,9 @@
 """The NumPy reference of the training augmentation, for tests only.
 
 :mod:`hipoa.train_input` resamples training samples with TensorFlow ops; these functions do the
-same in NumPy on the library's geometry (:func:`hipoa.geometry.augment_affine`,
-:func:`hipoa.geometry.patch_coordinates`, :func:`hipoa.geometry.sample_grid`), so that
-tests/unit/test_train_input.py can hold the TensorFlow version to them.
+same in NumPy on the library's geometry (:func:`hipoa.geometry.augment_coefficients`,
+:func:`hipoa.geometry.augment_coordinates`, :func:`hipoa.geometry.sample_grid`), so that
+tests/unit/test_train_input.py can hold the TensorFlow version to them, bit for bit.
 """
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ from __future__ import annotations
 import numpy as np
 
 from hipoa.augment import AugmentSettings
-from hipoa.geometry import augment_affine, patch_coordinates, sample_grid
+from hipoa.geometry import augment_coefficients, augment_coordinates, sample_grid
 from hipoa.sites import PATCH_SIZE
 
 
@@ -67,8 +67,7 @@ def augment(
     params = np.asarray(params, dtype=np.float64).reshape(-1, 4)
     if params.shape[0] != n:
         raise ValueError(f"got {params.shape[0]} transforms for {n} images")
-    # float32 coordinates: ~1e-5 px from the float64 affine, half the memory traffic
-    x, y = patch_coordinates(augment_affine(params, context, size), size, dtype=np.float32)
+    x, y = augment_coordinates(augment_coefficients(params, context, size), size)
     out_img = sample_grid(images, x, y, order=1)  # raises on a read outside the context
     out_mask = sample_grid(masks, x, y, order=0).astype(np.uint8, copy=False)
     return out_img, out_mask

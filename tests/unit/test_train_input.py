@@ -12,12 +12,11 @@ from tiny_patch_store import write_tiny_store
 from augment_reference import augment, draw_params, identity_params
 
 from hipoa.augment import AugmentSettings
-from hipoa.geometry import augment_affine
+from hipoa.geometry import augment_affine, augment_coefficients, augment_coordinates
 from hipoa.splits import open_site_patches
 from hipoa.train_input import (
     TrainingInput,
     ValidationInput,
-    augment_affine_tf,
     read_contexts,
     warp,
 )
@@ -25,20 +24,9 @@ from hipoa.train_input import (
 SITE = "lateral_acetabulum"
 SETTINGS = AugmentSettings(rotation=0.1, scale=0.1, displacement=0.05)
 
-# Tolerances of the TF resampling against augment_reference.augment on z-scored float16 contexts.
-# Images: both interpolate bilinearly in float32 from the same float16 values, but compute the
-# sample coordinates with different float32 association (TF: a0*u + a1*v + a2; NumPy: x0 + a*du
-# - b*dv), a ~1e-5 px difference; times the contexts' steepest gradients (a few units per pixel)
-# that is ~1e-4 (measured: 6e-5), so 1e-3 leaves room without hiding a half-pixel or axis error
-# (those differ by > 0.1).
-IMAGE_ATOL = 1e-3
-# Masks: nearest neighbour rounds the coordinate; where it is within ~1e-5 px of a half-integer
-# the two float32 computations (and TF's round-half-away vs NumPy's round-half-even) can pick
-# different neighbours: a few pixels in 10^5 at worst (measured: none). Masks are mostly
-# background, so the fraction of ALL pixels is small even for real errors: a half-pixel shift
-# of these masks differs in ~0.06 % of pixels. 0.01 % allows the ties and catches that.
-MASK_FRACTION = 1e-4
-
+# The TF resampling repeats the NumPy reference's float32 operations in the same order, so they
+# agree exactly: any difference (a re-associated sum, another rounding of the nearest neighbour)
+# changes the training samples and with them the trained models.
 
 @pytest.fixture(scope="module")
 def contexts(tmp_path_factory):
@@ -61,46 +49,48 @@ def _corner_params(settings: AugmentSettings, size: int = 128) -> np.ndarray:
     return np.array(list(corners))
 
 
-def _compare(images, masks, params):
-    x_tf, y_tf = warp(tf.constant(images), tf.constant(masks), tf.constant(params))
-    x_np, y_np = augment(images, masks, params)
-    assert x_tf.shape == (len(params), 128, 128, 1) and x_tf.dtype == tf.float32 and y_tf.dtype == tf.uint8
-    return np.abs(x_tf.numpy()[..., 0] - x_np).max(), np.mean(y_tf.numpy() != y_np), y_np
+def _warp(images, masks, params):
+    x, y = warp(tf.constant(images), tf.constant(masks), tf.constant(augment_coefficients(params, images.shape[1])))
+    assert x.shape == (len(params), 128, 128, 1) and x.dtype == tf.float32 and y.dtype == tf.uint8
+    return x.numpy()[..., 0], y.numpy()
 
 
-def test_affine_twin_equals_numpy():
+def test_coefficients_are_the_centred_form_of_the_affine():
     params = np.concatenate([_corner_params(SETTINGS), draw_params(50, SETTINGS, np.random.default_rng(1)),
                              identity_params(2)])
+    u = np.arange(128.0)
     for context in (176, 177):  # an odd margin puts the crop off-centre by half a pixel
-        want = augment_affine(params, context)
-        got = augment_affine_tf(tf.constant(params), context).numpy()
-        assert got.shape == (len(params), 2, 3) and got.dtype == np.float64
-        np.testing.assert_allclose(got, want, rtol=0, atol=1e-12)
+        x, y = augment_coordinates(augment_coefficients(params, context))
+        A = augment_affine(params, context)
+        want_x = A[:, 0, 0, None, None] * u[None, None, :] + A[:, 0, 1, None, None] * u[None, :, None] + A[:, 0, 2, None, None]
+        want_y = A[:, 1, 0, None, None] * u[None, None, :] + A[:, 1, 1, None, None] * u[None, :, None] + A[:, 1, 2, None, None]
+        assert x.dtype == np.float32 and x.shape == (len(params), 128, 128)
+        np.testing.assert_allclose(x, want_x, rtol=0, atol=1e-4)  # float32 of coordinates up to ~180
+        np.testing.assert_allclose(y, want_y, rtol=0, atol=1e-4)
 
 
-def test_warp_matches_numpy_reference_at_random_and_corner_transforms(contexts):
+def test_warp_equals_numpy_reference_at_random_and_corner_transforms(contexts):
     image, mask = contexts
     n = len(image)
     rng = np.random.default_rng(7)
     corners = _corner_params(SETTINGS)
     params = np.concatenate([draw_params(n, SETTINGS, rng), corners[np.arange(n) % len(corners)]])
     both = np.concatenate([np.arange(n), np.arange(n)])
-    dx, frac, y_np = _compare(image[both], mask[both], params)
-    assert dx < IMAGE_ATOL, dx
-    assert frac < MASK_FRACTION, frac
+    x_tf, y_tf = _warp(image[both], mask[both], params)
+    x_np, y_np = augment(image[both], mask[both], params)
+    np.testing.assert_array_equal(x_tf, x_np)
+    np.testing.assert_array_equal(y_tf, y_np)
     assert y_np.sum() > 5_000  # the masks compared have osteophytes in them, not just zeros
-    # the comparison has teeth: half a pixel of displacement is outside both tolerances
-    shifted = params + np.array([0, 0, 0.5, 0])
-    x_off, y_off = warp(tf.constant(image[both]), tf.constant(mask[both]), tf.constant(shifted))
-    assert np.abs(x_off.numpy()[..., 0] - augment(image[both], mask[both], params)[0]).max() > 0.1
-    assert np.mean(y_off.numpy() != y_np) > 2 * MASK_FRACTION
+    # the comparison has teeth: a hundredth of a pixel of displacement changes both
+    x_off, y_off = _warp(image[both], mask[both], params + np.array([0, 0, 0.01, 0]))
+    assert np.abs(x_off - x_np).max() > 1e-3 and np.any(y_off != y_np)
 
 
 def test_identity_sample_is_the_stored_centre_crop(contexts):
     image, mask = contexts
-    x, y = warp(tf.constant(image), tf.constant(mask), tf.constant(identity_params(len(image))))
-    np.testing.assert_array_equal(x.numpy()[..., 0], image[:, 24:152, 24:152].astype(np.float32))
-    np.testing.assert_array_equal(y.numpy(), mask[:, 24:152, 24:152])
+    x, y = _warp(image, mask, identity_params(len(image)))
+    np.testing.assert_array_equal(x, image[:, 24:152, 24:152].astype(np.float32))
+    np.testing.assert_array_equal(y, mask[:, 24:152, 24:152])
 
 
 def _epoch(ds_iter, steps):
