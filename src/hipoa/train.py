@@ -317,7 +317,7 @@ def train_site(
         n_augment: Extra augmented samples per image (paper: 7; 19 for the acetabulum).
         rotation, scale, displacement: Augmentation ranges (:class:`hipoa.augment.AugmentSettings`).
         seed: Seed of weights, dropout and training augmentation (``keras.utils.set_random_seed``,
-            and the stateless key of :class:`hipoa.train_input.TrainingInput`).
+            and the key of every epoch plan, :func:`hipoa.train_input.epoch_plan`).
         precision: ``auto`` or a policy name (:func:`hipoa.precision.choose_policy`).
         prevalence, detect_threshold: Of the presence rule, :func:`hipoa.presence.choose_presence_rule`.
 

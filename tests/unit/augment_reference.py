@@ -71,3 +71,49 @@ def augment(
     out_img = sample_grid(images, x, y, order=1)  # raises on a read outside the context
     out_mask = sample_grid(masks, x, y, order=0).astype(np.uint8, copy=False)
     return out_img, out_mask
+
+
+def stream_reference(images, masks, *, n_augment: int, settings: AugmentSettings, batch_size: int, seed: int,
+                     epoch: int, fixed: bool = False, group: int = 16, block_samples: int = 1024):
+    """One epoch of batches as hipoa 0.x's ``SampleStream`` made them (its ``__call__``, minus the I/O).
+
+    Images are read in groups of ``group`` (shuffled unless ``fixed``), ``block_samples`` at a
+    time; each block draws its transforms and shuffles its samples; batches are cut from the
+    blocks' concatenation. ``fixed``: the transforms are drawn once from ``default_rng(seed)``
+    and the order is image order (validation). :mod:`hipoa.train_input` must repeat these batches.
+
+    Yields:
+        ``(x (B, 128, 128, 1) float32, y (B, 128, 128) uint8)``.
+    """
+    per_image = 1 + n_augment
+    n = len(images)
+
+    def params_of(n_images, rng):
+        p = draw_params(n_images * per_image, settings, rng).reshape(n_images, per_image, 4)
+        p[:, 0] = identity_params(n_images)
+        return p
+
+    fixed_params = params_of(n, np.random.default_rng(seed)) if fixed else None
+    rng = np.random.default_rng([seed, epoch])
+    groups = [np.arange(i, min(i + group, n)) for i in range(0, n, group)]
+    if not fixed:
+        groups = [groups[i] for i in rng.permutation(len(groups))]
+    per_block = max(1, block_samples // (per_image * group))
+    left_x = np.zeros((0, PATCH_SIZE, PATCH_SIZE), np.float32)
+    left_y = np.zeros((0, PATCH_SIZE, PATCH_SIZE), np.uint8)
+    for b in range(0, len(groups), per_block):
+        pos = np.sort(np.concatenate(groups[b : b + per_block]))
+        params = fixed_params[pos] if fixed else params_of(len(pos), rng)
+        reps = np.repeat(np.arange(len(pos)), per_image)
+        x, y = augment(images[pos][reps], masks[pos][reps], params.reshape(-1, 4))
+        y = (y > 0).astype(np.uint8)
+        if not fixed:
+            order = rng.permutation(len(x))
+            x, y = x[order], y[order]
+        x, y = np.concatenate([left_x, x]), np.concatenate([left_y, y])
+        full = len(x) // batch_size * batch_size
+        for i in range(0, full, batch_size):
+            yield x[i : i + batch_size, ..., None], y[i : i + batch_size]
+        left_x, left_y = x[full:], y[full:]
+    if len(left_x):
+        yield left_x[..., None], left_y
