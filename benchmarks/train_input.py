@@ -48,17 +48,29 @@ def pipeline_rate(train, seconds: float) -> tuple[float, float, int]:
 
 
 def consumer_busy(train, rate: float, seconds: float) -> tuple[float, float]:
-    """Fraction of wall time a consumer of ``rate`` samples/s is busy, and the samples/s it gets."""
+    """Fraction of wall time a consumer of ``rate`` samples/s is busy, and the samples/s it gets.
+
+    The consumer takes each batch inside a ``tf.function``, as Keras's train step does (the
+    iterator's ``get_next`` is part of the step's graph), then is busy ``B / rate`` seconds (it
+    sleeps, leaving the CPU to the input pipeline, as an accelerator would).
+    """
+    import tensorflow as tf
+
+    @tf.function
+    def take(iterator):
+        x, _ = next(iterator)
+        return tf.shape(x)[0]
+
     it = iter(train.dataset())
-    next(it)
+    take(it)
     time.sleep(1.0)  # let the prefetch buffer fill once, as during a real first step's tracing
     busy, n, t0 = 0.0, 0, time.perf_counter()
     while time.perf_counter() - t0 < seconds:
-        x, _ = next(it)
-        step = x.shape[0] / rate
+        b = int(take(it))
+        step = b / rate
         time.sleep(step)
         busy += step
-        n += int(x.shape[0])
+        n += b
     wall = time.perf_counter() - t0
     return busy / wall, n / wall
 

@@ -69,7 +69,8 @@ def read_contexts(image: Any, mask: Any, indices: np.ndarray) -> tuple[np.ndarra
     return np.asarray(x, dtype=np.float16), (np.asarray(y) > 0).astype(np.uint8)
 
 
-def warp(images: tf.Tensor, masks: tf.Tensor, coefficients: tf.Tensor, size: int = PATCH_SIZE) -> tuple[tf.Tensor, tf.Tensor]:
+def warp(images: tf.Tensor, masks: tf.Tensor, coefficients: tf.Tensor, rows: tf.Tensor | None = None,
+         size: int = PATCH_SIZE) -> tuple[tf.Tensor, tf.Tensor]:
     """Resample samples from contexts: images bilinear, masks nearest, as TensorFlow ops.
 
     The same operations, in the same order and precision, as the NumPy reference
@@ -77,10 +78,12 @@ def warp(images: tf.Tensor, masks: tf.Tensor, coefficients: tf.Tensor, size: int
     samples are equal bit for bit (tests/unit/test_train_input.py), on any device.
 
     Args:
-        images: ``(n, C, C)`` float16 or float32 contexts.
-        masks: ``(n, C, C)`` uint8 masks on the same grid.
+        images: ``(N, C, C)`` float16 or float32 contexts (all of them: ``rows`` picks).
+        masks: ``(N, C, C)`` uint8 masks on the same grid.
         coefficients: ``(n, 4)`` float32 ``a, b, xc, yc`` (:func:`hipoa.geometry.augment_coefficients`),
             within :func:`hipoa.augment.check_context`, so every read is inside the context.
+        rows: ``(n,)`` the context of each sample (default: sample ``i`` from context ``i``).
+            Pixels are gathered straight from ``images``: no copy of the batch's contexts.
         size: Side of the output patch.
 
     Returns:
@@ -88,6 +91,7 @@ def warp(images: tf.Tensor, masks: tf.Tensor, coefficients: tf.Tensor, size: int
     """
     context = int(images.shape[-1])
     k = tf.cast(coefficients, tf.float32)
+    rows = tf.range(tf.shape(k)[0]) if rows is None else tf.cast(rows, tf.int32)
     a, b, xc, yc = (k[:, j, None, None] for j in range(4))
     d = tf.range(size, dtype=tf.float32) - tf.constant((size - 1) / 2.0, tf.float32)
     du, dv = d[None, None, :], d[None, :, None]
@@ -95,16 +99,20 @@ def warp(images: tf.Tensor, masks: tf.Tensor, coefficients: tf.Tensor, size: int
     # (yc + b du) - (-a) dv is yc + b du + a dv exactly; written as a difference because Grappler
     # re-associates chains of additions, which would round differently from the reference.
     y = (yc + b * du) - (-a) * dv
-    base = (tf.range(tf.shape(images)[0]) * (context * context))[:, None, None]
+    base = (rows * (context * context))[:, None, None]  # int32: up to 69,000 contexts of 176 px
     xf = tf.minimum(tf.floor(x), float(context - 2))  # x0 + 1 is a pixel; at x = C - 1, fx is 1
     yf = tf.minimum(tf.floor(y), float(context - 2))
     fx, fy = x - xf, y - yf
     flat = base + tf.cast(yf, tf.int32) * context + tf.cast(xf, tf.int32)
-    pixels = tf.reshape(tf.cast(images, tf.float32), [-1])
-    top = tf.gather(pixels, flat)
-    top = top + (tf.gather(pixels, flat + 1) - top) * fx
-    bottom = tf.gather(pixels, flat + context)
-    bottom = bottom + (tf.gather(pixels, flat + context + 1) - bottom) * fx
+    pixels = tf.reshape(images, [-1])
+
+    def at(index):  # float16 -> float32 is exact: the same values the reference casts first
+        return tf.cast(tf.gather(pixels, index), tf.float32)
+
+    top = at(flat)
+    top = top + (at(flat + 1) - top) * fx
+    bottom = at(flat + context)
+    bottom = bottom + (at(flat + context + 1) - bottom) * fx
     out = top + (bottom - top) * fy
     nearest = base + tf.cast(tf.round(y), tf.int32) * context + tf.cast(tf.round(x), tf.int32)  # ties to even
     return out[..., None], tf.gather(tf.reshape(masks, [-1]), nearest)
@@ -231,8 +239,7 @@ class TrainingInput:
         return epoch_plan(self.n_images, self.per_image, self.settings, self.seed, int(epoch))
 
     def _batch(self, ids: tf.Tensor, coefficients: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
-        rows = ids // self.per_image
-        return warp(tf.gather(self._images, rows), tf.gather(self._masks, rows), coefficients)
+        return warp(self._images, self._masks, coefficients, rows=ids // self.per_image)
 
     def dataset(self) -> tf.data.Dataset:
         """Endless ``(x, y)``: ``x`` ``(B, 128, 128, 1)`` float32, ``y`` ``(B, 128, 128)`` uint8 0/1.
