@@ -25,7 +25,10 @@ SITES = list(config["sites"])
 SHARDS = [f"{k:04d}" for k in range(config["patches"]["shards"])]
 # Shards predicted by one predict_masks job, which loads the models once for all of them.
 _PER_JOB = config["predictions"]["shards_per_job"]
-PREDICT_GROUPS = {f"{g:04d}": SHARDS[g * _PER_JOB : (g + 1) * _PER_JOB] for g in range(-(-len(SHARDS) // _PER_JOB))}
+PREDICT_GROUPS = {
+    f"{g:04d}": SHARDS[g * _PER_JOB : (g + 1) * _PER_JOB]
+    for g in range(-(-len(SHARDS) // _PER_JOB))
+}
 COHORT_DIR = config["cohort"]["dir"].rstrip("/")
 CONDA_CPU = "../../envs/cpu.yaml"
 CONDA_GPU = "../../envs/gpu.yaml"
@@ -290,8 +293,9 @@ def predict_group_args(wildcards):
     """`--stores ... --out ... [--masks-out ...]` for the job's shards: one process, models loaded once."""
     shards = PREDICT_GROUPS[wildcards.group]
     out = group_dir(wildcards.side, wildcards.group)
+    stores = [f"results/patches/{wildcards.side}/shard-{k}.zarr" for k in shards]
     args = [
-        "--stores " + " ".join(f"results/patches/{wildcards.side}/shard-{k}.zarr" for k in shards),
+        "--stores " + " ".join(stores),
         "--out " + " ".join(f"{out}/shard-{k}.parquet" for k in shards),
     ]
     if config["predictions"]["write_masks"]:
