@@ -79,8 +79,8 @@ def take_rows(array, indices: np.ndarray) -> np.ndarray:
     """``array[indices]`` as NumPy, in ``indices`` order, reading a Dask array in sorted order.
 
     Dask reads run in the calling thread (``scheduler="synchronous"``): callers read a block at a
-    time from their own threads (the reader pool here, tf.data's generator thread in training),
-    where a Dask thread pool per calling thread would only add threads competing with TensorFlow's.
+    time from their own threads (the reader pool of :func:`prefetch_batches`), where a Dask thread
+    pool per calling thread would only add threads competing with TensorFlow's.
     """
     indices = np.asarray(indices, dtype=np.int64)
     order = np.argsort(indices, kind="stable")
