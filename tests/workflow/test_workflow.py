@@ -135,12 +135,35 @@ def test_loaded_models_skip_training_and_evaluation(tmp_path):
         ({"models": {"lateral_acetabulum": {"load": "results/models/lateral_acetabulum/unet.keras"}}},
          "is where this run writes the model"),
         ({"sides": ["X"]}, "'X' is not one of"),
+        ({"sites": {"lateral_acetabulum": {"centre": 300}}},
+         "config sites.lateral_acetabulum.centre: point 300 does not exist in a .pts of n_points 85"),
+        ({"sites": {"inferior_femoral_head": {"reference": [12, 85]}}},
+         "config sites.inferior_femoral_head.reference: point 85 does not exist"),
+        ({"sites": {"inferior_femoral_head": {"reference": [12, 12]}}},
+         "config sites.inferior_femoral_head.reference: need two different points, got [12, 12]"),
+        ({"sites": {"superior_femoral_head": {"label": 1}}},
+         "config sites.superior_femoral_head.label: 1 is also the label of sites.inferior_femoral_head"),
+        ({"sides": ["R"], "training": {"side": "L"}}, "config training.side: 'L' is not among sides ['R']"),
+        ({"models": {"lateral_acetabulum": {"load": "models/nowhere/unet.keras"}}},
+         "config models.lateral_acetabulum.load: 'models/nowhere/unet.keras' does not exist"),
     ],
 )
 def test_bad_config_is_refused_with_the_key(tmp_path, override, message):
     done = snakemake(tmp_path / "run", override, "--dry-run", check=False)
     assert done.returncode != 0
     assert message in done.stdout + done.stderr
+    assert "rule " not in done.stdout  # refused while parsing: no job was planned
+
+
+def test_loaded_model_without_its_card_is_refused(tmp_path):
+    model = tmp_path / "run" / "models" / "left" / "lateral_acetabulum" / "unet.keras"
+    model.parent.mkdir(parents=True)
+    model.write_bytes(b"")
+    override = {"models": {"lateral_acetabulum": {"load": "models/left/lateral_acetabulum/unet.keras"}}}
+    done = snakemake(tmp_path / "run", override, "--dry-run", check=False)
+    assert done.returncode != 0
+    assert ("config models.lateral_acetabulum.load: 'models/left/lateral_acetabulum/unet.keras' has no model "
+            "card 'models/left/lateral_acetabulum/unet.json'") in done.stdout + done.stderr
 
 
 # ---- whole runs -----------------------------------------------------------------------------

@@ -62,8 +62,55 @@ def check_config():
                 f"config models.{site}.load: {load!r} is where this run writes the model; "
                 "copy it elsewhere first (e.g. models/ukb_left/)"
             )
+        if load and not Path(load).is_file():
+            raise ValueError(
+                f"config models.{site}.load: {load!r} does not exist (relative paths are "
+                "resolved against the working directory)"
+            )
+        if load and not Path(load).with_suffix(".json").is_file():
+            raise ValueError(
+                f"config models.{site}.load: {load!r} has no model card "
+                f"{str(Path(load).with_suffix('.json'))!r} beside it (it holds the presence rule)"
+            )
+    check_sites()
+    if TRAINED_SITES and config["training"]["side"] not in SIDES:
+        raise ValueError(
+            f"config training.side: {config['training']['side']!r} is not among sides {SIDES}; "
+            "the trained sites learn from that side's patches"
+        )
     if inputs["manifest"] and Path(inputs["manifest"]).exists():
         validate_manifest(inputs["manifest"])
+
+
+def check_sites():
+    """Every site's points exist in a .pts file of n_points, its reference points differ, and
+    no two sites share a mask label: errors name the key and the value."""
+    n_points = config["n_points"]
+    labels = {}
+    for site, entry in config["sites"].items():
+        for key, points in (
+            ("centre", [entry["centre"]]),
+            ("reference", list(entry["reference"])),
+        ):
+            bad = [p for p in points if not 0 <= int(p) < n_points]
+            if bad:
+                raise ValueError(
+                    f"config sites.{site}.{key}: point {bad[0]} does not exist in a .pts of "
+                    f"n_points {n_points} (0-based, 0..{n_points - 1})"
+                )
+        if (
+            len(entry["reference"]) != 2
+            or entry["reference"][0] == entry["reference"][1]
+        ):
+            raise ValueError(
+                f"config sites.{site}.reference: need two different points, got {list(entry['reference'])}"
+            )
+        other = labels.setdefault(entry["label"], site)
+        if other != site:
+            raise ValueError(
+                f"config sites.{site}.label: {entry['label']} is also the label of sites.{other}; "
+                "each site needs its own mask label"
+            )
 
 
 def validate_manifest(path):
