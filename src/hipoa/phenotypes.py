@@ -33,6 +33,7 @@ import pandas as pd
 from hipoa import __version__, qc
 from hipoa.atomic import atomic_path
 from hipoa.geometry import paste_patch_mask
+from hipoa.labels import write_label_png
 from hipoa.modelio import read_presence_rule
 from hipoa.predict import (
     AREA,
@@ -458,10 +459,11 @@ def write_masks(*, mask_stores: list[Path], out_dir: Path, side: str | None = No
     """Write predicted label masks in each original image's space, for visual QC.
 
     One PNG per image with at least one measured site, ``{out_dir}/{eid}_{instance}_{side}.png``:
-    single channel uint8, the stored image's rows x columns and orientation (right hips are not
-    mirrored: the patch affines already map to stored-image pixels), 0 background and each site's
-    label (from the store's site table) where that site's predicted mask falls, like the input
-    masks. A site that could not be measured contributes nothing.
+    single channel uint8 with a palette (:func:`hipoa.labels.write_label_png`: the values are the
+    labels, shown in colour), the stored image's rows x columns and orientation (right hips are
+    not mirrored: the patch affines already map to stored-image pixels), 0 background and each
+    site's label (from the store's site table) where that site's predicted mask falls, like the
+    input masks. A site that could not be measured contributes nothing.
 
     Args:
         mask_stores: Zarrs written by ``predict_shard(masks_out=...)``.
@@ -478,7 +480,6 @@ def write_masks(*, mask_stores: list[Path], out_dir: Path, side: str | None = No
             completion marker) or has a chunk missing or truncated.
     """
     import zarr
-    from PIL import Image
 
     out_dir = Path(out_dir)
     for store in mask_stores:  # every store is checked before the first PNG is written
@@ -513,7 +514,7 @@ def write_masks(*, mask_stores: list[Path], out_dir: Path, side: str | None = No
                     label[window][fg] = labels[s]
             path = out_dir / f"{eid[i]}_{int(inst[i])}_{sd[i]}.png"
             with atomic_path(path) as tmp:
-                Image.fromarray(label).save(tmp, format="PNG")
+                write_label_png(tmp, label)
             written.append(path)
             progress.update()
         progress.close()

@@ -43,6 +43,7 @@ from pydicom.uid import ImplicitVRLittleEndian, generate_uid
 
 from hipoa import __version__
 from hipoa import anatomy
+from hipoa.labels import write_label_png
 from hipoa.points import write_pts
 from hipoa.progress import Progress
 from hipoa.sites import DEFAULT_SITES
@@ -306,7 +307,7 @@ def _participant(task: _Task, cfg: _Settings) -> list[dict]:
             write_pts(out / "points" / "auto" / f"{stem}.pts", auto)
         if annotated:
             write_pts(out / "points" / "manual" / f"{stem}.pts", manual)
-            Image.fromarray(hip.labels).save(out / "masks" / f"{stem}.png", compress_level=6)
+            write_label_png(out / "masks" / f"{stem}.png", hip.labels)
 
         sop_uid = generate_uid(UID_PREFIX, ent + [side])
         data = dicom_bytes(hip.image, PROTOCOLS[side], sop_uid=sop_uid, study_uid=study_uid,

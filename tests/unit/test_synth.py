@@ -267,7 +267,7 @@ def test_masks_match_truth_and_sites(cohort):
     for _, r in annotated.iterrows():
         stem = f"{r['eid']}_2_{r['side']}"
         img = Image.open(out / "masks" / f"{stem}.png")
-        assert img.mode == "L"
+        assert img.mode == "P"  # one 8-bit channel of label values, with a palette (hipoa.labels)
         m = np.asarray(img)
         assert m.dtype == np.uint8 and m.shape == (r["rows"], r["cols"])
         assert set(np.unique(m)) <= {0, 1, 2, 3}
