@@ -1,16 +1,21 @@
 # hipoa: hip osteophyte phenotypes from UK Biobank hip DXAs with per-site U-Nets.
 # Entry point only; helpers are in workflow/rules/common.smk, one .smk per stage.
-# Run: snakemake --profile profiles/local   (README.md; config keys: config/README.md)
+# Run: snakemake --profile slurm (UK Biobank, config/config.yaml), or the demo:
+#      snakemake --profile profiles/local --configfile config/demo.yaml
+# (README.md; config keys: config/README.md)
 
 from snakemake.utils import min_version, validate
 
 min_version("9.0")
 
 
-configfile: "config/config.yaml"
+# The UK Biobank left-hip run with the paper's recipe; every --configfile is merged over it and
+# --config over those (config/README.md). The demo: --configfile config/demo.yaml.
+configfile: f"{workflow.basedir}/config/config.yaml"
 
 
-validate(config, "workflow/schemas/config.schema.yaml")
+# Coerce --config values, validate, fill the schema's defaults.
+include: "workflow/rules/config.smk"
 
 
 report: "workflow/report/workflow.rst"

@@ -43,7 +43,7 @@ def write_manifest(path: Path, n_images: int, sides: list[str]) -> None:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--images", type=int, default=40_000, help="manifest rows (40000)")
-    parser.add_argument("--shards", type=int, default=40, help="shards per side (40, config/ukb_left.yaml)")
+    parser.add_argument("--shards", type=int, default=40, help="shards per side (40, config/config.yaml)")
     parser.add_argument("--sides", nargs="+", default=["L"], choices=["L", "R"], help="sides (L)")
     args = parser.parse_args(argv)
 

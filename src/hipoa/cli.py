@@ -504,6 +504,32 @@ def _report_figures(args: argparse.Namespace) -> int:
 # ---- end report ------------------------------------------------------------------------------
 
 
+# ---- install-profile -------------------------------------------------------------------------
+def _install_profile_arguments(p: argparse.ArgumentParser) -> None:
+    from hipoa.profiles import PROFILES
+
+    p.add_argument("name", choices=PROFILES, help="hipoa's profile to install (slurm or local)")
+    p.add_argument("--workflow", type=Path, default=Path("."), metavar="DIR",
+                   help="the hipoa checkout whose profiles/NAME is copied (.)")
+    p.add_argument("--as", dest="install_as", metavar="NAME",
+                   help="install under this name, e.g. when a profile NAME exists already (NAME)")
+    p.add_argument("--dir", type=Path, metavar="DIR",
+                   help="profile folder to install into (Snakemake's user folder, "
+                        "$XDG_CONFIG_HOME/snakemake or ~/.config/snakemake)")
+
+
+@subcommand("install-profile",
+            "copy a hipoa profile where `snakemake --profile NAME` finds it; never overwrites",
+            _install_profile_arguments)
+def _install_profile(args: argparse.Namespace) -> int:
+    from hipoa.profiles import install_profile
+
+    target = install_profile(args.name, workflow_dir=args.workflow, root=args.dir,
+                             install_as=args.install_as)
+    print(f"installed {target}; run from the checkout: snakemake --profile {target.name}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="hipoa", description=__doc__.splitlines()[0])
     parser.add_argument("--version", action="version", version=f"hipoa {__version__}")

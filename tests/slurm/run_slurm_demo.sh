@@ -1,26 +1,36 @@
 #!/usr/bin/env bash
-# Real-SLURM check of the hipoa workflow.
+# Real-SLURM check of the hipoa workflow, run the way its users start it: `snakemake --profile
+# slurm` from the checkout.
 #
 # Starts a throwaway one-node SLURM cluster on localhost (munged, MariaDB + slurmdbd for
-# accounting, slurmctld, slurmd with two fake GPUs), runs the demo with
-# `snakemake --profile profiles/slurm` in a fresh copy of the workflow, checks in the accounting
-# database that the GPU rules ran as GPU jobs (TRES gres/gpu, partition gpu) and the CPU rules
-# did not, runs the same demo with `--profile profiles/local` in another copy, and compares the
-# phenotype Parquet files (pandas assert_frame_equal; metadata equal except `created`).
-# Every daemon it starts is stopped by the PID it recorded, on success, failure or signal.
+# accounting, slurmctld, slurmd with two fake GPUs) and runs the demo twice, each in a fresh
+# copy of the workflow and with a fresh HOME:
+#   (a) "generic": the user has a generic profile ~/.config/snakemake/slurm (executor, account,
+#       partition) that knows nothing of hipoa; hipoa's workflow profile profiles/default adds
+#       the GPU partition, retries and job arrays;
+#   (b) "installed": the user has none and runs `hipoa install-profile slurm` first (which must
+#       then refuse to overwrite it).
+# After each it checks in the accounting database that every job COMPLETED under the account,
+# that the GPU rules ran as GPU jobs (TRES gres/gpu, partition gpu) and the CPU rules did not,
+# that the local rules were no SLURM job, and it prints the number of sbatch calls (job arrays
+# included). Then it runs the same demo with `--profile profiles/local` in another copy and
+# compares the phenotype Parquet files of both SLURM runs with it (pandas assert_frame_equal;
+# metadata equal except `created`). Every daemon it starts is stopped by the PID it recorded,
+# on success, failure or signal.
 #
 # Needs root and Debian (installs slurmctld slurmd slurm-client munge slurmdbd mariadb-server
 # with apt-get when missing). No systemd, no cgroups. Everything else lives in a fresh
 # temporary directory with free TCP ports, so the script can be rerun at will.
 #
-# Usage: tests/slurm/run_slurm_demo.sh [options] [-- extra snakemake arguments for both runs]
-#   Without `--`, both runs get `--configfile config/config.yaml tests/slurm/demo_config.yaml`
-#   (a tiny cohort and one-epoch U-Nets); `--` with nothing after it runs the default config.
-#   --workflow DIR   project directory holding workflow/ config/ profiles/ (default: this repo)
-#   --gpu-rules "R1 R2"  rules that must run as GPU jobs (default: "train_unet predict_masks")
+# Usage: tests/slurm/run_slurm_demo.sh [options] [-- extra snakemake arguments for every run]
+#   Without `--`, the runs get `--configfile config/demo.yaml tests/slurm/demo_config.yaml`
+#   (a tiny cohort and one-epoch U-Nets); `-- --configfile config/demo.yaml` runs the full demo.
+#   --workflow DIR   project directory holding workflow/ config/ profiles/ src/ (default: this repo)
+#   --gpu-rules "R1 R2"  rules that must run as GPU jobs
+#                    (default: "train_unet evaluate_unet predict_masks")
 #   --timeout S      limit for each snakemake run in seconds (default 1800; SIGINT on expiry)
 #   --skip-local     do not run the local demo nor compare the Parquet files
-#   --keep           keep the temporary directory (logs, both runs) after success
+#   --keep           keep the temporary directory (logs, all runs) after success
 #   --cluster-only   start the cluster, print how to use it, and wait until interrupted
 #   --install-only   only install the missing Debian packages
 # Exit status: 0 when every check passed; 3 when the Debian packages are missing and cannot be
@@ -30,13 +40,15 @@ set -euo pipefail
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)
 HERE=$ROOT/tests/slurm
 WORKFLOW_DIR=$ROOT
-GPU_RULES="train_unet predict_masks"
+GPU_RULES="train_unet evaluate_unet predict_masks"
+# Rules that run on the submit host (localrule), never as SLURM jobs.
+LOCAL_RULES="show_patches split_data report_figures"
 SMK_TIMEOUT=1800
 SKIP_LOCAL=0
 KEEP=0
 CLUSTER_ONLY=0
 INSTALL_ONLY=0
-EXTRA_ARGS=(--configfile config/config.yaml "$HERE/demo_config.yaml")
+EXTRA_ARGS=(--configfile config/demo.yaml "$HERE/demo_config.yaml")
 CLUSTER=hipoa-test
 DEMO_ACCOUNT=hipoa-demo
 PACKAGES=(munge slurm-client slurmctld slurmd slurmdbd mariadb-server)
@@ -320,10 +332,11 @@ fi
 copy_workflow() { # destination: a fresh copy of the project's workflow files
     local d
     mkdir -p "$1"
-    for d in workflow config profiles envs Snakefile; do
+    for d in workflow config profiles envs src Snakefile; do
         [[ -e $WORKFLOW_DIR/$d ]] && cp -a "$WORKFLOW_DIR/$d" "$1/"
     done
     rm -rf "$1/.snakemake"
+    find "$1/src" -name __pycache__ -prune -exec rm -rf {} +
 }
 
 run_snakemake() { # label directory snakemake-args...: runs under a timeout, output to a log
@@ -344,70 +357,85 @@ run_snakemake() { # label directory snakemake-args...: runs under a timeout, out
     fi
 }
 
-# Partition and account come from the environment, as on a user's cluster: CPU rules go to
-# the default partition (the plugin asks sinfo), GPU rules to HIPOA_SLURM_GPU_PARTITION, all
-# jobs to the account in SBATCH_ACCOUNT.
-unset HIPOA_SLURM_PARTITION SBATCH_PARTITION HIPOA_SLURM_ACCOUNT SLURM_ACCOUNT
-export SBATCH_ACCOUNT=$DEMO_ACCOUNT HIPOA_SLURM_GPU_PARTITION=gpu
+# Partition and account come from the user's profile or environment, as on a user's cluster:
+# CPU rules go to partition main, GPU rules to HIPOA_SLURM_GPU_PARTITION (read by the workflow
+# profile profiles/default). Nothing of this machine's own configuration is read: each case runs
+# with a fresh HOME.
+unset HIPOA_SLURM_PARTITION SBATCH_PARTITION HIPOA_SLURM_ACCOUNT SLURM_ACCOUNT SBATCH_ACCOUNT \
+    XDG_CONFIG_HOME
+export HIPOA_SLURM_GPU_PARTITION=gpu
 
-RUN_SLURM=$WORK/run-slurm
-copy_workflow "$RUN_SLURM"
+# Case (a): the user already has a generic profile named `slurm` (executor, account, partition),
+# as many clusters give their users; hipoa's per-rule settings must come from profiles/default.
+HOME_GENERIC=$WORK/home-generic
+mkdir -p "$HOME_GENERIC/.config/snakemake/slurm"
+{
+    echo "# A cluster's generic Snakemake profile, knowing nothing of hipoa."
+    echo "executor: slurm"
+    echo "jobs: 50"
+    echo "default-resources:"
+    echo "  slurm_account: $DEMO_ACCOUNT"
+    echo "  slurm_partition: main"
+    echo "  mem_mb: 2000"
+} >"$HOME_GENERIC/.config/snakemake/slurm/config.yaml"
+# Case (b): the user has none; `hipoa install-profile slurm` installs hipoa's (account from
+# SBATCH_ACCOUNT, partition: the cluster's default, main).
+HOME_NONE=$WORK/home-none
+mkdir -p "$HOME_NONE"
+
+check_slurm_run() { # label: sbatch calls, job arrays, accounting of one SLURM run
+    local label=$1 smk_log=$WORK/log/snakemake-$1.log sacct_out=$WORK/log/sacct-$1.txt run_id
+    local n_calls n_arrays n_single n_tasks n_accounted
+    run_id=$(sed -n 's/.*SLURM run ID: \([^ ]*\).*/\1/p' "$smk_log" | head -n 1)
+    log "($label) SLURM run ID $run_id; sbatch calls:"
+    grep -o 'sbatch call: .*' "$smk_log" | sed -e 's/--wrap=.*/--wrap=<snakemake job step>/' \
+        -e 's/--slurm-jobstep-array-execs=[^ ]*/--slurm-jobstep-array-execs=<tasks>/' \
+        -e 's/^/  /' || die "no 'sbatch call' line in $smk_log"
+    n_calls=$(grep -c 'sbatch call: ' "$smk_log" || true)
+    n_arrays=$(grep -c 'Submitting array job with sbatch call: ' "$smk_log" || true)
+    n_single=$(grep -c 'has been submitted with SLURM jobid' "$smk_log" || true)
+    n_tasks=$(grep -o 'The individual task IDs are [0-9]*-[0-9]*' "$smk_log" |
+        awk -F'[ -]' '{n += $NF - $(NF-1) + 1} END {print n + 0}')
+    log "SBATCH CALLS ($label): $n_calls sbatch calls for $((n_single + n_tasks)) jobs" \
+        "($n_arrays job arrays holding $n_tasks jobs, $n_single single jobs)"
+    ((n_calls > 0)) || die "($label) snakemake submitted no SLURM job"
+    ((n_arrays > 0)) || die "($label) no job array was submitted (profiles/default: slurm-array-jobs)"
+    sacct -X -n -P --name="$run_id" -S "$(date -d '-1 day' +%Y-%m-%dT%H:%M:%S)" \
+        -o JobID,Comment,Partition,Account,AllocTRES,State,Elapsed >"$sacct_out"
+    log "($label) sacct (JobID|Comment|Partition|Account|AllocTRES|State|Elapsed):"
+    sed 's/^/  /' "$sacct_out"
+    n_accounted=$(wc -l <"$sacct_out")
+    ((n_accounted == n_single + n_tasks)) ||
+        die "($label) sacct lists $n_accounted jobs of run $run_id, snakemake submitted $((n_single + n_tasks))"
+    read -r -a GPU_RULE_LIST <<<"$GPU_RULES"
+    python3 "$HERE/check_sacct.py" "$sacct_out" "$DEMO_ACCOUNT" "$LOCAL_RULES" "${GPU_RULE_LIST[@]}" ||
+        die "($label) job checks failed (see ERROR lines)"
+}
+
+# --retries 0: a failure shows at once (the workflow profile would retry it twice).
+RUN_GENERIC=$WORK/run-generic
+copy_workflow "$RUN_GENERIC"
 T2=$(date +%s)
-run_snakemake slurm "$RUN_SLURM" --profile profiles/slurm --profile "$HERE/profile" \
-    "${EXTRA_ARGS[@]}"
-T_SLURM=$(elapsed "$T2")
+HOME=$HOME_GENERIC run_snakemake generic "$RUN_GENERIC" --profile slurm --profile "$HERE/profile" \
+    --retries 0 "${EXTRA_ARGS[@]}"
+T_GENERIC=$(elapsed "$T2")
+check_slurm_run generic
 
-SMK_LOG=$WORK/log/snakemake-slurm.log
-RUN_ID=$(sed -n 's/.*SLURM run ID: \([^ ]*\).*/\1/p' "$SMK_LOG" | head -n 1)
-log "SLURM run ID $RUN_ID; sbatch calls:"
-grep -o 'sbatch call: .*' "$SMK_LOG" | sed -e 's/--wrap=.*/--wrap=<snakemake job step>/' \
-    -e 's/^/  /' || die "no 'sbatch call' line in $SMK_LOG"
-log "job ids:"
-grep -o 'Job [0-9]* has been submitted with SLURM jobid [0-9]*' "$SMK_LOG" | sed 's/^/  /'
-
-# Accounting: one line per job allocation of this run.
-SACCT=$WORK/log/sacct.txt
-sacct -X -n -P --name="$RUN_ID" -S "$(date -d '-1 day' +%Y-%m-%dT%H:%M:%S)" \
-    -o JobID,Comment,Partition,Account,AllocTRES,State,Elapsed >"$SACCT"
-log "sacct (JobID|Comment|Partition|Account|AllocTRES|State|Elapsed):"
-sed 's/^/  /' "$SACCT"
-N_SUBMITTED=$(grep -c 'has been submitted with SLURM jobid' "$SMK_LOG" || true)
-N_ACCOUNTED=$(wc -l <"$SACCT")
-((N_SUBMITTED > 0)) || die "snakemake submitted no SLURM job"
-((N_ACCOUNTED == N_SUBMITTED)) ||
-    die "sacct lists $N_ACCOUNTED jobs of run $RUN_ID, snakemake submitted $N_SUBMITTED"
-read -r -a GPU_RULE_LIST <<<"$GPU_RULES"
-python3 - "$SACCT" "$DEMO_ACCOUNT" "${GPU_RULE_LIST[@]}" <<'EOF' || die "job checks failed (see ERROR lines)"
-"""Check per job: COMPLETED, account, and GPU TRES + gpu partition exactly for GPU rules."""
-import re
-import sys
-
-path, account, gpu_rules = sys.argv[1], sys.argv[2], sys.argv[3:]
-errors, gpu_jobs = [], {rule: [] for rule in gpu_rules}
-for line in open(path):
-    jobid, comment, partition, acct, tres, state, _elapsed = line.rstrip("\n").split("|")
-    rule = re.sub(r"^rule_", "", comment).split("_wildcards_")[0]
-    has_gpu = re.search(r"gres/gpu=\d+", tres) is not None
-    if state != "COMPLETED":
-        errors.append(f"job {jobid} ({rule}) is {state}")
-    if acct != account:
-        errors.append(f"job {jobid} ({rule}) ran under account {acct!r}, not {account!r}")
-    if rule in gpu_jobs:
-        gpu_jobs[rule].append(jobid)
-        if not has_gpu or partition != "gpu":
-            errors.append(f"GPU rule {rule} job {jobid}: partition {partition}, TRES {tres}")
-    elif has_gpu or partition != "main":
-        errors.append(f"CPU rule {rule} job {jobid}: partition {partition}, TRES {tres}")
-for rule, ids in gpu_jobs.items():
-    if not ids:
-        errors.append(f"no SLURM job for GPU rule {rule}")
-summary = ", ".join(f"{rule}: {len(ids)} (jobs {' '.join(ids)})" for rule, ids in gpu_jobs.items())
-print(f"GPU jobs (gres/gpu in AllocTRES, partition gpu): {summary}")
-if errors:
-    print("\n".join(f"  ERROR {e}" for e in errors))
-    sys.exit(1)
-print("all SLURM jobs COMPLETED under account", account, "; CPU rules on partition main without GPUs")
-EOF
+RUN_INSTALLED=$WORK/run-installed
+copy_workflow "$RUN_INSTALLED"
+log "installing hipoa's slurm profile: (cd $RUN_INSTALLED && hipoa install-profile slurm)"
+(cd "$RUN_INSTALLED" && HOME=$HOME_NONE hipoa install-profile slurm) ||
+    die "hipoa install-profile slurm failed"
+[[ -f $HOME_NONE/.config/snakemake/slurm/config.yaml ]] ||
+    die "no profile in $HOME_NONE/.config/snakemake/slurm"
+if (cd "$RUN_INSTALLED" && HOME=$HOME_NONE hipoa install-profile slurm >/dev/null 2>&1); then
+    die "hipoa install-profile slurm overwrote the profile it had installed"
+fi
+T3=$(date +%s)
+HOME=$HOME_NONE SBATCH_ACCOUNT=$DEMO_ACCOUNT run_snakemake installed "$RUN_INSTALLED" \
+    --profile slurm --profile "$HERE/profile" --retries 0 "${EXTRA_ARGS[@]}"
+T_INSTALLED=$(elapsed "$T3")
+check_slurm_run installed
 
 if ((SKIP_LOCAL)); then
     T_LOCAL=0
@@ -415,15 +443,16 @@ if ((SKIP_LOCAL)); then
 else
     RUN_LOCAL=$WORK/run-local
     copy_workflow "$RUN_LOCAL"
-    LOCAL_ARGS=(--cores 2)
-    [[ -f $RUN_LOCAL/profiles/local/config.yaml ]] && LOCAL_ARGS=(--profile profiles/local)
-    T3=$(date +%s)
-    run_snakemake local "$RUN_LOCAL" "${LOCAL_ARGS[@]}" "${EXTRA_ARGS[@]}"
-    T_LOCAL=$(elapsed "$T3")
-    python3 "$HERE/compare_parquet.py" "$RUN_SLURM" "$RUN_LOCAL" ||
-        die "phenotype Parquet files of the SLURM and the local run differ"
+    T4=$(date +%s)
+    run_snakemake local "$RUN_LOCAL" --profile profiles/local "${EXTRA_ARGS[@]}"
+    T_LOCAL=$(elapsed "$T4")
+    for run in "$RUN_GENERIC" "$RUN_INSTALLED"; do
+        python3 "$HERE/compare_parquet.py" "$run" "$RUN_LOCAL" ||
+            die "phenotype Parquet files of $run and the local run differ"
+    done
 fi
 
-log "TIMING install ${T_INSTALL}s, cluster start ${T_CLUSTER}s, SLURM demo ${T_SLURM}s" \
-    "(${N_SUBMITTED} jobs), local demo ${T_LOCAL}s, total $(elapsed "$T0")s"
+log "TIMING install ${T_INSTALL}s, cluster start ${T_CLUSTER}s, SLURM demo with a generic" \
+    "profile ${T_GENERIC}s, with hipoa's installed profile ${T_INSTALLED}s, local demo" \
+    "${T_LOCAL}s, total $(elapsed "$T0")s"
 log "PASSED"

@@ -502,7 +502,7 @@ def test_vocabulary_and_limits_are_documented():
     import yaml
 
     from_config = yaml.safe_load(config)["qc"]
-    assert qc.load_limits(from_config) == defaults  # the demo config states the code's defaults
+    assert qc.load_limits(from_config) == defaults  # config/config.yaml states the code's defaults
     properties = yaml.safe_load(schema)["properties"]["qc"]["properties"]
     assert qc.load_limits({k: v["default"] for k, v in properties.items()}) == defaults
 

@@ -1,11 +1,14 @@
 """The whole workflow on a real (throwaway, one-node) SLURM cluster: tests/slurm/run_slurm_demo.sh.
 
 The script installs Debian's SLURM, munge, slurmdbd and MariaDB when missing, starts the
-daemons on localhost with two fake GPUs, runs the demo with `snakemake --profile
-profiles/slurm`, checks in the accounting database that train_unet and predict_masks ran as GPU
-jobs, reruns the demo with profiles/local and compares the phenotype Parquet files. It needs
-root; it is skipped (with the reason) only where it cannot run at all: not root, not Debian,
-or the packages cannot be installed.
+daemons on localhost with two fake GPUs, and runs the demo with the users' command,
+`snakemake --profile slurm`, twice: (a) with a generic `slurm` profile in a temporary HOME,
+(b) with hipoa's profile installed there by `hipoa install-profile slurm`. It checks in the
+accounting database that train_unet, evaluate_unet and predict_masks ran as GPU jobs on the GPU
+partition, that the local rules were no SLURM job and that job arrays were used, reruns the
+demo with profiles/local and compares the phenotype Parquet files of both SLURM runs with it.
+It needs root; it is skipped (with the reason) only where it cannot run at all: not root, not
+Debian, or the packages cannot be installed.
 """
 
 from __future__ import annotations
@@ -89,15 +92,26 @@ def test_demo_on_real_slurm_matches_local_run():
     print(out)  # sbatch lines, job ids, sacct table, Parquet comparison (shown with -s / -rP)
     assert status == 0, out[-12000:]
     assert "PASSED" in out
+    for case in ("generic", "installed"):
+        # The users' command, as typed, found the profile named slurm in the temporary HOME.
+        assert f"snakemake ({case}) in " in out and ": snakemake --profile slurm " in out
+        calls = re.search(rf"SBATCH CALLS \({case}\): (\d+) sbatch calls for (\d+) jobs "
+                          rf"\((\d+) job arrays holding (\d+) jobs", out)
+        assert calls, case
+        n_calls, n_jobs, n_arrays, n_tasks = map(int, calls.groups())
+        # crop_patches (4 shards) and predict_masks (2 groups) each go as one array at least
+        assert n_arrays >= 2 and n_tasks >= 2 * n_arrays and n_calls < n_jobs, calls.group(0)
     # The GPU rules ran as SLURM jobs holding a GPU, on the GPU partition.
-    assert "GPU jobs (gres/gpu in AllocTRES, partition gpu): train_unet: " in out
-    assert "predict_masks: " in out
-    gpu_lines = [line for line in out.splitlines() if "|rule_train_unet" in line]
-    gpu_lines += [line for line in out.splitlines() if "|rule_predict_masks" in line]
+    assert out.count("GPU jobs (gres/gpu in AllocTRES, partition gpu): train_unet: ") == 2
+    assert "evaluate_unet: " in out and "predict_masks: " in out
+    gpu_lines = [line for line in out.splitlines()
+                 if re.search(r"\|rule_(train_unet|evaluate_unet|predict_masks)", line)]
     assert gpu_lines and all("gres/gpu=1" in line and "|gpu|" in line for line in gpu_lines)
     assert all("--gpus=1" in line for line in out.splitlines()
-               if line.strip().startswith("sbatch call:") and "rule_train_unet" in line)
-    assert "PARQUET COMPARISON OK" in out
+               if "sbatch call:" in line and "rule_train_unet" in line)
+    assert not [line for line in out.splitlines()
+                if re.search(r"\|rule_(show_patches|split_data|report_figures)", line)]
+    assert out.count("PARQUET COMPARISON OK") == 2
     # Every daemon the script started was stopped again, by its PID.
     started = re.findall(r"\] started (\w+) \(pid (\d+)\)", out)
     stopped = re.findall(r"\] stopped (\w+) \(pid (\d+)\)", out)

@@ -1,8 +1,9 @@
 """The real Snakefile on a tiny synthetic cohort, run with the local profile.
 
-Each run works in its own temporary directory (`--directory`), with the repository's
-config/config.yaml plus a small override file (tiny cohort, tiny U-Nets, one epoch). The
-whole-DAG runs are marked slow; the dry runs, lint and config checks are quick.
+Each run works in its own temporary directory (`--directory`), with the repository's demo
+config (config/demo.yaml, over config/config.yaml which the Snakefile always reads) plus a small
+override file (tiny cohort, tiny U-Nets, one epoch). The whole-DAG runs are marked slow; the dry
+runs, lint and config checks are quick.
 """
 
 from __future__ import annotations
@@ -52,15 +53,19 @@ TINY = {
 }
 
 
-def snakemake(workdir: Path, override: dict, *args: str, check: bool = True,
-              popen: bool = False) -> subprocess.CompletedProcess | subprocess.Popen:
-    """Run the repository's Snakefile in ``workdir`` with the local profile and ``override``."""
+def snakemake(workdir: Path, override: dict | None, *args: str, check: bool = True,
+              popen: bool = False, demo: bool = True) -> subprocess.CompletedProcess | subprocess.Popen:
+    """Run the repository's Snakefile in ``workdir`` with the local profile, the demo config
+    (unless ``demo`` is false) and ``override`` (unless None)."""
     workdir.mkdir(parents=True, exist_ok=True)
-    (workdir / "override.yaml").write_text(yaml.safe_dump(override))
+    configfiles = [str(REPO / "config" / "demo.yaml")] if demo else []
+    if override is not None:
+        (workdir / "override.yaml").write_text(yaml.safe_dump(override))
+        configfiles.append(str(workdir / "override.yaml"))
     cmd = [
         sys.executable, "-m", "snakemake", "--profile", str(REPO / "profiles" / "local"),
         "--snakefile", str(REPO / "Snakefile"), "--directory", str(workdir),
-        "--configfile", str(REPO / "config" / "config.yaml"), str(workdir / "override.yaml"),
+        *(["--configfile", *configfiles] if configfiles else []),
         "--cores", "2", *args,
     ]
     if popen:
@@ -86,7 +91,8 @@ def job_counts(output: str) -> dict[str, int]:
 
 
 def test_lint_and_format_are_clean():
-    lint = subprocess.run([sys.executable, "-m", "snakemake", "--lint"], cwd=REPO, capture_output=True, text=True)
+    lint = subprocess.run([sys.executable, "-m", "snakemake", "--lint", "--configfile", "config/demo.yaml"],
+                          cwd=REPO, capture_output=True, text=True)
     assert lint.returncode == 0, lint.stdout + lint.stderr
     assert "Congratulations" in lint.stdout + lint.stderr
     fmt = subprocess.run(["snakefmt", "--check", "Snakefile", "workflow"], cwd=REPO, capture_output=True, text=True)
@@ -146,6 +152,13 @@ def test_loaded_models_skip_training_and_evaluation(tmp_path):
         ({"sides": ["R"], "training": {"side": "L"}}, "config training.side: 'L' is not among sides ['R']"),
         ({"models": {"lateral_acetabulum": {"load": "models/nowhere/unet.keras"}}},
          "config models.lateral_acetabulum.load: 'models/nowhere/unet.keras' does not exist"),
+        ({"patches": {"shards": 130}},
+         "config patches.shards: 130, but cohort.participants gives 100 image(s) of side L; use at most 100"),
+        ({"cohort": {"synthesize": False}, "inputs": {"images": "nowhere/{eid}_20158_{instance}_{array}.zip"}},
+         "config inputs.images: 'nowhere/{eid}_20158_{instance}_{array}.zip' matches no file"),
+        ({"training": {"epochs": "many"}},
+         "config training.epochs: 'many' is not of type 'integer'. On the command line give a section"),
+        ({"training": {"augment": {"knee": {"n_augment": 1}}}}, "config training.augment: unknown sites ['knee']"),
     ],
 )
 def test_bad_config_is_refused_with_the_key(tmp_path, override, message):
@@ -164,6 +177,216 @@ def test_loaded_model_without_its_card_is_refused(tmp_path):
     assert done.returncode != 0
     assert ("config models.lateral_acetabulum.load: 'models/left/lateral_acetabulum/unet.keras' has no model "
             "card 'models/left/lateral_acetabulum/unet.json'") in done.stdout + done.stderr
+
+
+def _stub_cohort(root: Path, n: int, sides=("L", "R")) -> dict:
+    """``n`` empty files named like UKB zips and points: enough for the workflow to plan a run
+    (nothing reads them in a dry run). Returns the `inputs` section pointing at them."""
+    (root / "ukb" / "20158").mkdir(parents=True, exist_ok=True)
+    for k in range(n):
+        (root / "ukb" / "20158" / f"{1000001 + k}_20158_2_0.zip").write_bytes(b"")
+    return {"images": "ukb/20158/{eid}_20158_{instance}_{array}.zip",
+            "points_auto": "ukb/points/{eid}_{instance}_{side}.pts",
+            "points_manual": "ukb/manual/{eid}_{instance}_{side}.pts",
+            "masks": "ukb/masks/{eid}_{instance}_{side}.png"}
+
+
+def _train_commands(output: str) -> dict[str, str]:
+    """Site -> the `hipoa train-unet` command of a dry run with -p."""
+    commands = {}
+    for line in output.splitlines():
+        if " train-unet --site " in line:
+            site = line.split(" train-unet --site ", 1)[1].split()[0]
+            commands[site] = line
+    return commands
+
+
+@pytest.mark.parametrize("replace_workflow_config", [False, True], ids=["over-config.yaml", "schema-defaults"])
+def test_config_with_only_inputs_plans_the_paper_recipe(tmp_path, replace_workflow_config):
+    """A user's file with nothing but `inputs` inherits config/config.yaml (the paper's recipe),
+    never the demo; with --replace-workflow-config the schema's defaults give the same recipe."""
+    run = tmp_path / "run"
+    inputs = _stub_cohort(run, 40)
+    args = ["--dry-run", "--printshellcmds"]
+    if replace_workflow_config:
+        args.append("--replace-workflow-config")
+    done = snakemake(run, {"inputs": inputs}, *args, demo=False)
+    output = done.stdout + done.stderr
+    counts = job_counts(output)
+    assert "synth_cohort" not in counts and "synth" not in output.split("Job stats:")[0].split()
+    assert counts["crop_patches"] == 40  # patches.shards: 40 (one side: sides [L])
+    assert counts["ingest"] == 1
+    commands = _train_commands(output)
+    assert sorted(commands) == sorted(SITES)
+    for site, command in commands.items():
+        for flag in ("--epochs 15", "--depth 4", "--base-filters 64", "--batch-size 32",
+                     "--dropout 0.3", "--rotation 0.1", "--scale 0.1"):
+            assert flag in command, (site, flag, command)
+    assert "--n-augment 19" in commands["lateral_acetabulum"]
+    assert "--displacement 0.05" in commands["lateral_acetabulum"]
+    for site in ("inferior_femoral_head", "superior_femoral_head"):
+        assert "--n-augment 7 " in commands[site] and "--displacement 0.0 " in commands[site]
+
+
+def test_config_yaml_holds_the_schema_defaults():
+    """config/config.yaml (what every run inherits) and the schema's defaults (what a key left
+    out of every file gets) are the same recipe, key by key, except where the data are."""
+    from snakemake.utils import validate
+
+    shipped = yaml.safe_load((REPO / "config" / "config.yaml").read_text())
+    defaults: dict = {}
+    validate(defaults, str(REPO / "workflow" / "schemas" / "config.schema.yaml"))
+
+    def leaves(tree, prefix=()):
+        for key, value in tree.items():
+            if isinstance(value, dict) and value:
+                yield from leaves(value, (*prefix, key))
+            else:
+                yield (*prefix, key), value
+
+    def lookup(tree, path):
+        for key in path:
+            tree = tree[key]
+        return tree
+
+    compared = 0
+    for path, value in leaves(shipped):
+        if path[0] == "inputs":
+            continue
+        if path[0] == "models":  # a site absent from models is trained: the same as load ""
+            assert value == "", path
+            continue
+        assert lookup(defaults, path) == value, (".".join(path), value)
+        compared += 1
+    assert compared > 40
+
+
+@pytest.mark.parametrize(
+    ("config_args", "expected"),
+    [
+        (["training={epochs: 2, dropout: 0.5}"], ["--epochs 2 ", "--dropout 0.5 "]),
+        (["predictions={write_masks: true}", "patches={shards: 3}"], ["--masks-out "]),
+    ],
+)
+def test_command_line_config_values_are_coerced_to_the_schema(tmp_path, config_args, expected):
+    """Snakemake reads values inside `--config key={...}` as text; hipoa converts them."""
+    done = snakemake(tmp_path / "run", TINY, "--dry-run", "--printshellcmds", "--config", *config_args)
+    output = done.stdout + done.stderr
+    for text in expected:
+        assert text in output, text
+
+
+def test_command_line_config_of_the_wrong_shape_says_how_to_pass_it(tmp_path):
+    done = snakemake(tmp_path / "run", TINY, "--dry-run", "--config", "sides=L", check=False)
+    output = done.stdout + done.stderr
+    assert done.returncode != 0
+    assert "config sides: 'L' is not of type 'array'" in output
+    assert "--config 'training={epochs: 20}' 'sides=[L, R]'" in output
+    assert "rule " not in done.stdout
+
+
+def test_shards_beyond_a_manifest_side_are_refused(tmp_path):
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    try:
+        from dryrun_40k import write_manifest
+    finally:
+        sys.path.pop(0)
+    manifest = tmp_path / "manifest.csv"
+    write_manifest(manifest, 12, ["L", "R"])  # 6 images a side
+    override = {"cohort": {"synthesize": False}, "sides": ["L", "R"], "patches": {"shards": 7},
+                "inputs": {"manifest": str(manifest)}}
+    done = snakemake(tmp_path / "run", override, "--dry-run", check=False)
+    assert done.returncode != 0
+    assert f"config patches.shards: 7, but inputs.manifest {str(manifest)!r} has 6 image(s) of side L" in (
+        done.stdout + done.stderr)
+    assert "rule " not in done.stdout
+
+
+def test_rules_run_the_checkouts_hipoa(tmp_path):
+    """Every rule runs the hipoa of the checkout its Snakefile is in, whatever hipoa the Python
+    environment (or a rule's conda env) has installed: in a copy of the checkout whose version
+    was changed, the jobs record the changed version."""
+    import hipoa
+
+    checkout = tmp_path / "checkout"
+    checkout.mkdir()
+    for name in ("Snakefile", "workflow", "config", "profiles", "envs", "src"):
+        source = REPO / name
+        if source.is_dir():
+            shutil.copytree(source, checkout / name, ignore=shutil.ignore_patterns("__pycache__"))
+        else:
+            shutil.copy2(source, checkout / name)
+    init = checkout / "src" / "hipoa" / "__init__.py"
+    line = f'__version__ = "{hipoa.__version__}"'
+    assert line in init.read_text()
+    init.write_text(init.read_text().replace(line, '__version__ = "9.9.9+changed"'))
+    work = tmp_path / "run"
+    work.mkdir()
+    small = {**TINY, "cohort": {**TINY["cohort"], "participants": 4, "faults": 0}, "patches": {"shards": 1}}
+    (work / "override.yaml").write_text(yaml.safe_dump(small))
+    done = subprocess.run(
+        [sys.executable, "-m", "snakemake", "--snakefile", str(checkout / "Snakefile"),
+         "--directory", str(work), "--configfile", str(checkout / "config" / "demo.yaml"),
+         str(work / "override.yaml"), "--cores", "2", "results/manifest/L.parquet"],
+        capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-3000:]
+    metadata = pq.read_schema(work / "results" / "manifest" / "L.parquet").metadata
+    assert metadata[b"hipoa_version"] == b"9.9.9+changed"
+    assert hipoa.__version__ != "9.9.9+changed"  # the environment's own hipoa is another
+
+def _job_resources(output: str) -> dict[str, list[str]]:
+    """Rule -> the `resources:` lines of its jobs in a dry run's output."""
+    found: dict[str, list[str]] = {}
+    rule = None
+    for line in output.splitlines():
+        stripped = line.strip()
+        if stripped.startswith(("rule ", "localrule ")) and stripped.endswith(":"):
+            rule = stripped.split()[1].rstrip(":")
+        elif stripped.startswith("resources:") and rule:
+            found.setdefault(rule, []).append(stripped)
+    return found
+
+
+@pytest.mark.parametrize("case", ["generic-profile", "installed-profile"])
+def test_profile_slurm_by_name_gets_hipoas_workflow_settings(tmp_path, case):
+    """`snakemake --profile slurm` finds a profile named slurm where Snakemake looks names up
+    (here a temporary XDG_CONFIG_HOME): (a) a cluster's generic one, (b) hipoa's, installed by
+    `hipoa install-profile slurm`. Either way the workflow profile profiles/default adds the
+    GPU partition of the GPU rules, and the rules' own GPU, memory and runtime requests stay."""
+    config_home = tmp_path / "xdg"
+    if case == "generic-profile":
+        generic = config_home / "snakemake" / "slurm" / "config.yaml"
+        generic.parent.mkdir(parents=True)
+        generic.write_text("executor: slurm\njobs: 20\ndefault-resources:\n"
+                           "  slurm_account: generic-account\n  slurm_partition: main\n")
+        account = "generic-account"
+    else:
+        installed = subprocess.run(
+            [sys.executable, "-m", "hipoa", "install-profile", "slurm",
+             "--dir", str(config_home / "snakemake")], cwd=REPO, capture_output=True, text=True)
+        assert installed.returncode == 0, installed.stderr
+        account = "env-account"
+    env = {**os.environ, "XDG_CONFIG_HOME": str(config_home), "HIPOA_SLURM_GPU_PARTITION": "gpu",
+           "HIPOA_SLURM_PARTITION": "main", "SBATCH_ACCOUNT": "env-account"}
+    work = tmp_path / "run"
+    work.mkdir()
+    (work / "override.yaml").write_text(yaml.safe_dump(TINY))
+    done = subprocess.run(
+        [sys.executable, "-m", "snakemake", "--profile", "slurm", "--snakefile", str(REPO / "Snakefile"),
+         "--directory", str(work), "--configfile", str(REPO / "config" / "demo.yaml"),
+         str(work / "override.yaml"), "--dry-run"],
+        cwd=REPO, env=env, capture_output=True, text=True)
+    output = done.stdout + done.stderr
+    assert done.returncode == 0, output[-3000:]
+    assert "Using profiles slurm and workflow specific profile profiles/default" in output
+    resources = _job_resources(output)
+    for rule in ("train_unet", "evaluate_unet", "predict_masks"):
+        assert resources[rule], rule
+        for line in resources[rule]:
+            assert "gpu=1" in line and "slurm_partition=gpu" in line, (rule, line)
+            assert f"slurm_account={account}" in line, (rule, line)
+    for line in resources["crop_patches"] + resources["ingest"]:
+        assert "gpu=" not in line and "slurm_partition=main" in line, line
 
 
 # ---- whole runs -----------------------------------------------------------------------------
@@ -195,9 +418,9 @@ def _argv(pid: int) -> list[str]:
 
 
 def _is_hipoa(pid: int, subcommand: str) -> bool:
-    """The Python process running `hipoa SUBCOMMAND` (not the rule's `bash -c` around it)."""
+    """The Python process running `python -m hipoa SUBCOMMAND` (not the rule's `bash -c`)."""
     argv = _argv(pid)
-    return len(argv) > 2 and "python" in Path(argv[0]).name and Path(argv[1]).name == "hipoa" and argv[2] == subcommand
+    return len(argv) > 3 and "python" in Path(argv[0]).name and argv[1:4] == ["-m", "hipoa", subcommand]
 
 
 @pytest.fixture(scope="module")
@@ -207,7 +430,8 @@ def demo_run(tmp_path_factory):
     Returns the working directory and the output of the resumed run.
     """
     work = tmp_path_factory.mktemp("run_a")
-    proc = snakemake(work, TINY, popen=True)
+    # --retries 0: the workflow profile's retries would redo the killed job in the same run.
+    proc = snakemake(work, TINY, "--retries", "0", popen=True)
     killed = None
     try:
         while killed is None and proc.poll() is None:

@@ -3,8 +3,11 @@
 # the DAG of a 40,000-image run is built from config alone (shards are known up front:
 # shard = blake2b(eid) mod patches.shards, computed by `hipoa ingest`).
 
+import glob
 import hashlib
+import itertools
 import json
+import re
 import shlex
 from pathlib import Path
 
@@ -32,6 +35,17 @@ PREDICT_GROUPS = {
 COHORT_DIR = config["cohort"]["dir"].rstrip("/")
 CONDA_CPU = "../../envs/cpu.yaml"
 CONDA_GPU = "../../envs/gpu.yaml"
+# Each job runs `python -m hipoa ...` with the checkout's src/ (beside the Snakefile) first on
+# PYTHONPATH: the hipoa of this checkout, with the packages of the job's Python environment
+# (the one Snakemake was started from, or the job's conda env, which holds hipoa's
+# dependencies but not hipoa). So a `git pull` changes what every job runs, in any environment.
+_SRC = shlex.quote(str(Path(workflow.basedir) / "src"))
+# Snakemake formats the prefix like a command: braces are doubled.
+shell.prefix(
+    "set -euo pipefail; export PYTHONPATH="
+    + _SRC.replace("{", "{{").replace("}", "}}")
+    + "${{PYTHONPATH:+:$PYTHONPATH}}; "
+)
 
 
 def check_config():
@@ -42,12 +56,17 @@ def check_config():
             "config inputs: set inputs.manifest, or inputs.images and inputs.points_auto "
             f"(got images={inputs['images']!r}, points_auto={inputs['points_auto']!r})"
         )
-    for key in ("augment",):
-        unknown = sorted(set(config["training"][key]) - set(SITES))
-        if unknown:
-            raise ValueError(
-                f"config training.{key}: unknown sites {unknown}; sites are {SITES}"
-            )
+    # An entry equal to the paper's default for a contract site is inherited, not a mistake.
+    augment_given = config["training"]["augment"]
+    unknown = sorted(
+        site
+        for site in set(augment_given) - set(SITES)
+        if augment_given[site] != PAPER_AUGMENT.get(site)
+    )
+    if unknown:
+        raise ValueError(
+            f"config training.augment: unknown sites {unknown}; sites are {SITES}"
+        )
     unknown = sorted(set(config["models"]) - set(SITES))
     if unknown:
         raise ValueError(f"config models: unknown sites {unknown}; sites are {SITES}")
@@ -80,6 +99,43 @@ def check_config():
         )
     if inputs["manifest"] and Path(inputs["manifest"]).exists():
         validate_manifest(inputs["manifest"])
+    check_shards()
+
+
+def check_shards():
+    """patches.shards is at most the images of every side: more shards than images would leave
+    shards empty. Images are counted from what is known before anything runs: the synthetic
+    cohort's participants, the manifest's rows of each side, or the files `inputs.images`
+    matches (globbed only until there are enough)."""
+    shards = config["patches"]["shards"]
+    inputs = config["inputs"]
+    if inputs["manifest"]:
+        if not Path(inputs["manifest"]).exists():
+            return  # ingest waits for it (a file an earlier rule makes)
+        table = read_manifest(inputs["manifest"])
+        counts = {side: int((table["side"] == side).sum()) for side in SIDES}
+        source = f"inputs.manifest {inputs['manifest']!r} has"
+    elif config["cohort"]["synthesize"]:
+        counts = {side: config["cohort"]["participants"] for side in SIDES}
+        source = "cohort.participants gives"
+    else:
+        pattern = re.sub(r"\{[^}]*\}", "*", inputs["images"])
+        found = sum(1 for _ in itertools.islice(glob.iglob(pattern), shards))
+        if found == 0:
+            raise ValueError(
+                f"config inputs.images: {inputs['images']!r} matches no file (relative "
+                "paths are resolved against the working directory); edit inputs in "
+                "config/config.yaml or give your own --configfile (the demo: --configfile "
+                "config/demo.yaml)"
+            )
+        counts = {side: found for side in SIDES}
+        source = f"inputs.images {inputs['images']!r} matches"
+    for side, count in counts.items():
+        if count < shards:
+            raise ValueError(
+                f"config patches.shards: {shards}, but {source} {count} image(s) of side "
+                f"{side}; use at most {max(count, 1)} (about images / 1,000)"
+            )
 
 
 def check_sites():
@@ -113,6 +169,13 @@ def check_sites():
             )
 
 
+def read_manifest(path):
+    """A manifest table (CSV or Parquet) as text, empty cells as ""."""
+    if str(path).endswith(".parquet"):
+        return pd.read_parquet(path).astype("string").fillna("")
+    return pd.read_csv(path, dtype=str, keep_default_na=False)
+
+
 def validate_manifest(path):
     """Check a manifest table (CSV or Parquet) against workflow/schemas/manifest.schema.yaml.
 
@@ -126,10 +189,7 @@ def validate_manifest(path):
     schema = yaml.safe_load(
         (schema_path / "../schemas/manifest.schema.yaml").read_text()
     )
-    if str(path).endswith(".parquet"):
-        table = pd.read_parquet(path).astype("string").fillna("")
-    else:
-        table = pd.read_csv(path, dtype=str, keep_default_na=False)
+    table = read_manifest(path)
     errors = []
     for column in schema["required"]:
         if column not in table.columns:
@@ -190,9 +250,17 @@ def patch_stores_of_side(wildcards):
 TRAINING_STORES = patch_stores(config["training"]["side"])
 
 
+_SCHEMA = yaml.safe_load(CONFIG_SCHEMA.read_text())
+# The paper's augmentation per contract site (the schema's default of training.augment).
+PAPER_AUGMENT = _SCHEMA["properties"]["training"]["properties"]["augment"]["default"]
+
+
 def augment(site):
-    """Augmentation settings for ``site``: schema defaults, updated by training.augment.<site>."""
-    settings = {"n_augment": 7, "rotation": 0.1, "scale": 0.1, "displacement": 0.0}
+    """Augmentation settings for ``site``: training.augment.<site>, each key it leaves out taken
+    from the paper's settings for the site (PAPER_AUGMENT), else from $defs/augment."""
+    properties = _SCHEMA["$defs"]["augment"]["properties"]
+    settings = {key: entry["default"] for key, entry in properties.items()}
+    settings.update(PAPER_AUGMENT.get(site, {}))
     settings.update(config["training"]["augment"].get(site, {}))
     return settings
 

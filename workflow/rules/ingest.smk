@@ -10,7 +10,7 @@ rule ingest:
     log:
         "logs/ingest/{side}.log",
     benchmark:
-        "benchmarks/ingest/{side}.tsv"
+        "results/benchmarks/ingest/{side}.tsv"
     params:
         source=ingest_source,
         shards=config["patches"]["shards"],
@@ -24,6 +24,6 @@ rule ingest:
     conda:
         CONDA_CPU
     shell:
-        "hipoa ingest {params.source} --side {wildcards.side} --shards {params.shards} "
+        "python -m hipoa ingest {params.source} --side {wildcards.side} --shards {params.shards} "
         "--n-points {params.n_points} --limits '{params.limits}' --mask-labels {params.labels} "
         "--workers {threads} --out {output.manifest} 2> {log}"

@@ -9,7 +9,7 @@ rule crop_patches:
     log:
         "logs/crop_patches/{side}/shard-{shard}.log",
     benchmark:
-        "benchmarks/crop_patches/{side}/shard-{shard}.tsv"
+        "results/benchmarks/crop_patches/{side}/shard-{shard}.tsv"
     params:
         sites=sites_json(),
         context=config["patches"]["context"],
@@ -23,7 +23,7 @@ rule crop_patches:
     conda:
         CONDA_CPU
     shell:
-        "hipoa crop-patches --manifest {input.manifest} --shard {wildcards.shard} "
+        "python -m hipoa crop-patches --manifest {input.manifest} --shard {wildcards.shard} "
         "--out {output.store} --sites '{params.sites}' --context {params.context} "
         "--min-inside {params.min_inside} --n-points {params.n_points} --limits '{params.limits}' 2> {log}"
 
@@ -41,7 +41,7 @@ rule show_patches:
     log:
         "logs/show_patches/{side}_{source}.log",
     benchmark:
-        "benchmarks/show_patches/{side}_{source}.tsv"
+        "results/benchmarks/show_patches/{side}_{source}.tsv"
     params:
         n=8,
     threads: 1
@@ -50,6 +50,7 @@ rule show_patches:
         runtime=15,
     conda:
         CONDA_CPU
+    localrule: True
     shell:
-        "hipoa show-patches --stores {input.stores} --out {output.montage} "
+        "python -m hipoa show-patches --stores {input.stores} --out {output.montage} "
         "--n {params.n} --source {wildcards.source} 2> {log}"

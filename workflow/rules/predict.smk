@@ -13,7 +13,7 @@ rule predict_masks:
     log:
         "logs/predict_masks/{side}/group-{group}.log",
     benchmark:
-        "benchmarks/predict_masks/{side}/group-{group}.tsv"
+        "results/benchmarks/predict_masks/{side}/group-{group}.tsv"
     params:
         shards=predict_group_args,
         models=model_args,
@@ -27,7 +27,7 @@ rule predict_masks:
     conda:
         CONDA_GPU
     shell:
-        "mkdir -p {output.predictions} && hipoa predict-masks {params.shards} --model {params.models} "
+        "mkdir -p {output.predictions} && python -m hipoa predict-masks {params.shards} --model {params.models} "
         "--batch-size {params.batch_size} --precision {params.precision} 2> {log}"
 
 
@@ -43,7 +43,7 @@ rule phenotypes:
     log:
         "logs/phenotypes/{side}.log",
     benchmark:
-        "benchmarks/phenotypes/{side}.tsv"
+        "results/benchmarks/phenotypes/{side}.tsv"
     params:
         models=model_args,
         flags=phenotypes_flags,
@@ -55,6 +55,6 @@ rule phenotypes:
     conda:
         CONDA_CPU
     shell:
-        "hipoa phenotypes --manifest {input.manifest} "
+        "python -m hipoa phenotypes --manifest {input.manifest} "
         "--model {params.models} {params.flags} --side {wildcards.side} --out {output.table} "
         "--config-hash {params.config_hash} 2> {log} | tee {output.summary}"

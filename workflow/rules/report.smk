@@ -33,14 +33,15 @@ rule report_figures:
     log:
         "logs/report_figures.log",
     benchmark:
-        "benchmarks/report_figures.tsv"
+        "results/benchmarks/report_figures.tsv"
     threads: 1
     resources:
         mem_mb=4000,
         runtime=15,
     conda:
         CONDA_CPU
+    localrule: True
     shell:
-        "hipoa report-figures --phenotypes {input.phenotypes} --scores {input.scores} "
+        "python -m hipoa report-figures --phenotypes {input.phenotypes} --scores {input.scores} "
         "--evaluation {output.evaluation} --qc {output.qc} --areas {output.areas} "
         "--prevalence {output.prevalence} 2> {log}"

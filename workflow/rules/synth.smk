@@ -17,7 +17,7 @@ rule synth_cohort:
     log:
         "logs/synth_cohort.log",
     benchmark:
-        "benchmarks/synth_cohort.tsv"
+        "results/benchmarks/synth_cohort.tsv"
     params:
         out=parent_of_truth,
         participants=config["cohort"]["participants"],
@@ -34,7 +34,7 @@ rule synth_cohort:
     conda:
         CONDA_CPU
     shell:
-        "hipoa synth --out {params.out} --participants {params.participants} "
+        "python -m hipoa synth --out {params.out} --participants {params.participants} "
         "--seed {params.seed} --annotated-fraction {params.annotated_fraction} "
         "--annotate-sides {params.annotate_sides} "
         "--enriched-prevalence {params.enriched_prevalence} --prevalence {params.prevalence} "

@@ -10,7 +10,7 @@ rule split_data:
     log:
         "logs/split_data/{site}.log",
     benchmark:
-        "benchmarks/split_data/{site}.tsv"
+        "results/benchmarks/split_data/{site}.tsv"
     params:
         seed=config["training"]["seed"],
         val_fraction=config["training"]["val_fraction"],
@@ -21,8 +21,9 @@ rule split_data:
         runtime=15,
     conda:
         CONDA_CPU
+    localrule: True
     shell:
-        "hipoa split-data --stores {input.stores} --site {wildcards.site} --seed {params.seed} "
+        "python -m hipoa split-data --stores {input.stores} --site {wildcards.site} --seed {params.seed} "
         "--val-fraction {params.val_fraction} --test-fraction {params.test_fraction} "
         "--out {output.splits} 2> {log}"
 
@@ -36,7 +37,7 @@ rule train_unet:
     log:
         "logs/train_unet/{site}.log",
     benchmark:
-        "benchmarks/train_unet/{site}.tsv"
+        "results/benchmarks/train_unet/{site}.tsv"
     params:
         source=train_unet_source,
         settings=train_unet_settings,
@@ -48,7 +49,7 @@ rule train_unet:
     conda:
         CONDA_GPU
     shell:
-        "hipoa train-unet --site {wildcards.site} {params.source} --out {output.model} "
+        "python -m hipoa train-unet --site {wildcards.site} {params.source} --out {output.model} "
         "{params.settings} 2> {log}"
 
 
@@ -75,15 +76,16 @@ rule evaluate_unet:
     log:
         "logs/evaluate_unet/{site}.log",
     benchmark:
-        "benchmarks/evaluate_unet/{site}.tsv"
+        "results/benchmarks/evaluate_unet/{site}.tsv"
     params:
         figures_dir=parent_of_scores,
     threads: 2
     resources:
+        gpu=1,
         mem_mb=8000,
         runtime=60,
     conda:
         CONDA_GPU
     shell:
-        "hipoa evaluate --site {wildcards.site} --model {input.model} --stores {input.stores} "
+        "python -m hipoa evaluate --site {wildcards.site} --model {input.model} --stores {input.stores} "
         "--splits {input.splits} --out {output.scores} --figures-dir {params.figures_dir} 2> {log}"
