@@ -1,8 +1,8 @@
 """How fast does Snakemake plan a UK Biobank-sized run?
 
 Writes a manifest of 40,000 synthetic hip images (rows only: no pixels, no files behind them)
-and times `snakemake -n` of the real Snakefile with `inputs.manifest` pointing at it and ~200
-shards per side. Prints the seconds and the number of jobs. The DAG must not depend on
+and times `snakemake -n` of the real Snakefile with `inputs.manifest` pointing at it and 40
+shards per side (config/config.yaml, which the Snakefile reads, under this override). Prints the seconds and the number of jobs. The DAG must not depend on
 reading any image: shards are `blake2b(eid) mod shards`, decided at ingest time.
 
     python benchmarks/dryrun_40k.py [--images 40000] [--shards 40] [--sides L]
@@ -63,7 +63,7 @@ def main(argv: list[str] | None = None) -> int:
         (work / "override.yaml").write_text(yaml.safe_dump(override))
         cmd = [
             "snakemake", "--snakefile", str(ROOT / "Snakefile"), "--directory", str(work),
-            "--configfile", str(ROOT / "config" / "config.yaml"), str(work / "override.yaml"),
+            "--configfile", str(work / "override.yaml"),
             "--dry-run", "--quiet", "rules", "--cores", "1",
         ]
         t0 = time.perf_counter()

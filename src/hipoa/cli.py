@@ -509,8 +509,9 @@ def _install_profile_arguments(p: argparse.ArgumentParser) -> None:
     from hipoa.profiles import PROFILES
 
     p.add_argument("name", choices=PROFILES, help="hipoa's profile to install (slurm or local)")
-    p.add_argument("--workflow", type=Path, default=Path("."), metavar="DIR",
-                   help="the hipoa checkout whose profiles/NAME is copied (.)")
+    p.add_argument("--workflow", type=Path, metavar="DIR",
+                   help="the hipoa checkout whose profiles/NAME is copied (the working directory "
+                        "when it is one, else the checkout hipoa runs from)")
     p.add_argument("--as", dest="install_as", metavar="NAME",
                    help="install under this name, e.g. when a profile NAME exists already (NAME)")
     p.add_argument("--dir", type=Path, metavar="DIR",

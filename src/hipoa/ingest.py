@@ -48,6 +48,7 @@ from hipoa.dicom import (
     side_of_protocol,
 )
 from hipoa.geometry import inside_image
+from hipoa.patterns import fill_pattern, pattern_to_glob, wildcards
 from hipoa.points import N_POINTS, PointsError, read_pts
 from hipoa.progress import Progress
 from hipoa.sites import DEFAULT_SITES
@@ -112,8 +113,6 @@ _PANDAS_DTYPES = {
     "qc_reason": "string",
 }
 
-_WILDCARD = re.compile(r"\{([^{}]*)\}")
-_WILDCARD_REGEX = {"eid": r"[^/\\]+?", "instance": r"\d+", "array": r"\d+", "side": r"[LR]"}
 _PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
 
@@ -138,56 +137,6 @@ def shard_of(eid: str | int, n_shards: int) -> int:
 
 # ---------------------------------------------------------------------------------------------
 # Patterns
-
-
-def _wildcards(pattern: str) -> list[str]:
-    names = _WILDCARD.findall(pattern)
-    bad = sorted({n for n in names if n not in _WILDCARD_REGEX})
-    if bad:
-        raise ValueError(f"pattern {pattern!r}: unknown wildcard(s) {bad}; allowed: eid, instance, array, side")
-    return names
-
-
-def fill_pattern(pattern: str, **values: object) -> str:
-    """Replace ``{eid}``, ``{instance}``, ``{array}``, ``{side}`` in ``pattern`` with ``values``.
-
-    Raises:
-        ValueError: the pattern holds a wildcard that is unknown or not given.
-    """
-    for name in _wildcards(pattern):
-        if name not in values:
-            raise ValueError(f"pattern {pattern!r}: no value for {{{name}}}")
-    return _WILDCARD.sub(lambda m: str(values[m.group(1)]), pattern)
-
-
-def pattern_to_glob(pattern: str) -> tuple[str, re.Pattern[str]]:
-    """Turn an image pattern into a glob and a regex that parses its wildcards back.
-
-    ``ukb/{eid}_20158_{instance}_{array}.zip`` -> ``ukb/*_20158_*_*.zip`` and a regex with named
-    groups ``eid`` (any text without a slash), ``instance`` and ``array`` (digits), ``side``
-    (``L``/``R``). A wildcard that repeats must match the same text each time.
-
-    Raises:
-        ValueError: unknown wildcard, or no ``{eid}``.
-    """
-    names = _wildcards(pattern)
-    if "eid" not in names:
-        raise ValueError(f"image pattern {pattern!r} has no {{eid}}")
-    glob_parts: list[str] = []
-    regex_parts: list[str] = []
-    seen: set[str] = set()
-    pos = 0
-    for m in _WILDCARD.finditer(pattern):
-        literal = pattern[pos : m.start()]
-        glob_parts += [glob.escape(literal), "*"]
-        regex_parts.append(re.escape(literal))
-        name = m.group(1)
-        regex_parts.append(f"(?P={name})" if name in seen else f"(?P<{name}>{_WILDCARD_REGEX[name]})")
-        seen.add(name)
-        pos = m.end()
-    glob_parts.append(glob.escape(pattern[pos:]))
-    regex_parts.append(re.escape(pattern[pos:]))
-    return "".join(glob_parts), re.compile("".join(regex_parts))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -392,7 +341,7 @@ def _layout_jobs(
     glob_pattern, regex = pattern_to_glob(image_pattern)
     for p in (points_auto, points_manual, masks):
         if p:
-            _wildcards(p)
+            wildcards(p)
     paths = sorted(glob.glob(glob_pattern))
     jobs: list[_Job] = []
     unmatched: list[str] = []

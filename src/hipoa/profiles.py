@@ -14,7 +14,6 @@ from __future__ import annotations
 import logging
 import os
 import shutil
-import tempfile
 from pathlib import Path
 
 log = logging.getLogger(__name__)
@@ -31,9 +30,18 @@ def user_profile_root() -> Path:
     return Path(AppDirs("snakemake", "snakemake").user_config_dir)
 
 
+def default_checkout() -> Path:
+    """The hipoa checkout to copy profiles from: the working directory when it is one (where
+    users run Snakemake), else the checkout this package runs from (an editable install)."""
+    here = Path(".")
+    if (here / "Snakefile").is_file() and (here / "profiles").is_dir():
+        return here
+    return Path(__file__).resolve().parents[2]
+
+
 def install_profile(
     name: str,
-    workflow_dir: Path = Path("."),
+    workflow_dir: Path | None = None,
     root: Path | None = None,
     install_as: str | None = None,
 ) -> Path:
@@ -41,7 +49,8 @@ def install_profile(
 
     Args:
         name: One of :data:`PROFILES`.
-        workflow_dir: The hipoa checkout (holds ``Snakefile`` and ``profiles/``).
+        workflow_dir: The hipoa checkout (holds ``Snakefile`` and ``profiles/``); default
+            :func:`default_checkout`.
         root: Where profiles are looked up by name; default :func:`user_profile_root`.
         install_as: Name of the installed profile; default ``name``.
 
@@ -55,6 +64,7 @@ def install_profile(
     """
     if name not in PROFILES:
         raise ValueError(f"profile {name!r}: hipoa ships {', '.join(PROFILES)}")
+    workflow_dir = Path(workflow_dir) if workflow_dir is not None else default_checkout()
     install_as = install_as or name
     if not install_as or Path(install_as).name != install_as or install_as.startswith("."):
         raise ValueError(f"--as {install_as!r}: give a plain folder name, e.g. hipoa-{name}")
@@ -73,14 +83,17 @@ def install_profile(
             "workflow's settings to it), remove it, or install under another name with --as"
         )
     root.mkdir(parents=True, exist_ok=True)
-    # A complete folder or none: copy into a temporary sibling, then rename it into place.
-    staging = Path(tempfile.mkdtemp(prefix=f".{install_as}.", dir=root))
     try:
-        shutil.copy2(source, staging / PROFILE_FILE)
-        os.chmod(staging, 0o755)
-        os.rename(staging, target)  # fails, rather than replaces, if target appeared meanwhile
+        target.mkdir()  # exclusive: fails if the folder appeared meanwhile, replaces nothing
+    except FileExistsError:
+        raise FileExistsError(f"{target} exists; hipoa does not overwrite a profile") from None
+    # The folder holds a complete config.yaml or is removed again.
+    try:
+        staging = target / f".{PROFILE_FILE}.tmp"
+        shutil.copyfile(source, staging)
+        os.replace(staging, target / PROFILE_FILE)
     except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
+        shutil.rmtree(target, ignore_errors=True)
         raise
     log.info("installed hipoa's %s profile as %s", name, target)
     return target

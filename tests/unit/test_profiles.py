@@ -62,3 +62,12 @@ def test_command_installs_once_then_refuses(tmp_path):
     assert again.returncode == 2
     assert "exists; hipoa does not overwrite a profile" in again.stderr
     assert "Traceback" not in again.stderr
+
+
+def test_command_outside_the_checkout_copies_the_checkout_hipoa_runs_from(tmp_path):
+    """Run elsewhere, `hipoa install-profile` copies from the checkout of the running hipoa."""
+    done = subprocess.run([sys.executable, "-m", "hipoa", "install-profile", "local", "--dir", str(tmp_path / "p")],
+                          cwd=tmp_path, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    assert (tmp_path / "p" / "local" / "config.yaml").read_bytes() == (
+        REPO / "profiles" / "local" / "config.yaml").read_bytes()

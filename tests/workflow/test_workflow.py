@@ -157,7 +157,7 @@ def test_loaded_models_skip_training_and_evaluation(tmp_path):
         ({"cohort": {"synthesize": False}, "inputs": {"images": "nowhere/{eid}_20158_{instance}_{array}.zip"}},
          "config inputs.images: 'nowhere/{eid}_20158_{instance}_{array}.zip' matches no file"),
         ({"training": {"epochs": "many"}},
-         "config training.epochs: 'many' is not of type 'integer'. On the command line give a section"),
+         "config training.epochs: 'many' is not of type 'integer' (config/README.md describes the key)"),
         ({"training": {"augment": {"knee": {"n_augment": 1}}}}, "config training.augment: unknown sites ['knee']"),
     ],
 )
@@ -253,36 +253,85 @@ def test_config_yaml_holds_the_schema_defaults():
     for path, value in leaves(shipped):
         if path[0] == "inputs":
             continue
-        if path[0] == "models":  # a site absent from models is trained: the same as load ""
-            assert value == "", path
-            continue
         assert lookup(defaults, path) == value, (".".join(path), value)
         compared += 1
-    assert compared > 40
+    assert compared >= 30
+    # Mappings a user replaces whole are left to the schema (a merge could not remove a site).
+    assert "sites" not in shipped and "models" not in shipped and "augment" not in shipped["training"]
+    assert sorted(defaults["sites"]) == sorted(SITES)
+    assert defaults["training"]["augment"]["lateral_acetabulum"] == {
+        "n_augment": 19, "rotation": 0.1, "scale": 0.1, "displacement": 0.05}
 
 
 @pytest.mark.parametrize(
-    ("config_args", "expected"),
+    ("config_args", "expected", "absent", "crop_jobs"),
     [
-        (["training={epochs: 2, dropout: 0.5}"], ["--epochs 2 ", "--dropout 0.5 "]),
-        (["predictions={write_masks: true}", "patches={shards: 3}"], ["--masks-out "]),
+        (["training={epochs: 2, dropout: 0.5, prevalence: 0.2}"],
+         ["--epochs 2 ", "--dropout 0.5 ", "--prevalence 0.2 "], [], 4),
+        (["predictions={write_masks: false}", "patches={shards: 3}"], [], ["--masks-out "], 6),
+        (["sites={lateral_acetabulum: {centre: 77}}"], ['"centre":77,'], ['"centre":78,'], 4),
     ],
 )
-def test_command_line_config_values_are_coerced_to_the_schema(tmp_path, config_args, expected):
-    """Snakemake reads values inside `--config key={...}` as text; hipoa converts them."""
+def test_command_line_config_values_are_coerced_to_the_schema(tmp_path, config_args, expected, absent,
+                                                               crop_jobs):
+    """Snakemake reads values inside `--config key={...}` as text; hipoa converts them by the
+    schema's types, also inside oneOf keys (prevalence) and site mappings."""
     done = snakemake(tmp_path / "run", TINY, "--dry-run", "--printshellcmds", "--config", *config_args)
     output = done.stdout + done.stderr
     for text in expected:
         assert text in output, text
+    for text in absent:
+        assert text not in output, text
+    assert job_counts(output)["crop_patches"] == crop_jobs
 
 
-def test_command_line_config_of_the_wrong_shape_says_how_to_pass_it(tmp_path):
-    done = snakemake(tmp_path / "run", TINY, "--dry-run", "--config", "sides=L", check=False)
+@pytest.mark.parametrize(
+    ("config_args", "message"),
+    [
+        (["sides=L"], "config sides: 'L' is not of type 'array'"),
+        (["training={dropout: nan}"], "config training.dropout: 'nan' is not of type 'number'"),
+        (["training={augment: {lateral_acetabulum: {rotation: inf}}}"],
+         "config training.augment.lateral_acetabulum.rotation: 'inf' is not of type 'number'"),
+    ],
+)
+def test_command_line_config_of_the_wrong_shape_says_how_to_pass_it(tmp_path, config_args, message):
+    done = snakemake(tmp_path / "run", TINY, "--dry-run", "--config", *config_args, check=False)
     output = done.stdout + done.stderr
     assert done.returncode != 0
-    assert "config sides: 'L' is not of type 'array'" in output
+    assert message in output
     assert "--config 'training={epochs: 20}' 'sides=[L, R]'" in output
     assert "rule " not in done.stdout
+
+
+def test_fewer_image_files_than_shards_are_refused(tmp_path):
+    run = tmp_path / "run"
+    inputs = _stub_cohort(run, 3)
+    (run / "ukb" / "20158" / "1000009_20158_2_0 (1).zip").write_bytes(b"")  # ingest would not parse it
+    done = snakemake(run, {"inputs": inputs, "patches": {"shards": 4}}, "--dry-run", demo=False, check=False)
+    assert done.returncode != 0
+    assert ("config patches.shards: 4, but inputs.images 'ukb/20158/{eid}_20158_{instance}_{array}.zip' "
+            "matches 3 image(s) of side L; use at most 3") in done.stdout + done.stderr
+
+
+def test_right_hips_config_over_config_yaml_plans_no_training(tmp_path):
+    """config/ukb_right.yaml sets only what differs from config/config.yaml; with inputs of the
+    user's own given first, it plans right hips with the loaded models and no training."""
+    run = tmp_path / "run"
+    inputs = _stub_cohort(run, 40)
+    for site in SITES:
+        model = run / "models" / "ukb_left" / site / "unet.keras"
+        model.parent.mkdir(parents=True)
+        model.write_bytes(b"")
+        model.with_suffix(".json").write_text("{}")
+    (run / "mine.yaml").write_text(yaml.safe_dump({"inputs": inputs}))
+    done = snakemake(run, None, "--dry-run", "--printshellcmds", "--configfile", str(run / "mine.yaml"),
+                     str(REPO / "config" / "ukb_right.yaml"), demo=False)
+    output = done.stdout + done.stderr
+    counts = job_counts(output)
+    assert "split_data" not in counts and "evaluate_unet" not in counts
+    assert counts["ingest"] == 1 and counts["crop_patches"] == 40 and counts["train_unet"] == 3
+    assert "--side R " in output and "--side L " not in output
+    assert "--points-manual" not in output and "--masks " not in output
 
 
 def test_shards_beyond_a_manifest_side_are_refused(tmp_path):
@@ -513,6 +562,10 @@ def test_report_and_logs(demo_run):
         assert (demo_run / "logs" / log).exists(), log
     masks = list((demo_run / "results" / "masks" / "L").glob("*.png"))
     assert masks
+    # Snakemake's per-job benchmark files have their own folder under results/
+    assert (demo_run / "results" / "benchmarks" / "train_unet" / f"{SITES[0]}.tsv").stat().st_size > 0
+    assert (demo_run / "results" / "benchmarks" / "crop_patches" / "R" / "shard-0001.tsv").exists()
+    assert not (demo_run / "benchmarks").exists()
 
 
 @pytest.mark.slow

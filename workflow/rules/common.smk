@@ -3,16 +3,18 @@
 # the DAG of a 40,000-image run is built from config alone (shards are known up front:
 # shard = blake2b(eid) mod patches.shards, computed by `hipoa ingest`).
 
-import glob
 import hashlib
-import itertools
 import json
-import re
 import shlex
+import sys
 from pathlib import Path
 
 import pandas as pd
 import yaml
+
+# The checkout's hipoa, as the rules run it (only its light modules are imported here).
+sys.path.insert(0, str(Path(workflow.basedir) / "src"))
+from hipoa.patterns import count_images
 
 
 wildcard_constraints:
@@ -119,16 +121,17 @@ def check_shards():
         counts = {side: config["cohort"]["participants"] for side in SIDES}
         source = "cohort.participants gives"
     else:
-        pattern = re.sub(r"\{[^}]*\}", "*", inputs["images"])
-        found = sum(1 for _ in itertools.islice(glob.iglob(pattern), shards))
-        if found == 0:
+        try:
+            counts = count_images(inputs["images"], SIDES, shards)
+        except ValueError as error:
+            raise ValueError(f"config inputs.images: {error}") from None
+        if not any(counts.values()):
             raise ValueError(
                 f"config inputs.images: {inputs['images']!r} matches no file (relative "
                 "paths are resolved against the working directory); edit inputs in "
                 "config/config.yaml or give your own --configfile (the demo: --configfile "
                 "config/demo.yaml)"
             )
-        counts = {side: found for side in SIDES}
         source = f"inputs.images {inputs['images']!r} matches"
     for side, count in counts.items():
         if count < shards:

@@ -2,6 +2,7 @@
 # validated (which also fills in the schema's defaults). Included by the Snakefile before any
 # other rule file; config/README.md says where each value comes from.
 
+import math
 from pathlib import Path
 
 import jsonschema
@@ -59,7 +60,12 @@ def coerce_scalar(value, node):
         except ValueError:
             pass
         else:
-            return int(number) if number.is_integer() and "." not in text else number
+            # nan and inf would pass every bound (comparisons with nan are false): left as text,
+            # for validation to refuse.
+            if math.isfinite(number):
+                return (
+                    int(number) if number.is_integer() and "." not in text else number
+                )
     if "boolean" in types and text.lower() in TRUE_WORDS:
         return TRUE_WORDS[text.lower()]
     if "array" in types and text.startswith("["):
@@ -90,12 +96,16 @@ def coerce_config(value, node, schema):
     return value
 
 
-def config_error(error):
-    """One line for a schema violation: the key path, the value and what the schema expected."""
-    path = ".".join(str(part) for part in error.absolute_path) or "(top level)"
+def config_error(error, command_line):
+    """One line for a schema violation: the key path, the value and what the schema expected,
+    with how to give values on the command line when the key came from `--config`."""
+    parts = list(error.absolute_path)
+    path = ".".join(str(part) for part in parts) or "(top level)"
     if error.validator == "additionalProperties":
         return f"config {path}: {error.message}; see config/README.md for the keys"
-    return f"config {path}: {error.message}. {CONFIG_HINT}"
+    if parts and parts[0] in command_line:
+        return f"config {path}: {error.message}. {CONFIG_HINT}"
+    return f"config {path}: {error.message} (config/README.md describes the key)"
 
 
 def load_config(config, schema_path):
@@ -108,7 +118,7 @@ def load_config(config, schema_path):
         jsonschema.Draft202012Validator(schema).iter_errors(config)
     )
     if error is not None:
-        raise ValueError(config_error(error))
+        raise ValueError(config_error(error, dict(workflow.config_settings.config)))
     validate(config, str(schema_path))
 
 
