@@ -117,18 +117,28 @@ def _ingest_arguments(p: argparse.ArgumentParser) -> None:
                    help="plausibility ranges and resource caps (config qc): JSON object or YAML/JSON file")
     p.add_argument("--mask-labels", metavar="L,L,...", default=None,
                    help="values a mask may hold besides 0, the sites' labels (default 1,2,3)")
+    p.add_argument("--withdrawn", metavar="FILE", default=None,
+                   help="UK Biobank withdrawal file, one eid per line: those participants get no row "
+                        "and are never named in the log (optional)")
     p.add_argument("--out", required=True, metavar="M.parquet", help="manifest Parquet to write")
 
 
 @subcommand("ingest", "Build the manifest of one side from the UKB layout or a manifest CSV.", _ingest_arguments)
 def _ingest(args: argparse.Namespace) -> int:
-    from hipoa.ingest import DEFAULT_LABELS, MASK_PROBLEMS, build_manifest, write_manifest
+    from hipoa.ingest import (
+        DEFAULT_LABELS,
+        MASK_PROBLEMS,
+        build_manifest,
+        read_withdrawn,
+        write_manifest,
+    )
     from hipoa.qc import load_limits
 
     if args.images and not args.points_auto:
         raise ValueError("ingest: --images needs --points-auto")
     if args.manifest and (args.points_auto or args.points_manual or args.masks):
         raise ValueError("ingest: --manifest takes its paths from the file; drop --points-*/--masks")
+    withdrawn = read_withdrawn(args.withdrawn) if args.withdrawn else None
     df = build_manifest(
         images=args.images,
         points_auto=args.points_auto,
@@ -141,6 +151,7 @@ def _ingest(args: argparse.Namespace) -> int:
         workers=args.workers,
         limits=load_limits(args.limits),
         labels=_labels(args.mask_labels) if args.mask_labels else DEFAULT_LABELS,
+        withdrawn=withdrawn,
     )
     write_manifest(df, args.out)
     counts = df["qc_reason"].replace("", "ok").value_counts().sort_index()
@@ -154,6 +165,9 @@ def _ingest(args: argparse.Namespace) -> int:
         print(f"  found by the glob, not parsed by the pattern (no row; see the log): {len(unmatched)}")
     for problem, n in summary.get("mask_problems", {}).items():
         print(f"  mask not used for training, {problem}: {n} ({MASK_PROBLEMS[problem]})")
+    if withdrawn is not None:
+        print(f"  withdrawn, removed before ingest (no row): {summary.get('withdrawn_participants', 0)} "
+              f"participants, {summary.get('withdrawn_images', 0)} images")
     return 0
 
 
@@ -446,6 +460,9 @@ def _phenotypes_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--masks-dir", type=Path, help="write predicted label PNGs in image space here")
     p.add_argument("--mask-stores", "--stores", dest="mask_stores", type=Path, action="extend", nargs="+",
                    default=[], help="predicted-mask stores from predict-masks --masks-out")
+    p.add_argument("--instance", default="first_passing", metavar="POLICY",
+                   help="instance of each participant in the GWAS files: first_passing (lowest passing "
+                        "QC, else lowest), first, or an instance number (first_passing)")
 
 
 @subcommand("phenotypes", "gather the shards' predictions into the phenotype tables of one side", _phenotypes_args)
@@ -465,10 +482,47 @@ def _phenotypes(args: argparse.Namespace) -> int:
         config_hash=args.config_hash,
         masks_dir=args.masks_dir,
         mask_stores=args.mask_stores,
+        instance_policy=args.instance,
     )
     print(f"{args.out}\n{summary(df, list(models))}")
     return 0
 # ---- end predict -----------------------------------------------------------------------------
+
+
+# ---- release ---------------------------------------------------------------------------------
+def _release_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--phenotypes", type=Path, action="extend", nargs="+", required=True, metavar="P.parquet",
+                   help="each side's phenotype table (results/phenotypes/osteophytes_{side}.parquet)")
+    p.add_argument("--manifests", type=Path, action="extend", nargs="+", required=True, metavar="M.parquet",
+                   help="each side's manifest (results/manifest/{side}.parquet): image size, spacing, scanner")
+    p.add_argument("--out", type=Path, required=True, help="results/phenotypes/osteophytes.parquet")
+    p.add_argument("--instance", default="first_passing", metavar="POLICY",
+                   help="instance of each participant in the GWAS files: first_passing, first, or a number")
+
+
+def _side_of(path: Path, what: str) -> str:
+    """The one side a per-side table holds (its ``side`` column)."""
+    import pandas as pd
+
+    sides = sorted(set(pd.read_parquet(path, columns=["side"])["side"].astype(str)))
+    if len(sides) != 1:
+        raise ValueError(f"{path}: a {what} of one side expected, found sides {sides}")
+    return sides[0]
+
+
+@subcommand("release", "the participant table of all sides and its plink2 / regenie files", _release_args)
+def _release(args: argparse.Namespace) -> int:
+    from hipoa.release import parse_instance_policy, release_both_sides
+
+    policy = parse_instance_policy(args.instance)
+    tables = {_side_of(p, "phenotype table"): p for p in args.phenotypes}
+    manifests = {_side_of(p, "manifest"): p for p in args.manifests}
+    if len(tables) != len(args.phenotypes) or len(manifests) != len(args.manifests):
+        raise ValueError("--phenotypes and --manifests: one file per side")
+    table = release_both_sides(phenotypes=tables, manifests=manifests, out=args.out, policy=policy)
+    print(f"{args.out}: {len(table)} participant visits, {table['eid'].nunique()} participants, "
+          f"sides {', '.join(sorted(tables))}")
+    return 0
 
 # ---- report ----------------------------------------------------------------------------------
 from pathlib import Path  # noqa: E402

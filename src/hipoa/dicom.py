@@ -20,6 +20,11 @@ Pixel spacing (row spacing dy, column spacing dx) in mm is ``(0028,0030) Pixel S
 ``[width_mm, height_mm]`` as ``(height_mm / Rows, width_mm / Columns)``: GE Lunar iDXA exports in
 UK Biobank carry no Pixel Spacing.
 
+The scanner is identified by the General Equipment Module (PS3.3 C.7.5.1): ``(0008,0070)
+Manufacturer``, ``(0008,1090) Manufacturer's Model Name``, ``(0018,1000) Device Serial Number`` and
+``(0018,1020) Software Versions`` (:data:`DEVICE_TAGS`, in :class:`ImageHeader`). No patient tag
+is kept.
+
 Every :class:`DicomError` names the file (``path.zip::member`` for zip members), the tag as
 ``(gggg,eeee) Name`` and the value received, and carries a machine-readable ``reason`` from
 :data:`hipoa.qc.REASONS` that ingest stores as ``qc_reason``.
@@ -51,6 +56,7 @@ import numpy as np
 import pydicom
 from pydicom.datadict import dictionary_description
 from pydicom.dataset import Dataset
+from pydicom.multival import MultiValue
 from pydicom.pixels import apply_modality_lut, get_decoder
 from pydicom.tag import Tag
 
@@ -122,12 +128,20 @@ class HipImage:
 class ImageHeader:
     """What ingest needs from a hip DICOM, read without decoding the pixels.
 
+    The four device fields identify the scanner and its software (covariates for a GWAS, see
+    :data:`DEVICE_TAGS`); they are equipment data, and no patient tag is read into the header.
+
     Attributes:
         rows: ``(0028,0010) Rows``.
         cols: ``(0028,0011) Columns``.
         spacing_mm: ``(row spacing dy, column spacing dx)`` in mm, see :func:`pixel_spacing`.
         protocol: Protocol name, ``""`` if absent.
         source: ``"path"`` or ``"path.zip::member"``.
+        manufacturer: ``(0008,0070) Manufacturer``, ``""`` if absent.
+        manufacturer_model: ``(0008,1090) Manufacturer's Model Name``, ``""`` if absent.
+        device_serial: ``(0018,1000) Device Serial Number``, ``""`` if absent.
+        software_versions: ``(0018,1020) Software Versions``, its values joined by ``\\`` as
+            DICOM encodes a multi-valued element, ``""`` if absent.
     """
 
     rows: int
@@ -135,6 +149,22 @@ class ImageHeader:
     spacing_mm: tuple[float, float]
     protocol: str
     source: str
+    manufacturer: str = ""
+    manufacturer_model: str = ""
+    device_serial: str = ""
+    software_versions: str = ""
+
+
+DEVICE_TAGS: dict[str, int] = {
+    "manufacturer": 0x00080070,  # (0008,0070) Manufacturer, LO
+    "manufacturer_model": 0x00081090,  # (0008,1090) Manufacturer's Model Name, LO
+    "device_serial": 0x00181000,  # (0018,1000) Device Serial Number, LO
+    "software_versions": 0x00181020,  # (0018,1020) Software Versions, LO, VM 1-n
+}
+""":class:`ImageHeader` field -> the General Equipment Module tag it is read from (PS3.3 C.7.5.1)."""
+
+_DEVICE_TEXT_MAX = 1024  # LO values are at most 64 characters (PS3.5 6.2); a hostile header stays small
+_CONTROL_TO_SPACE = {c: " " for c in (*range(32), 127)}  # NUL padding, tab, CR, LF: not allowed in LO
 
 
 def tag_name(tag: int) -> str:
@@ -589,7 +619,46 @@ def read_image_header(
     if data is None:
         data = _read_bytes(image, member, limits or DEFAULT_LIMITS)
     ds, rows, cols, spacing = _parse_checked(data, source, limits)
-    return ImageHeader(rows=rows, cols=cols, spacing_mm=spacing, protocol=protocol_of(ds), source=source)
+    return ImageHeader(
+        rows=rows,
+        cols=cols,
+        spacing_mm=spacing,
+        protocol=protocol_of(ds),
+        source=source,
+        **{field: device_text(ds, tag) for field, tag in DEVICE_TAGS.items()},
+    )
+
+
+def device_text(ds: Dataset, tag: int) -> str:
+    """A device-identifying text element (:data:`DEVICE_TAGS`) as one string, ``""`` if absent.
+
+    Values of a multi-valued element are joined by ``\\``, as DICOM encodes them (PS3.5 6.4),
+    e.g. ``(0018,1020) Software Versions`` ``["12.30", "enCORE 15"]`` -> ``"12.30\\enCORE 15"``.
+    Each value loses its padding (spaces, NULs); control characters (tab, newline: not allowed
+    in LO, PS3.5 6.2) become spaces, so the value stays one field of one line; at most
+    1,024 characters are kept. A value that cannot be read as text counts as absent: these tags
+    only describe the scanner, and never make an image unusable.
+
+    Args:
+        ds: The dataset (a header is enough).
+        tag: The element, e.g. ``0x00181020``.
+    """
+    try:
+        with warnings.catch_warnings():  # pydicom's VR checks on access (e.g. an LO over 64 chars)
+            warnings.simplefilter("ignore")
+            elem = ds.get(tag)
+            value = None if elem is None else elem.value
+        if value is None or elem.VR == "SQ":  # a sequence is no text (a hostile or broken header)
+            return ""
+        items = list(value) if isinstance(value, (list, tuple, MultiValue)) else [value]
+        parts = []
+        for item in items[:_DEVICE_TEXT_MAX]:
+            text = item.decode("latin-1") if isinstance(item, (bytes, bytearray)) else str(item)
+            parts.append(text[:_DEVICE_TEXT_MAX].translate(_CONTROL_TO_SPACE).strip())
+    except Exception as exc:  # noqa: BLE001 - a malformed equipment tag is not the image's problem
+        log.debug("%s: cannot read as text: %s: %s", tag_name(tag), type(exc).__name__, exc)
+        return ""
+    return "\\".join(parts).strip()[:_DEVICE_TEXT_MAX] if any(parts) else ""
 
 
 def _parse_checked(data: bytes, source: str, limits: Limits | None) -> tuple[Dataset, int, int, tuple[float, float]]:

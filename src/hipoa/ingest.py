@@ -1,11 +1,11 @@
 """Ingest: turn the UK Biobank layout (or a manifest CSV) into the per-side manifest Parquet.
 
-One manifest row per (eid, instance, side) image, never dropped: what is already wrong with an
-image is recorded in ``qc_reason``, the first that applies in the order of
-:data:`hipoa.qc.REASONS`. Ingest gives the reasons from ``not_a_file`` (the path is a directory,
-FIFO or device: never opened) through ``points_outside_image``, and ``duplicate_image`` (another
-row of the same (eid, instance, side) is kept, see :func:`build_manifest`); crop and predict add
-the later ones.
+One manifest row per (eid, instance, side) image, never dropped (participants who withdrew
+consent excepted, see below): what is already wrong with an image is recorded in ``qc_reason``,
+the first that applies in the order of :data:`hipoa.qc.REASONS`. Ingest gives the reasons from
+``not_a_file`` (the path is a directory, FIFO or device: never opened) through
+``points_outside_image``, and ``duplicate_image`` (another row of the same (eid, instance, side)
+is kept, see :func:`build_manifest`); crop and predict add the later ones.
 
 Only headers are parsed (the hip member is read, within the caps of :class:`hipoa.qc.Limits`, to
 check its CRC and pixel-data length, not decoded), so 40k zips ingest in minutes; ``workers > 1``
@@ -14,6 +14,16 @@ spreads zips over processes.
 Identity: eids are kept exactly as given, as strings (``0123`` and ``123`` are two participants);
 an eid must match :data:`EID_PATTERN`, so that it is a safe file name and a single field of a
 whitespace-separated ``.pheno.tsv``.
+
+Withdrawals: participants who withdrew consent (UK Biobank's withdrawal file, read by
+:func:`read_withdrawn`) are removed from the job list before any file of theirs is opened, so no
+manifest row, log line, warning or error names them or their files; only counts are logged and
+stored (``df.attrs["ingest"]`` and the Parquet's key-value metadata, see :func:`write_manifest`).
+
+Scanner: the manifest carries ``manufacturer``, ``manufacturer_model``, ``device_serial`` and
+``software_versions`` from the hip's General Equipment Module (:data:`hipoa.dicom.DEVICE_TAGS`),
+NA when the tag is absent or the image could not be read: covariates for association studies,
+never a person's data.
 
 Masks: a mask is used for training only when it is a real 8-bit single-channel PNG (grey or
 palette indices) of the image's size whose values are 0 or a site label; otherwise the row is
@@ -28,7 +38,7 @@ import hashlib
 import logging
 import re
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Collection, Iterator
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -40,6 +50,7 @@ import pyarrow.parquet as pq
 
 from hipoa import __version__, qc
 from hipoa.dicom import (
+    DEVICE_TAGS,
     SIDE_PROTOCOLS,
     DicomError,
     probe_hip,
@@ -85,6 +96,10 @@ MANIFEST_SCHEMA = pa.schema(
         ("cols", pa.int32()),
         ("spacing_row_mm", pa.float64()),
         ("spacing_col_mm", pa.float64()),
+        ("manufacturer", pa.string()),
+        ("manufacturer_model", pa.string()),
+        ("device_serial", pa.string()),
+        ("software_versions", pa.string()),
         ("annotated", pa.bool_()),
         ("shard", pa.int32()),
         ("qc_reason", pa.string()),
@@ -108,6 +123,10 @@ _PANDAS_DTYPES = {
     "cols": "Int32",
     "spacing_row_mm": "float64",
     "spacing_col_mm": "float64",
+    "manufacturer": "string",
+    "manufacturer_model": "string",
+    "device_serial": "string",
+    "software_versions": "string",
     "annotated": "bool",
     "shard": "int32",
     "qc_reason": "string",
@@ -136,7 +155,72 @@ def shard_of(eid: str | int, n_shards: int) -> int:
 
 
 # ---------------------------------------------------------------------------------------------
-# Patterns
+# Withdrawals
+
+
+WITHDRAWN_HEADERS = frozenset({"eid", "f.eid", "n_eid", "iid"})
+"""Header names (compared lower-case) that a withdrawal file's first line may hold although they
+look like eids; UK Biobank eids are numbers."""
+
+
+def read_withdrawn(path: str | Path) -> set[str]:
+    """The eids in a UK Biobank withdrawal file: participants who withdrew consent.
+
+    UKB sends one eid per line (plain text or a one-column CSV). Empty lines, whitespace around
+    an eid, Windows line endings and a UTF-8 byte-order mark are tolerated, and so is a header:
+    a first non-empty line that is not an :data:`EID_PATTERN` (e.g. ``eid,``), or is one of the
+    column names in :data:`WITHDRAWN_HEADERS` (``eid`` would pass as an eid), is skipped. eids are
+    kept exactly as written, as everywhere in ingest (``0123`` and ``123`` are two participants).
+    An empty file means no withdrawals.
+
+    Args:
+        path: The withdrawal file.
+
+    Returns:
+        The set of withdrawn eids (strings).
+
+    Raises:
+        ValueError: the path is not a regular file or not text, or a line after the first
+            non-empty one is not an eid; the message names the file and the line number, and
+            never repeats the line (it may hold a withdrawn participant's eid).
+    """
+    problem = regular_file_problem(path)
+    if problem:
+        raise ValueError(f"withdrawal file {path}: {problem}, expected a text file with one eid per line")
+    try:
+        text = Path(path).read_bytes().decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        raise ValueError(
+            f"withdrawal file {path}: not UTF-8 text (byte {exc.start}), expected one eid per line"
+        ) from None
+    eids: set[str] = set()
+    seen_first = False
+    for number, line in enumerate(text.splitlines(), start=1):  # splitlines: \n, \r\n and \r
+        value = line.strip()
+        if not value:
+            continue
+        first, seen_first = not seen_first, True
+        if first and value.lower() in WITHDRAWN_HEADERS:
+            continue
+        if EID_PATTERN.fullmatch(value):
+            eids.add(value)
+        elif not first:
+            bad = next((i for i, c in enumerate(value) if not re.fullmatch(r"[A-Za-z0-9._-]", c)), 0)
+            raise ValueError(
+                f"withdrawal file {path}: line {number} is not an eid (letters, digits, '.', '_', '-'; "
+                f"{len(value)} characters, the first unexpected one at column {bad + 1})"
+            )
+    return eids
+
+
+def _withdrawn_set(withdrawn: Collection[str] | None) -> frozenset[str]:
+    if withdrawn is None:
+        return frozenset()
+    if isinstance(withdrawn, (str, bytes, Path)):
+        raise TypeError(
+            f"withdrawn: expected a set of eids (read the file with read_withdrawn), got {type(withdrawn).__name__}"
+        )
+    return frozenset(str(e) for e in withdrawn)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -247,6 +331,7 @@ def _ingest_one(job: _Job) -> tuple[dict[str, object], list[str]]:
         "cols": pd.NA,
         "spacing_row_mm": np.nan,
         "spacing_col_mm": np.nan,
+        **{field: pd.NA for field in DEVICE_TAGS},
         "annotated": False,
         "qc_reason": "",
     }
@@ -276,6 +361,8 @@ def _ingest_one(job: _Job) -> tuple[dict[str, object], list[str]]:
     if header is not None:
         row["rows"], row["cols"] = header.rows, header.cols
         row["spacing_row_mm"], row["spacing_col_mm"] = header.spacing_mm
+        for field in DEVICE_TAGS:  # "" (tag absent) is NA in the manifest, like an unread image
+            row[field] = getattr(header, field) or pd.NA
         reason, detail = _check_points(job.points_auto, job.n_points, header.rows, header.cols)
         if reason:
             row["qc_reason"] = reason
@@ -334,9 +421,11 @@ def _layout_jobs(
     masks: str | None,
     side: str,
     n_points: int,
-) -> tuple[list[_Job], list[str]]:
-    """Jobs of the images matching the pattern, and the paths the glob found but the pattern
-    cannot parse (or whose eid is not an :data:`EID_PATTERN`)."""
+    withdrawn: frozenset[str] = frozenset(),
+) -> tuple[list[_Job], list[str], Counter[str]]:
+    """Jobs of the images matching the pattern, the paths the glob found but the pattern
+    cannot parse (or whose eid is not an :data:`EID_PATTERN`), and the images left out because
+    their eid is ``withdrawn`` ({eid: count}, never logged)."""
     image_pattern = fill_pattern(images, **{"side": side}) if "{side}" in images else images
     glob_pattern, regex = pattern_to_glob(image_pattern)
     for p in (points_auto, points_manual, masks):
@@ -345,8 +434,12 @@ def _layout_jobs(
     paths = sorted(glob.glob(glob_pattern))
     jobs: list[_Job] = []
     unmatched: list[str] = []
+    removed: Counter[str] = Counter()
     for path in paths:
         m = regex.fullmatch(path)
+        if m is not None and m.group("eid") in withdrawn:  # before anything can log the path
+            removed[m.group("eid")] += 1
+            continue
         if m is None or not EID_PATTERN.fullmatch(m.group("eid")):
             why = "the pattern cannot parse it" if m is None else f"its eid {m.group('eid')!r} is not a valid eid"
             log.warning("%s: found by the glob %s but %s (pattern %s); no row", path, glob_pattern, why, images)
@@ -372,12 +465,12 @@ def _layout_jobs(
                 n_points=n_points,
             )
         )
-    if not jobs:
+    if not jobs and not removed:  # every image withdrawn: an empty manifest, not an error
         raise ValueError(
             f"no image matches the pattern {images!r} (glob {glob_pattern!r}"
             + (f"; {len(unmatched)} file(s) found by the glob do not parse, e.g. {unmatched[0]!r})" if unmatched else ")")
         )
-    return jobs, unmatched
+    return jobs, unmatched, removed
 
 
 def _read_table(path: Path) -> pd.DataFrame:
@@ -408,7 +501,11 @@ def _eid_text(value: object) -> str:
     return str(value)
 
 
-def _manifest_jobs(manifest: str | Path, side: str, n_points: int) -> list[_Job]:
+def _manifest_jobs(
+    manifest: str | Path, side: str, n_points: int, withdrawn: frozenset[str] = frozenset()
+) -> tuple[list[_Job], Counter[str]]:
+    """Jobs of the table's rows of ``side``, and the rows left out because their eid is
+    ``withdrawn`` ({eid: count}): dropped before the row is checked, so no error names them."""
     path = Path(manifest)
     df = _read_table(path)
     missing = [c for c in ("eid", "instance", "side", "image") if c not in df.columns]
@@ -424,17 +521,22 @@ def _manifest_jobs(manifest: str | Path, side: str, n_points: int) -> list[_Job]
         return str(p if p.is_absolute() else base / p)
 
     jobs: list[_Job] = []
+    removed: Counter[str] = Counter()
     other = 0
     for i, rec in enumerate(df.to_dict("records")):
         line = f"{path}: row {i + 1}"
         row_side = _text(rec["side"]).upper()
         row_side = {"LEFT": "L", "RIGHT": "R"}.get(row_side, row_side)
+        eid = _eid_text(rec["eid"])
+        if withdrawn and (eid in withdrawn or eid.strip() in withdrawn):
+            if row_side == side:
+                removed[eid.strip()] += 1
+            continue
         if row_side not in SIDE_PROTOCOLS:
             raise ValueError(f"{line}: side must be L or R, got {rec['side']!r}")
         if row_side != side:
             other += 1
             continue
-        eid = _eid_text(rec["eid"])
         if not eid:
             raise ValueError(f"{line}: empty eid")
         if not EID_PATTERN.fullmatch(eid):
@@ -467,7 +569,7 @@ def _manifest_jobs(manifest: str | Path, side: str, n_points: int) -> list[_Job]
             )
         )
     log.info("%s: %d rows of side %s, %d of the other side ignored", path, len(jobs), side, other)
-    return jobs
+    return jobs, removed
 
 
 # ---------------------------------------------------------------------------------------------
@@ -513,8 +615,10 @@ def build_manifest(
     workers: int = 1,
     limits: qc.Limits | None = None,
     labels: tuple[int, ...] = DEFAULT_LABELS,
+    withdrawn: Collection[str] | None = None,
 ) -> pd.DataFrame:
-    """Build the manifest of one side: one row per (eid, instance, side) image, never dropped.
+    """Build the manifest of one side: one row per (eid, instance, side) image, never dropped
+    (except a withdrawn participant's).
 
     Two entry points (exactly one):
 
@@ -536,6 +640,14 @@ def build_manifest(
     automatic points). Rows with the same (eid, instance, side) are all kept: the first one that
     passes QC stays clean and the later passing ones get ``duplicate_image``.
 
+    Withdrawn participants (``withdrawn``, e.g. from :func:`read_withdrawn`) get no row: their
+    images are removed as soon as their eid is known (parsed from the path, or read from the
+    table's row), before any header, points file or mask is opened and before the row is
+    validated, so no log record, warning or error names them or their files. Only the counts
+    are logged (``withdrawn: 3 participants (6 images) removed before ingest``) and kept. eids
+    match exactly as strings. A glob result the pattern cannot parse has no eid to match and is
+    logged as before.
+
     Args:
         images: Image pattern (UKB layout mode).
         points_auto: Pattern of the automatic ``.pts`` files (required with ``images``).
@@ -548,15 +660,21 @@ def build_manifest(
         workers: Processes reading zips; 1 reads in this process.
         limits: Plausibility ranges and resource caps (default :class:`hipoa.qc.Limits`).
         labels: The sites' mask labels (values a mask may hold besides 0).
+        withdrawn: eids of participants who withdrew consent (a set of strings; None = none).
+            A path is refused (``TypeError``): read the file with :func:`read_withdrawn`.
 
     Returns:
         DataFrame with :data:`MANIFEST_COLUMNS`, sorted by (eid as string, instance, side), ``eid``
-        a string, ``rows``/``cols`` nullable Int32, spacings float64 (NaN when unknown).
-        ``df.attrs["ingest"]`` holds ``unmatched`` (paths the pattern cannot parse) and
-        ``mask_problems`` ({problem: count}).
+        a string, ``rows``/``cols`` nullable Int32, spacings float64 (NaN when unknown), the
+        device columns (``manufacturer``, ``manufacturer_model``, ``device_serial``,
+        ``software_versions``) nullable strings, NA when the tag is absent or the image unread.
+        ``df.attrs["ingest"]`` holds ``unmatched`` (paths the pattern cannot parse),
+        ``mask_problems`` ({problem: count}), ``withdrawn_participants`` (withdrawn eids that had
+        images of this side) and ``withdrawn_images`` (the rows they would have had), both ints.
 
     Raises:
-        ValueError: bad arguments, a malformed manifest table, or no image matching ``images``.
+        ValueError: bad arguments, a malformed manifest table, or no image matching ``images``
+            (all of them withdrawn gives an empty manifest instead).
     """
     side = str(side).strip().upper()
     if side not in SIDE_PROTOCOLS:
@@ -567,19 +685,30 @@ def build_manifest(
         raise ValueError(f"workers must be >= 1, got {workers}")
     if (images is None) == (manifest is None):
         raise ValueError("give exactly one of images (a UKB layout pattern) or manifest (a CSV/Parquet)")
+    gone = _withdrawn_set(withdrawn)
     if images is not None:
         if not points_auto:
             raise ValueError("points_auto (a pattern) is required with images")
-        jobs, unmatched = _layout_jobs(images, points_auto, points_manual, masks, side, int(n_points))
+        jobs, unmatched, removed = _layout_jobs(images, points_auto, points_manual, masks, side, int(n_points), gone)
     else:
-        jobs, unmatched = _manifest_jobs(manifest, side, int(n_points)), []
+        (jobs, removed), unmatched = _manifest_jobs(manifest, side, int(n_points), gone), []
+    if withdrawn is not None:
+        log.info(
+            "withdrawn: %d participants (%d images) removed before ingest; %d eids listed",
+            len(removed), sum(removed.values()), len(gone),
+        )
     limits = limits if limits is not None else qc.Limits()
     labels = tuple(int(v) for v in labels)
     jobs = [dataclasses.replace(j, limits=limits, labels=labels) for j in jobs]
     jobs.sort(key=lambda j: (j.eid, j.instance, j.side, j.array, j.image))
 
     rows, mask_problems = _read_rows(jobs, int(workers), side)
-    summary = {"unmatched": unmatched, "mask_problems": dict(sorted(mask_problems.items()))}
+    summary = {
+        "unmatched": unmatched,
+        "mask_problems": dict(sorted(mask_problems.items())),
+        "withdrawn_participants": len(removed),
+        "withdrawn_images": sum(removed.values()),
+    }
     if unmatched:
         log.warning("%d file(s) found by the glob but not parsed by the pattern have no row (listed above)", len(unmatched))
     if mask_problems:
@@ -622,6 +751,10 @@ def _manifest_table(rows: list[dict[str, object]], side: str, n_shards: int) -> 
 def write_manifest(df: pd.DataFrame, path: str | Path) -> None:
     """Write a manifest as Parquet with :data:`MANIFEST_SCHEMA`'s explicit types.
 
+    Key-value metadata: ``hipoa_version``; ``withdrawn_participants`` and ``withdrawn_images``
+    (decimal strings, from ``df.attrs["ingest"]``; ``"0"`` when none were removed or no list
+    was given).
+
     Args:
         df: As returned by :func:`build_manifest`.
         path: Output ``.parquet``; its folder is created.
@@ -629,10 +762,13 @@ def write_manifest(df: pd.DataFrame, path: str | Path) -> None:
     missing = [c for c in MANIFEST_COLUMNS if c not in df.columns]
     if missing:
         raise ValueError(f"{path}: manifest lacks column(s) {missing}")
+    summary = df.attrs.get("ingest", {})
     df = df[list(MANIFEST_COLUMNS)].astype(_PANDAS_DTYPES)
     table = pa.Table.from_pandas(df, schema=MANIFEST_SCHEMA, preserve_index=False)
     meta = dict(table.schema.metadata or {})
     meta[b"hipoa_version"] = __version__.encode()
+    for key in ("withdrawn_participants", "withdrawn_images"):
+        meta[key.encode()] = str(int(summary.get(key, 0))).encode()
     table = table.replace_schema_metadata(meta)
     from hipoa.atomic import atomic_path
 

@@ -8,11 +8,11 @@ Writes, for one side (see the data contract, "Outputs"):
   ``presence_threshold:{site}``, ``created``) written through pyarrow so pandas, polars, duckdb
   and R's arrow all see it. Only ``created`` differs between two runs on the same inputs (nothing
   does when ``SOURCE_DATE_EPOCH`` is set: it is then ``created``).
-- ``osteophytes_{side}.pheno.tsv``: ``FID IID`` + the traits (presence 0/1, areas in mm^2,
-  ``any_present``, ``total_area_mm2``), ``NA`` for missing, for ``plink2 --1`` and regenie. One
-  line per participant: where a participant has several imaging visits, the lowest instance that
-  passes QC (else the lowest instance) is kept, since GWAS tools need unique IIDs.
-- ``osteophytes_{side}.dict.tsv``: ``FIELD TYPE DESCRIPTION UNITS`` for every Parquet column.
+- the GWAS files of the side (:mod:`hipoa.release`): ``osteophytes_{side}.bt.tsv`` (presence
+  0/1/NA), ``.qt.tsv`` (areas and their rank-based inverse-normal transforms), ``.covar.tsv``
+  and ``.remove.txt``, one line per participant at the instance the policy chooses.
+- ``osteophytes_{side}.dict.tsv``: ``FIELD FILES TYPE DESCRIPTION UNITS`` for every column of
+  the Parquet and of the GWAS files.
 
 and optionally (:func:`write_masks`) the predicted label masks back in each image's space.
 """
@@ -45,6 +45,7 @@ from hipoa.predict import (
     site_columns,
 )
 from hipoa.progress import Progress
+from hipoa.release import parse_instance_policy, side_dictionary, side_release, write_dictionary, write_gwas_files
 from hipoa.store import check_store
 
 log = logging.getLogger(__name__)
@@ -115,6 +116,11 @@ def training_eids(splits: list[Path]) -> set[str]:
     return eids
 
 
+def dictionary_entries(sites: list[str]) -> dict[str, tuple[str, str]]:
+    """FIELD -> (DESCRIPTION, UNITS) of every column of a side's Parquet."""
+    return {field: (description, units) for field, description, units in _dictionary(sites)}
+
+
 def _dictionary(sites: list[str]) -> list[tuple[str, str, str]]:
     """(FIELD, DESCRIPTION, UNITS) of every Parquet column, in column order."""
     rows = [
@@ -165,12 +171,6 @@ def _combine(df: pd.DataFrame, sites: list[str]) -> pd.DataFrame:
     return df
 
 
-def _pheno_rows(df: pd.DataFrame) -> pd.DataFrame:
-    """One row per eid: the lowest instance passing QC, else the lowest instance."""
-    order = df.assign(_fail=~df["qc_pass"]).sort_values(["eid", "_fail", "instance"], kind="stable")
-    return order.drop_duplicates("eid", keep="first").drop(columns="_fail")
-
-
 def gather(
     *,
     manifest: Path,
@@ -182,6 +182,7 @@ def gather(
     config_hash: str = "",
     masks_dir: Path | None = None,
     mask_stores: list[Path] = (),
+    instance_policy: str | int = "first_passing",
 ) -> pd.DataFrame:
     """Build and write the phenotype tables of one side.
 
@@ -190,11 +191,13 @@ def gather(
         predictions: Per-shard Parquets from :func:`hipoa.predict.predict_shard`.
         models: Site -> ``.keras`` model (for its SHA-256 and its presence rule), in column order.
         side: ``"L"`` or ``"R"``.
-        out: ``.../osteophytes_{side}.parquet``; the ``.pheno.tsv`` and ``.dict.tsv`` go beside it.
+        out: ``.../osteophytes_{side}.parquet``; the GWAS files and ``.dict.tsv`` go beside it.
         splits: Split tables (eid, split) of the sites' training, for ``used_in_training``.
         config_hash: Hash of the workflow config, recorded in the metadata.
         masks_dir: When given with ``mask_stores``, write label PNGs there (:func:`write_masks`).
         mask_stores: Predicted-mask Zarrs from ``predict_shard(masks_out=...)``.
+        instance_policy: Which instance of a participant the GWAS files hold
+            (:data:`hipoa.release.INSTANCE_POLICIES` or an instance number).
 
     Returns:
         The table written, contract columns and dtypes.
@@ -211,13 +214,31 @@ def gather(
         raise ValueError("gather: no models given (expected SITE=MODEL.keras)")
     if not predictions:
         raise ValueError("gather: no prediction files given")
+    policy = parse_instance_policy(instance_policy)
     man = _read_manifest(Path(manifest), side)
     pred = _read_predictions(predictions, sites, side)
     merged = _merge(man, pred, Path(manifest), side)
     df = _table(merged, sites, training_eids(list(splits)), side)
     metadata = _metadata(sites, models, config_hash, side)
-    _write_outputs(df, out, metadata, sites, masks_dir=masks_dir, mask_stores=list(mask_stores), side=side)
+    withdrawn = _withdrawn(Path(manifest))
+    metadata["withdrawn_participants"] = withdrawn
+    metadata["instance_policy"] = str(policy)
+    full_manifest = _read_table(Path(manifest))
+    full_manifest = full_manifest[full_manifest["side"].astype(str) == side]
+    gwas = side_release(df, full_manifest, sites, out.with_suffix(""), policy)
+    _write_outputs(df, out, metadata, sites, gwas, masks_dir=masks_dir, mask_stores=list(mask_stores), side=side)
+    df.attrs["withdrawn_participants"] = withdrawn
     return df
+
+
+def _withdrawn(manifest: Path) -> str:
+    """Participants ingest removed as withdrawn (the manifest's metadata), "0" when none."""
+    import pyarrow.parquet as pq
+
+    if manifest.suffix.lower() != ".parquet":
+        return "0"
+    meta = pq.read_schema(manifest).metadata or {}
+    return meta.get(b"withdrawn_participants", b"0").decode()
 
 
 def _read_manifest(manifest: Path, side: str) -> pd.DataFrame:
@@ -339,10 +360,10 @@ def _metadata(sites: list[str], models: dict[str, Path], config_hash: str, side:
 
 
 def _write_outputs(
-    df: pd.DataFrame, out: Path, metadata: dict[str, str], sites: list[str], *, masks_dir: Path | None,
-    mask_stores: list[Path], side: str,
+    df: pd.DataFrame, out: Path, metadata: dict[str, str], sites: list[str], gwas: dict[str, pd.DataFrame], *,
+    masks_dir: Path | None, mask_stores: list[Path], side: str,
 ) -> None:
-    """Write the Parquet, the pheno and dict TSVs and (optionally) the mask PNGs.
+    """Write the Parquet, the GWAS files, the dictionary and (optionally) the mask PNGs.
 
     Every output is written to a temporary path and all are renamed only once all are complete
     (hipoa.atomic), so a killed job leaves none of them behind.
@@ -353,12 +374,11 @@ def _write_outputs(
             for store in mask_stores:  # refuse an incomplete mask store before writing anything
                 check_store(store, "predicted-mask store")
             masks_tmp = outputs.enter_context(atomic_path(Path(masks_dir)))
-        pheno_tmp = outputs.enter_context(atomic_path(out_tsv_path(out, "pheno")))
         dict_tmp = outputs.enter_context(atomic_path(out_tsv_path(out, "dict")))
         out_tmp = outputs.enter_context(atomic_path(out))
         write_parquet(df, out_tmp, metadata)
-        write_pheno_tsv(df, pheno_tmp, sites)
-        write_dict_tsv(dict_tmp, df)
+        write_gwas_files(gwas, out.with_suffix(""), outputs)
+        write_dictionary(dict_tmp, side_dictionary(df, gwas, sites))
         if masks_tmp is not None:
             write_masks(mask_stores=mask_stores, out_dir=masks_tmp, side=side)
 
@@ -411,43 +431,6 @@ def write_parquet(df: pd.DataFrame, out: Path, metadata: dict[str, str]) -> None
     with atomic_path(out) as tmp:
         pq.write_table(table.replace_schema_metadata(meta), tmp)
     log.info("%s: %d rows, %d columns", out, len(df), df.shape[1])
-
-
-def pheno_columns(sites: list[str]) -> list[str]:
-    """Traits in the ``.pheno.tsv``: per site presence and area, then the combined two."""
-    return [c for s in sites for c in (f"{s}{PRESENT}", f"{s}{AREA}")] + ["any_present", "total_area_mm2"]
-
-
-def write_pheno_tsv(df: pd.DataFrame, path: Path, sites: list[str]) -> pd.DataFrame:
-    """Write the plink2/regenie phenotype file (one line per participant); returns what was written."""
-    one = _pheno_rows(df)
-    bad = one["eid"].astype(str)
-    bad = bad[~bad.str.fullmatch(r"[^\s#]\S*")]
-    if len(bad):
-        raise ValueError(f"{path}: eid {bad.iloc[0]!r} would break the whitespace-separated FID/IID columns")
-    if len(one) < len(df):
-        log.info("%s: %d images -> %d participants (one instance each)", path, len(df), len(one))
-    eid = one["eid"].astype(str)
-    tsv = pd.concat([eid.rename("FID"), eid.rename("IID"), one[pheno_columns(sites)]], axis=1)
-    tsv.to_csv(path, sep="\t", index=False, na_rep="NA", lineterminator="\n")
-    return tsv
-
-
-def write_dict_tsv(path: Path, df: pd.DataFrame) -> None:
-    """Write the data dictionary ``FIELD TYPE DESCRIPTION UNITS`` of ``df``'s columns.
-
-    TYPE is the pandas dtype (capitalised = nullable: ``Int8``, ``Float64``, ``Float32``).
-    """
-    sites = [c[: -len(PRESENT)] for c in df.columns if c.endswith(PRESENT) and c != "any_present"]
-    entries = {field: (desc, units) for field, desc, units in _dictionary(sites)}
-    missing = [c for c in df.columns if c not in entries]
-    if missing:
-        raise ValueError(f"{path}: no dictionary entry for columns {missing}")
-    d = pd.DataFrame(
-        [(c, str(df[c].dtype), *entries[c]) for c in df.columns], columns=["FIELD", "TYPE", "DESCRIPTION", "UNITS"]
-    )
-    with atomic_path(path) as tmp:
-        d.to_csv(tmp, sep="\t", index=False, lineterminator="\n")
 
 
 def _strings(array) -> np.ndarray:
@@ -527,6 +510,8 @@ def summary(df: pd.DataFrame, sites: list[str]) -> str:
         f"images: {len(df)}  participants: {df['eid'].nunique()}  qc_pass: {int(df['qc_pass'].sum())}"
         f"  annotated: {int(df['annotated'].sum())}  used_in_training: {int(df['used_in_training'].sum())}"
     ]
+    if "withdrawn_participants" in df.attrs:
+        lines.append(f"withdrawn participants removed at ingest: {df.attrs['withdrawn_participants']}")
     reasons = df.loc[~df["qc_pass"], "qc_reason"].value_counts()
     lines.append("qc failures: " + (", ".join(f"{k}={v}" for k, v in reasons.items()) if len(reasons) else "none"))
     for s in sites + ["any"]:

@@ -120,6 +120,19 @@ def qc_counts(table: pd.DataFrame) -> pd.DataFrame:
     return counts.loc[order]
 
 
+def withdrawn_note(phenotypes: list[Path]) -> str:
+    """One paragraph: participants removed at ingest as withdrawn, per side (Parquet metadata)."""
+    import pyarrow.parquet as pq
+
+    counts = []
+    for path in phenotypes:
+        meta = pq.read_schema(path).metadata or {}
+        side = meta.get(b"side", b"?").decode()
+        counts.append(f"{side}: {meta.get(b'withdrawn_participants', b'0').decode()}")
+    return ("<p>Participants who withdrew consent, removed at ingest before any image was read "
+            f"(not counted above): {', '.join(counts)}.</p>")
+
+
 def prevalence(table: pd.DataFrame, sites: list[str]) -> pd.DataFrame:
     """Measured images, positives and prevalence per side and site (NA phenotypes excluded)."""
     rows = []
@@ -252,7 +265,8 @@ def write_report_figures(
     counts = qc_counts(pheno).reset_index()
     prev = prevalence(pheno, sites)
     shown = prev.assign(prevalence=(prev["prevalence"] * 100).round(1))
-    body = _html_table(counts, left={"qc_reason"}) + "<h3>Prevalence (% of measured images)</h3>"
+    body = _html_table(counts, left={"qc_reason"}) + withdrawn_note(list(phenotypes))
+    body += "<h3>Prevalence (% of measured images)</h3>"
     body += _html_table(shown, left={"side", "site"})
     _write_text(Path(qc), _html_page("Images by QC outcome and side", body))
 

@@ -252,7 +252,10 @@ def test_kill_9_phenotypes_leaves_no_output_and_rerun_matches(tmp_path, models):
 
     run = tmp_path / "run"
     out, masks_dir = run / "osteophytes_L.parquet", run / "masks"
-    finals = [out, phenotypes.out_tsv_path(out, "pheno"), phenotypes.out_tsv_path(out, "dict"), masks_dir]
+    from hipoa.release import release_path
+
+    finals = [out, phenotypes.out_tsv_path(out, "dict"), masks_dir,
+              *(release_path(out.with_suffix(""), kind) for kind in ("bt", "qt", "covar", "remove"))]
     argv = _phenotypes_argv(tmp_path, preds, masks, models, out, masks_dir)
     tmp_masks = tmp_path_for(masks_dir)
 

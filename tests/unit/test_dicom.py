@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import warnings
 import zipfile
 
 import numpy as np
@@ -520,3 +521,86 @@ def test_explicit_vr_hip_reads_the_same(tmp_path):
     ds = hip_dataset(arr)
     ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
     np.testing.assert_array_equal(read_image(write_dicom(tmp_path / "e.dcm", ds)).pixels, arr)
+
+
+# ---------------------------------------------------------------------------------------------
+# Scanner and software identifiers (General Equipment Module), never patient data
+
+GE_IDXA = {
+    "Manufacturer": "GE Healthcare",
+    "ManufacturerModelName": "Lunar iDXA",
+    "DeviceSerialNumber": "200123",
+    "SoftwareVersions": ["12.30.008", "enCORE 16"],  # multi-valued: stored as "12.30.008\enCORE 16"
+}
+DEVICE_FIELDS = ("manufacturer", "manufacturer_model", "device_serial", "software_versions")
+
+
+def device_dataset(pixels: np.ndarray, protocol: str = "Left Femur", **tags) -> Dataset:
+    ds = hip_dataset(pixels, protocol)
+    ds.PatientName, ds.PatientID, ds.PatientBirthDate = "DOE^JANE", "PID4711", "19500101"
+    for keyword, value in tags.items():
+        setattr(ds, keyword, value)
+    return ds
+
+
+def device_of(header) -> tuple[str, ...]:
+    return tuple(getattr(header, f) for f in DEVICE_FIELDS)
+
+
+def test_device_fields_read_from_the_header(tmp_path):
+    path = write_dicom(tmp_path / "hip.dcm", device_dataset(np.zeros((6, 8), np.uint8), **GE_IDXA))
+    header = read_image_header(path)
+    assert device_of(header) == ("GE Healthcare", "Lunar iDXA", "200123", "12.30.008\\enCORE 16")
+    # the raw element bytes are the backslash-joined values: what the manifest keeps
+    assert b"12.30.008\\enCORE 16" in (tmp_path / "hip.dcm").read_bytes()
+    # the patient's name, id and birth date are in the file but nowhere in the header
+    text = repr(header)
+    assert "DOE" not in text and "PID4711" not in text and "19500101" not in text
+
+
+def test_device_fields_absent_are_empty(tmp_path):
+    path = write_dicom(tmp_path / "bare.dcm", hip_dataset(np.zeros((6, 8), np.uint8)))
+    assert device_of(read_image_header(path)) == ("", "", "", "")
+    # an empty (Type 2) element counts as absent; a single software version has no backslash
+    ds = device_dataset(np.zeros((6, 8), np.uint8), Manufacturer="", SoftwareVersions="enCORE 16")
+    header = read_image_header(write_dicom(tmp_path / "half.dcm", ds))
+    assert device_of(header) == ("", "", "", "enCORE 16")
+
+
+def test_device_fields_of_a_zip_member(tmp_path):
+    px = np.arange(48, dtype=np.uint8).reshape(6, 8)
+    path = ukb_zip(
+        tmp_path / "1000001_20158_2_0.zip",
+        {
+            "manifest.cvs": b"x",
+            "spine": dicom_bytes(device_dataset(px, "AP Spine", Manufacturer="Other", DeviceSerialNumber="S1")),
+            "left": dicom_bytes(device_dataset(px, **GE_IDXA)),
+            "right": dicom_bytes(device_dataset(px, "Right Femur")),
+        },
+    )
+    member, header = probe_hip(path, "L")
+    assert member == "left"
+    assert device_of(header) == ("GE Healthcare", "Lunar iDXA", "200123", "12.30.008\\enCORE 16")
+    assert device_of(read_image_header(path, "left")) == device_of(header)
+    assert device_of(probe_hip(path, "R")[1]) == ("", "", "", "")  # the other scans' tags never leak in
+
+
+@pytest.mark.parametrize("name", [MR_SMALL, *sorted(MR_SMALL_VARIANTS)])
+def test_device_fields_in_every_transfer_syntax(name):
+    # MR_small and its RLE / JPEG-LS / JPEG 2000 / big-endian copies: Toshiba's tags, read by hand
+    header = read_image_header(bundled(name))
+    assert device_of(header) == ("TOSHIBA_MEC", "MRT50H1", "-0000200", "V3.51*P25")
+
+
+def test_device_text_from_a_hostile_header(tmp_path):
+    with warnings.catch_warnings():  # pydicom warns when writing values an LO may not hold
+        warnings.simplefilter("ignore")
+        ds = device_dataset(
+            np.zeros((6, 8), np.uint8),
+            Manufacturer="GE\tHealth\ncare",  # control characters: one field of one line
+            DeviceSerialNumber="9" * 5000,
+        )
+        path = write_dicom(tmp_path / "odd.dcm", ds)
+    header = read_image_header(path)
+    assert header.manufacturer == "GE Health care"
+    assert header.device_serial == "9" * 1024

@@ -378,7 +378,7 @@ def test_messages_name_the_file_and_the_problem(hostile):
 
 
 def test_eids_are_kept_as_given(tmp_path):
-    """``0123``, ``123`` and ``00123`` are three participants from the manifest to the .pheno.tsv."""
+    """``0123``, ``123`` and ``00123`` are three participants from the manifest to the GWAS files."""
     cohort = tmp_path / "cohort"
     truth = make_cohort(out=cohort, participants=3, seed=2, annotated_fraction=0.0, faults=0, workers=1)
     eids = truth["eid"].astype(str).unique().tolist()
@@ -407,8 +407,9 @@ def test_eids_are_kept_as_given(tmp_path):
     assert table["eid"].dtype == "string"
     assert sorted(table["eid"]) == ["00123", "0123", "123"]
     assert pd.read_parquet(out)["eid"].tolist() == sorted(["00123", "0123", "123"])
-    pheno = pd.read_csv(out.with_name("osteophytes_L.pheno.tsv"), sep="\t", dtype=str)
-    assert sorted(pheno["IID"]) == ["00123", "0123", "123"]
+    for kind in ("bt", "qt", "covar"):
+        gwas = pd.read_csv(out.with_name(f"osteophytes_L.{kind}.tsv"), sep="\t", dtype=str)
+        assert sorted(gwas["IID"]) == ["00123", "0123", "123"], kind
 
 
 @pytest.mark.parametrize("eid", ["12 3", " 123", "123\t", "a/b", "#1"])

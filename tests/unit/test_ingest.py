@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import logging
 import zipfile
 from pathlib import Path
 
@@ -21,6 +22,7 @@ from hipoa.ingest import (
     MANIFEST_SCHEMA,
     build_manifest,
     pattern_to_glob,
+    read_withdrawn,
     shard_of,
     write_manifest,
 )
@@ -31,10 +33,20 @@ IMAGES = "ukb/20158/{eid}_20158_{instance}_{array}.zip"
 AUTO = "points/auto/{eid}_{instance}_{side}.pts"
 MANUAL = "points/manual/{eid}_{instance}_{side}.pts"
 MASKS = "masks/{eid}_{instance}_{side}.png"
+DEVICE = {  # (0008,0070), (0008,1090), (0018,1000), (0018,1020): the scanner, never the person
+    "Manufacturer": "GE Healthcare",
+    "ManufacturerModelName": "Lunar iDXA",
+    "DeviceSerialNumber": "200123",
+    "SoftwareVersions": ["12.30.008", "enCORE 16"],
+}
+DEVICE_COLUMNS = ["manufacturer", "manufacturer_model", "device_serial", "software_versions"]
 
 
-def hip_dicom(protocol: str, *, seed: int = 0, exposed_area: tuple[int, int] | None = (17, 15)) -> bytes:
-    """A small hip DICOM with UKB's iDXA header profile (CR, Implicit VR LE, 8-bit MONOCHROME2)."""
+def hip_dicom(
+    protocol: str, *, seed: int = 0, exposed_area: tuple[int, int] | None = (17, 15), device: dict | None = DEVICE
+) -> bytes:
+    """A small hip DICOM with UKB's iDXA header profile (CR, Implicit VR LE, 8-bit MONOCHROME2);
+    ``device``: the equipment tags to write (None: none)."""
     arr = np.random.default_rng(seed).integers(0, 256, size=(ROWS, COLS), dtype=np.uint8)
     uid = generate_uid(entropy_srcs=[protocol, str(seed)])
     ds = Dataset()
@@ -50,6 +62,9 @@ def hip_dicom(protocol: str, *, seed: int = 0, exposed_area: tuple[int, int] | N
     ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 8, 8, 7, 0
     if exposed_area is not None:
         ds.ExposedArea = list(exposed_area)
+    for keyword, value in (device or {}).items():
+        setattr(ds, keyword, value)
+    ds.PatientID = "PID-NOT-IN-MANIFEST"
     ds.PixelData = arr.tobytes()
     buf = io.BytesIO()
     ds.save_as(buf, enforce_file_format=True)
@@ -105,8 +120,9 @@ def make_layout(root: Path) -> Path:
     manual = root / "points" / "manual"
     for d in (ukb, auto, manual):
         d.mkdir(parents=True, exist_ok=True)
-    for eid in (1000001, 1000002, 1000006, 1000007, 1000008, 1000009, 2):
+    for eid in (1000001, 1000002, 1000006, 1000007, 1000008, 1000009):
         write_zip(ukb / f"{eid}_20158_2_0.zip", ukb_members(eid))
+    write_zip(ukb / "2_20158_2_0.zip", ukb_members(2, left=hip_dicom("Left Femur", seed=2, device=None)))
     (ukb / "1000003_20158_2_0.zip").write_bytes(b"PK\x03\x04 not a zip at all " * 20)
     write_zip(ukb / "1000004_20158_2_0.zip", ukb_members(1000004, left=False))
     write_zip(ukb / "1000005_20158_2_0.zip", ukb_members(1000005, left=hip_dicom("Left Femur", seed=5)[:-700]))
@@ -193,6 +209,24 @@ def test_header_fields(manifest_l, layout):
     # truncated pixel data: header still read
     cut = manifest_l[manifest_l["eid"] == "1000005"].iloc[0]
     assert cut["member"] == "1.2.826.0.1.1000005.2"
+
+
+def test_device_columns(manifest_l):
+    cols = list(MANIFEST_COLUMNS)
+    i = cols.index("spacing_col_mm")
+    assert cols[i + 1 : i + 5] == DEVICE_COLUMNS and cols[i + 5] == "annotated"
+    for c in DEVICE_COLUMNS:
+        assert str(manifest_l[c].dtype) == "string", c
+        assert not manifest_l[c].fillna("NA").eq("").any(), c  # missing is NA, never ""
+    by = manifest_l[(manifest_l["instance"] == 2) & (manifest_l["array"] == 0)].set_index("eid")
+    expected = ["GE Healthcare", "Lunar iDXA", "200123", "12.30.008\\enCORE 16"]
+    assert by.loc["1000002", DEVICE_COLUMNS].tolist() == expected
+    # points problems do not hide the header; the image's own problems do
+    assert by.loc["1000008", "device_serial"] == "200123"
+    for eid in ("2", "1000003", "1000004", "1000005", "1000011"):  # no tags; unreadable zip, no hip, cut, no spacing
+        assert by.loc[eid, DEVICE_COLUMNS].isna().all(), eid
+    # the patient tags of the DICOM are in no column
+    assert not manifest_l.astype(str).apply(lambda c: c.str.contains("PID-NOT-IN-MANIFEST")).any().any()
 
 
 def test_masks_and_manual_points(manifest_l, layout):
@@ -332,8 +366,12 @@ def test_write_manifest_parquet_types(manifest_l, tmp_path):
     schema = pq.read_schema(out)
     assert schema.names == MANIFEST_SCHEMA.names
     assert [str(t) for t in schema.types] == [str(t) for t in MANIFEST_SCHEMA.types]
+    assert [str(schema.field(c).type) for c in DEVICE_COLUMNS] == ["string"] * 4
     back = pd.read_parquet(out)
     pd.testing.assert_frame_equal(back, manifest_l)
+    assert back.loc[back["eid"] == "2", "manufacturer"].isna().all()  # NA survives the round trip
+    meta = pq.read_metadata(out).metadata
+    assert (meta[b"withdrawn_participants"], meta[b"withdrawn_images"]) == (b"0", b"0")  # no list given
 
 
 def test_cli_ingest(layout, tmp_path, capsys):
@@ -387,3 +425,141 @@ def test_synthetic_cohort_faults(tmp_path):
     assert (faulted["qc_reason"] == expected).all(), faulted[["eid", "side", "fault", "expected_reason", "qc_reason"]]
     clean = merged[merged["fault"].fillna("") == ""]
     assert (clean["qc_reason"] == "").all(), clean.loc[clean["qc_reason"] != "", ["eid", "side", "qc_reason"]]
+    # the generator's scanner tags reach the manifest
+    assert (clean["manufacturer"] == "GE Healthcare").all() and (clean["manufacturer_model"] == "Lunar iDXA").all()
+    assert (clean["device_serial"] == "SYNTH0001").all() and clean["software_versions"].str.startswith("hipoa ").all()
+
+
+# ---------------------------------------------------------------------------------------------
+# Withdrawals: participants who withdrew consent vanish before ingest, also from the log
+
+WITHDRAWN = {"1000001", "1000003", "1000006", "1000007", "9999999"}  # 9999999 has no images
+
+
+def test_read_withdrawn_tolerates_header_blanks_crlf_bom(tmp_path):
+    path = tmp_path / "w20260101.csv"
+    path.write_bytes("\ufeffeid,\r\n\r\n  1000001 \r\n1000002\r\n\t\r\n-3\r\n\r\n".encode())
+    assert read_withdrawn(path) == {"1000001", "1000002", "-3"}
+    path.write_text("1000001\n\n1000002\n")  # no header, Unix endings, no final newline issue
+    assert read_withdrawn(path) == {"1000001", "1000002"}
+    path.write_text("")
+    assert read_withdrawn(path) == set()
+    path.write_text("eid date\n")  # a header only
+    assert read_withdrawn(path) == set()
+    path.write_text("EID\n1000001\n")  # a column name that would pass as an eid is a header too
+    assert read_withdrawn(path) == {"1000001"}
+    path.write_text("0123\n123\n")  # kept exactly as written: two participants
+    assert read_withdrawn(path) == {"0123", "123"}
+
+
+def test_read_withdrawn_bad_line_names_file_and_line(tmp_path):
+    path = tmp_path / "w.txt"
+    path.write_text("eid\n1000001\n\n1000042 20260101\n1000003\n")
+    with pytest.raises(ValueError) as exc:
+        read_withdrawn(path)
+    msg = str(exc.value)
+    assert str(path) in msg and "line 4" in msg
+    assert "1000042" not in msg and "1000001" not in msg  # never an eid from the file
+    path.write_text("1000001\neid,date\n")  # a header after an eid is no header
+    with pytest.raises(ValueError, match="line 2"):
+        read_withdrawn(path)
+    with pytest.raises(ValueError, match="no such file"):
+        read_withdrawn(tmp_path / "missing.txt")
+
+
+def test_withdrawn_participants_vanish_from_table_and_log(layout, manifest_l, caplog, tmp_path):
+    caplog.set_level(logging.DEBUG)
+    withdrawn = read_withdrawn(_withdrawal_file(tmp_path, WITHDRAWN))
+    df = layout_manifest(layout, withdrawn=withdrawn)
+    assert not set(df["eid"]) & WITHDRAWN
+    expected = manifest_l[~manifest_l["eid"].isin(WITHDRAWN)].reset_index(drop=True)
+    pd.testing.assert_frame_equal(df, expected)  # the others' rows are untouched
+    summary = df.attrs["ingest"]
+    # 1000001: three zips (instance 2 arrays 0 and 1, instance 3); the others one each
+    assert (summary["withdrawn_participants"], summary["withdrawn_images"]) == (4, 6)
+    messages = [r.getMessage() for r in caplog.records]
+    assert "withdrawn: 4 participants (6 images) removed before ingest; 5 eids listed" in messages
+    # the log does name the other participants' problems, down to DEBUG lines of hipoa.dicom ...
+    assert any("1000008" in m and "points_outside_image" in m for m in messages)
+    assert any("1000002" in m and "not DICOM, skipped" in m for m in messages)
+    # ... and never a withdrawn one: not their missing (1000006) or bad (1000007) points, not
+    # the unreadable zip (1000003), not the duplicate (1000001)
+    for record in caplog.records:
+        text = record.getMessage() + (record.exc_text or "")
+        assert not [e for e in WITHDRAWN if e in text], text
+    out = tmp_path / "L.parquet"
+    write_manifest(df, out)
+    meta = pq.read_metadata(out).metadata
+    assert (meta[b"withdrawn_participants"], meta[b"withdrawn_images"]) == (b"4", b"6")
+
+
+def test_without_the_list_the_same_log_names_them(layout, caplog):
+    # the check above can fail: the same ingest without a list logs the withdrawn eids' problems
+    caplog.set_level(logging.DEBUG)
+    layout_manifest(layout)
+    text = "\n".join(r.getMessage() for r in caplog.records)
+    assert "1000006_2_L: points_missing" in text and "1000007_2_L: points_invalid" in text
+    assert "1000003" in text and "1000001_2_L: duplicate_image" in text
+
+
+def test_everyone_withdrawn_gives_an_empty_manifest(layout):
+    every = {p.name.split("_")[0] for p in (layout / "ukb" / "20158").glob("*.zip")}
+    df = layout_manifest(layout, withdrawn=every)
+    assert len(df) == 0 and list(df.columns) == list(MANIFEST_COLUMNS)
+    assert (df.attrs["ingest"]["withdrawn_participants"], df.attrs["ingest"]["withdrawn_images"]) == (11, 13)
+    with pytest.raises(TypeError, match="read_withdrawn"):
+        layout_manifest(layout, withdrawn=str(layout / "w.txt"))
+
+
+def test_withdrawn_rows_of_a_manifest_table_are_dropped_unchecked(tmp_path, caplog):
+    (tmp_path / "a.dcm").write_bytes(hip_dicom("Left Femur", seed=1))
+    write_pts(tmp_path / "a.pts", good_points(1))
+    table = pd.DataFrame(
+        {
+            "eid": ["11", "1000012", "1000012", "1000012"],
+            "instance": ["2", "2", "x", "2"],  # a withdrawn row that would be refused
+            "side": ["L", "L", "L", "R"],
+            "image": ["a.dcm", "1000012.dcm", "", "1000012.dcm"],
+            "points_auto": ["a.pts", "1000012.pts", "", ""],
+            "points_manual": ["", "", "", ""],
+            "mask": ["", "", "", ""],
+        }
+    )
+    table.to_csv(tmp_path / "m.csv", index=False)
+    with pytest.raises(ValueError, match="row 3"):  # without the list, row 3 stops the ingest
+        build_manifest(manifest=tmp_path / "m.csv", side="L", n_shards=1)
+    caplog.clear()
+    caplog.set_level(logging.DEBUG)
+    df = build_manifest(manifest=tmp_path / "m.csv", side="L", n_shards=1, withdrawn={"1000012"})
+    assert df["eid"].tolist() == ["11"] and df["qc_reason"].tolist() == [""]
+    assert (df.attrs["ingest"]["withdrawn_participants"], df.attrs["ingest"]["withdrawn_images"]) == (1, 2)
+    assert not any("1000012" in r.getMessage() for r in caplog.records)
+    right = build_manifest(manifest=tmp_path / "m.csv", side="R", n_shards=1, withdrawn={"1000012"})
+    assert len(right) == 0 and right.attrs["ingest"]["withdrawn_images"] == 1
+
+
+def test_cli_ingest_withdrawn(layout, tmp_path, capsys):
+    out = tmp_path / "L.parquet"
+    rc = main([
+        "-v", "ingest", "--images", str(layout / IMAGES), "--points-auto", str(layout / AUTO),
+        "--masks", str(layout / MASKS), "--side", "L", "--shards", "3", "--out", str(out),
+        "--withdrawn", str(_withdrawal_file(tmp_path, WITHDRAWN)),
+    ])
+    assert rc == 0
+    df = pd.read_parquet(out)
+    assert len(df) == 13 - 6 and not set(df["eid"]) & WITHDRAWN
+    assert pq.read_metadata(out).metadata[b"withdrawn_images"] == b"6"
+    captured = capsys.readouterr()
+    assert "withdrawn, removed before ingest (no row): 4 participants, 6 images" in captured.out
+    assert "1000008" in captured.err  # the debug log went to stderr ...
+    assert not [e for e in WITHDRAWN if e in captured.out + captured.err]  # ... without them
+    (tmp_path / "bad.txt").write_text("1000001\n1000001,x\n")
+    assert main(["ingest", "--images", str(layout / IMAGES), "--points-auto", str(layout / AUTO), "--side", "L",
+                 "--shards", "3", "--out", str(out), "--withdrawn", str(tmp_path / "bad.txt")]) == 2
+
+
+def _withdrawal_file(folder: Path, eids: set[str]) -> Path:
+    """A withdrawal file as UKB sends it: Windows line endings, a blank line; here with a header."""
+    path = folder / "w_withdrawn.csv"
+    path.write_bytes(("eid\r\n" + "\r\n".join(sorted(eids)) + "\r\n\r\n").encode())
+    return path

@@ -194,28 +194,39 @@ def test_any_present_and_total_na_logic():
     assert str(out["any_present"].dtype) == "Int8" and str(out["total_area_mm2"].dtype) == "Float64"
 
 
-def test_pheno_and_dict_tsv(left):
-    pheno = phenotypes.out_tsv_path(left["out"], "pheno")
-    text = pheno.read_text()
-    header = text.splitlines()[0].split("\t")
-    assert header == ["FID", "IID"] + phenotypes.pheno_columns(SITES)
-    t = pd.read_csv(pheno, sep="\t", dtype=str, keep_default_na=False)
-    assert len(t) == 11 and t["FID"].is_unique and (t["FID"] == t["IID"]).all()  # 2000 once
-    assert set(t[f"{A}_present"]) == {"0", "1", "NA"} and set(t["any_present"]) <= {"0", "1", "NA"}
-    row = t.set_index("IID").loc["1002"].drop("FID")
-    assert (row == "NA").all()  # QC failure: every trait missing
-    assert float(t.set_index("IID").loc["1000", f"{A}_area_mm2"]) == pytest.approx(25.0)
+def test_gwas_files_and_dict_tsv(left):
+    from hipoa.release import release_path
+
+    stem = left["out"].with_suffix("")
+    bt = pd.read_csv(release_path(stem, "bt"), sep="\t", dtype=str, keep_default_na=False)
+    assert list(bt.columns) == ["FID", "IID", *[f"{s}_present" for s in SITES], "any_present"]
+    assert len(bt) == 11 and bt["FID"].is_unique and (bt["FID"] == bt["IID"]).all()  # 2000 once
+    assert set(bt[f"{A}_present"]) == {"0", "1", "NA"} and set(bt["any_present"]) <= {"0", "1", "NA"}
+    assert (bt.set_index("IID").loc["1002"].drop("FID") == "NA").all()  # QC failure: every trait missing
+    qt = pd.read_csv(release_path(stem, "qt"), sep="\t", dtype=str, keep_default_na=False)
+    areas = [f"{s}_area_mm2" for s in SITES] + ["total_area_mm2"]
+    assert list(qt.columns) == ["FID", "IID", *[c for a in areas for c in (a, f"{a}_rint")]]
+    assert float(qt.set_index("IID").loc["1000", f"{A}_area_mm2"]) == pytest.approx(25.0)
+    assert (qt[f"{A}_area_mm2"] == "NA").tolist() == (qt[f"{A}_area_mm2_rint"] == "NA").tolist()
+    covar = pd.read_csv(release_path(stem, "covar"), sep="\t", dtype=str, keep_default_na=False)
+    assert list(covar.columns[:4]) == ["FID", "IID", "instance", "reference_length_mm"]
+    assert covar.set_index("IID").loc["2000", "instance"] == "2"  # its lowest instance that passes QC
+    removed = release_path(stem, "remove").read_text().split("\n")
+    assert removed == ["1000\t1000", "1001\t1001", ""]  # train and val; 2000 is test
     d = pd.read_csv(phenotypes.out_tsv_path(left["out"], "dict"), sep="\t", keep_default_na=False)
-    assert list(d.columns) == ["FIELD", "TYPE", "DESCRIPTION", "UNITS"]
-    assert d["FIELD"].tolist() == pq.read_schema(left["out"]).names
-    d = d.set_index("FIELD")
-    assert d.loc[f"{A}_area_mm2", "UNITS"] == "mm^2" and d.loc[f"{A}_area_mm2", "TYPE"] == "Float64"
-    assert d.loc["eid", "TYPE"] == "int64" and d.loc["any_present", "TYPE"] == "Int8"
-    assert d.loc[f"{A}_n_components", "TYPE"] == "Int16" and d.loc[f"{A}_n_components", "UNITS"] == ""
-    assert d.loc[f"{A}_largest_area_mm2", "TYPE"] == "Float64"
-    assert d.loc[f"{A}_largest_area_mm2", "UNITS"] == "mm^2"
-    # the GWAS file keeps its traits (presence, area): the region columns are in the Parquet only
-    assert f"{A}_n_components" not in t.columns
+    assert list(d.columns) == ["FIELD", "FILES", "TYPE", "DESCRIPTION", "UNITS"]
+    names = pq.read_schema(left["out"]).names
+    assert d.loc[d["FILES"] == "parquet", "FIELD"].tolist() == names
+    parquet = d[d["FILES"] == "parquet"].set_index("FIELD")
+    assert parquet.loc[f"{A}_area_mm2", "UNITS"] == "mm^2" and parquet.loc[f"{A}_area_mm2", "TYPE"] == "Float64"
+    assert parquet.loc["eid", "TYPE"] == "int64" and parquet.loc["any_present", "TYPE"] == "Int8"
+    assert parquet.loc[f"{A}_n_components", "TYPE"] == "Int16" and parquet.loc[f"{A}_n_components", "UNITS"] == ""
+    assert parquet.loc[f"{A}_largest_area_mm2", "UNITS"] == "mm^2"
+    for kind, table in (("bt", bt), ("qt", qt), ("covar", covar)):
+        assert d.loc[d["FILES"] == kind, "FIELD"].tolist() == list(table.columns[2:]), kind
+    assert (d["DESCRIPTION"] != "").all()
+    # the GWAS files keep the traits (presence, area): the region columns are in the Parquet only
+    assert f"{A}_n_components" not in bt.columns and f"{A}_n_components" not in qt.columns
 
 
 def test_rerun_is_identical_but_created(left, models, tmp_path):
@@ -227,9 +238,11 @@ def test_rerun_is_identical_but_created(left, models, tmp_path):
     ma, mb = dict(a.schema.metadata), dict(b.schema.metadata)
     ma.pop(b"created"), mb.pop(b"created")
     assert ma == mb
-    for kind in ("pheno", "dict"):
-        first, again = phenotypes.out_tsv_path(left["out"], kind), phenotypes.out_tsv_path(out, kind)
-        assert again.read_bytes() == first.read_bytes()
+    from hipoa.release import release_path
+
+    for kind in ("bt", "qt", "covar", "remove", "dict"):
+        first, again = release_path(left["out"].with_suffix(""), kind), release_path(out.with_suffix(""), kind)
+        assert again.read_bytes() == first.read_bytes(), kind
 
 
 def test_missing_or_duplicated_predictions_are_errors(left, models, tmp_path):
@@ -259,7 +272,7 @@ def test_repeated_images_kept_in_order(models, tmp_path):
     first, second = df[df["eid"] == 1000].itertuples()
     assert first.qc_pass and getattr(first, f"{A}_present") == 1
     assert second.qc_reason == "duplicate_image" and pd.isna(getattr(second, f"{A}_present"))
-    t = pd.read_csv(phenotypes.out_tsv_path(out, "pheno"), sep="\t", dtype=str)
+    t = pd.read_csv(out.with_name("osteophytes_L.bt.tsv"), sep="\t", dtype=str)
     assert t["IID"].tolist() == ["1000", "1001", "1002", "1003", "1005"]
     assert t.set_index("IID").loc["1000", f"{A}_present"] == "1"
 

@@ -1,10 +1,13 @@
-"""The ``.pheno.tsv`` export works with the real ``plink2 --glm`` (Debian package ``plink2``).
+"""The GWAS files work with the real ``plink2 --glm`` (Debian package ``plink2``).
 
-``plink2 --dummy`` makes a small genotype set; its ``.psam`` is rewritten so that the sample IDs
-are the cohort's eids (FID = IID = eid, as in the ``.pheno.tsv``), plus three genotyped
-participants without phenotypes. Then ``--glm`` runs on a binary trait with ``--1`` (0/1 coding)
-and on a quantitative area trait; plink2's log and result files must report exactly the samples
-whose trait is not NA.
+Both sides of a small cohort go through :func:`hipoa.phenotypes.gather` and the participant
+release (:func:`hipoa.release.release_both_sides`). ``plink2 --dummy`` makes a small genotype set
+whose ``.psam`` is rewritten so that the sample IDs are the cohort's eids (FID = IID = eid, as in
+the GWAS files), plus three genotyped participants without phenotypes. Then ``--glm`` runs on
+every GWAS file, the way the README tells an analyst to: binary traits with ``--1`` (0/1
+coding), quantitative ones as they are, covariates from the ``.covar.tsv`` and the training
+participants removed with ``--remove``. plink2's log and results must report exactly the samples
+whose trait and covariate are not NA and who are not removed.
 """
 
 from __future__ import annotations
@@ -17,10 +20,8 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from hipoa import phenotypes
-
-from test_phenotypes import SITES, build_side  # noqa: E402  (tests/unit is on sys.path)
-from test_predict import make_model  # noqa: E402
+from test_phenotypes import SITES  # noqa: E402  (tests/unit is on sys.path)
+from test_release import release_cohort  # noqa: E402
 
 PLINK2 = shutil.which("plink2")
 pytestmark = pytest.mark.skipif(PLINK2 is None, reason="plink2 not installed (Debian: apt-get install -y plink2)")
@@ -41,43 +42,52 @@ def _plink(cwd: Path, *args: str) -> str:
 @pytest.fixture(scope="module")
 def cohort(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("plink")
-    models = {s: make_model(tmp / "models" / s / "unet.keras") for s in SITES}
-    manifest, preds, _, _ = build_side(tmp / "work", models, "L")
-    out = tmp / "osteophytes_L.parquet"
-    phenotypes.gather(manifest=manifest, predictions=preds, models=models, side="L", out=out)
-    pheno = phenotypes.out_tsv_path(out, "pheno")
-    eids = pd.read_csv(pheno, sep="\t", dtype=str)["IID"].tolist() + EXTRA_GENOTYPED
+    release_cohort(tmp)
+    tmp = tmp / "phenotypes"
+    eids = pd.read_csv(tmp / "osteophytes.bt.tsv", sep="\t", dtype=str)["IID"].tolist() + EXTRA_GENOTYPED
     _plink(tmp, "--dummy", str(len(eids)), "30", "--seed", "1", "--out", "geno")
     # --dummy names samples per0, per1, ...: give them the cohort's IDs (FID = IID = eid).
     (tmp / "geno.psam").write_text("#FID\tIID\tSEX\n" + "".join(f"{e}\t{e}\t2\n" for e in eids))
-    return tmp, pheno
+    return tmp, len(eids)
 
 
-def _obs_counts(path: Path) -> set[int]:
-    return set(pd.read_csv(path, sep="\t")["OBS_CT"].astype(int))
+# (stem, kind, trait, covariate): one binary and one quantitative trait of every GWAS file.
+CASES = [
+    ("osteophytes_L", "bt", f"{A}_present", "reference_length_mm"),
+    ("osteophytes_L", "qt", f"{A}_area_mm2_rint", "reference_length_mm"),
+    ("osteophytes_R", "bt", "any_present", "reference_length_mm"),
+    ("osteophytes_R", "qt", "total_area_mm2", "reference_length_mm"),
+    ("osteophytes", "bt", f"{A}_present_any", "reference_length_mm_L"),
+    ("osteophytes", "qt", f"{A}_area_sum_mm2_rint", "reference_length_mm_L"),
+]
 
 
-def test_glm_binary_trait_with_1(cohort):
-    tmp, pheno = cohort
-    t = pd.read_csv(pheno, sep="\t", dtype=str, keep_default_na=False)
-    cases, controls = (t[f"{A}_present"] == "1").sum(), (t[f"{A}_present"] == "0").sum()
-    # By hand (test_predict.example_shard): 1000, 1005 and 2000 present; 1001, 1004, 2001, 2004
-    # absent; 1002, 2002 (QC) and 1003, 2003 (patch outside) NA; the extra genotyped have none.
-    assert (cases, controls) == (3, 4)
-    log = _plink(tmp, "--pfile", "geno", "--pheno", pheno.name, "--pheno-name", f"{A}_present", "--1",
-                 "--glm", "allow-no-covars", "--out", "bin")
-    assert f"{len(t) + len(EXTRA_GENOTYPED)} samples" in log
-    assert re.search(rf"1 binary phenotype loaded \({cases} cases, {controls} controls\)", log), log
-    (result,) = tmp.glob(f"bin.{A}_present.glm.logistic*")
-    assert _obs_counts(result) == {cases + controls}
-
-
-def test_glm_quantitative_area(cohort):
-    tmp, pheno = cohort
-    t = pd.read_csv(pheno, sep="\t", dtype=str, keep_default_na=False)
-    n = int((t[f"{A}_area_mm2"] != "NA").sum())
-    assert n == 7
-    log = _plink(tmp, "--pfile", "geno", "--pheno", pheno.name, "--pheno-name", f"{A}_area_mm2", "--1",
-                 "--glm", "allow-no-covars", "--out", "quant")
-    assert re.search(rf"1 quantitative phenotype loaded \({n} values\)", log), log
-    assert _obs_counts(tmp / f"quant.{A}_area_mm2.glm.linear") == {n}
+@pytest.mark.parametrize(("stem", "kind", "trait", "covariate"), CASES)
+def test_glm_on_every_gwas_file(cohort, stem, kind, trait, covariate):
+    tmp, n_genotyped = cohort
+    traits = pd.read_csv(tmp / f"{stem}.{kind}.tsv", sep="\t", dtype=str, keep_default_na=False)
+    covar = pd.read_csv(tmp / f"{stem}.covar.tsv", sep="\t", dtype=str, keep_default_na=False)
+    removed = pd.read_csv(tmp / f"{stem}.remove.txt", sep="\t", header=None, names=["FID", "IID"], dtype=str)
+    assert sorted(removed["IID"]) == ["1000", "1001"]  # train and val participants; 2000 is test
+    rows = traits.merge(covar[["IID", covariate]], on="IID")
+    used = rows[(rows[trait] != "NA") & (rows[covariate] != "NA") & ~rows["IID"].isin(removed["IID"])]
+    assert 3 <= len(used) < len(traits)  # some lines are NA or removed, so the count means something
+    args = ["--pfile", "geno", "--pheno", f"{stem}.{kind}.tsv", "--pheno-name", trait,
+            "--covar", f"{stem}.covar.tsv", "--covar-name", covariate, "--remove", f"{stem}.remove.txt",
+            "--out", f"{stem}.{trait}"]
+    if kind == "bt":
+        args += ["--1", "--glm", "firth-fallback"]
+    else:
+        args += ["--glm"]
+    log = _plink(tmp, *args)
+    assert f"{n_genotyped} samples" in log
+    assert re.search(rf"--remove: {n_genotyped - 2} samples remaining", log), log
+    if kind == "bt":
+        cases, controls = int((used[trait] == "1").sum()), int((used[trait] == "0").sum())
+        assert cases and controls
+        assert f"{cases} cases and {controls} controls remaining after main filters" in log, log
+        (result,) = tmp.glob(f"{stem}.{trait}.{trait}.glm.logistic*")
+    else:
+        (result,) = tmp.glob(f"{stem}.{trait}.{trait}.glm.linear")
+    table = pd.read_csv(result, sep="\t")
+    assert set(table.loc[table["TEST"] == "ADD", "OBS_CT"].astype(int)) == {len(used)}

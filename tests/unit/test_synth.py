@@ -152,6 +152,8 @@ def test_header_profile(cohort):
         assert (ds.Rows, ds.Columns) == (r["rows"], r["cols"])
         assert 560 <= ds.Rows <= 660 and 620 <= ds.Columns <= 720
         assert ds.Manufacturer == "GE Healthcare" and ds.ManufacturerModelName == "Lunar iDXA"
+        # the scanner identifiers ingest puts in the manifest (covariates), constant in the demo
+        assert ds.DeviceSerialNumber == "SYNTH0001" and str(ds.SoftwareVersions).startswith("hipoa ")
         assert str(ds.PatientName) == "ANON^SYNTH"
         assert str(r["eid"]) not in str(ds.PatientID) and ds.PatientID
         assert not ds.get("PatientBirthDate")

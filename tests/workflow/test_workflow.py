@@ -9,13 +9,16 @@ runs, lint and config checks are quick.
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import signal
 import subprocess
 import sys
 import time
+import warnings
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import pyarrow.parquet as pq
 import pytest
@@ -51,6 +54,9 @@ TINY = {
     },
     "predictions": {"batch_size": 32, "write_masks": True},
 }
+
+
+TINY_WITHDRAWN = {**TINY, "inputs": {"withdrawn": "withdrawn.csv"}}
 
 
 def snakemake(workdir: Path, override: dict | None, *args: str, check: bool = True,
@@ -479,8 +485,16 @@ def demo_run(tmp_path_factory):
     Returns the working directory and the output of the resumed run.
     """
     work = tmp_path_factory.mktemp("run_a")
+    # The cohort first, to pick participants who then withdraw consent (a UKB-style list: a
+    # header, one eid per line, an empty line): one annotated, one not, none with a fault.
+    snakemake(work, TINY, "resources/demo/truth.parquet")
+    truth = pd.read_parquet(work / "resources" / "demo" / "truth.parquet")
+    clean = truth[(truth["side"] == "L") & (truth["expected_reason"] == "")]
+    withdrawn = [str(clean.loc[clean["annotated"], "eid"].iloc[0]), str(clean.loc[~clean["annotated"], "eid"].iloc[0])]
+    (work / "withdrawn.csv").write_text("eid\n" + "\n".join(withdrawn) + "\n\n")
+    (work / "withdrawn.txt").write_text("\n".join(withdrawn))  # for the tests, not the workflow
     # --retries 0: the workflow profile's retries would redo the killed job in the same run.
-    proc = snakemake(work, TINY, "--retries", "0", popen=True)
+    proc = snakemake(work, TINY_WITHDRAWN, "--retries", "0", popen=True)
     killed = None
     try:
         while killed is None and proc.poll() is None:
@@ -499,8 +513,8 @@ def demo_run(tmp_path_factory):
             proc.wait(timeout=120)
     assert killed is not None, "no train-unet job was seen to kill"
     assert proc.returncode != 0, output[-3000:]
-    resumed = snakemake(work, TINY)
-    snakemake(work, TINY, "--report", "results/report.html")
+    resumed = snakemake(work, TINY_WITHDRAWN)
+    snakemake(work, TINY_WITHDRAWN, "--report", "results/report.html")
     return work, resumed.stdout + resumed.stderr
 
 
@@ -521,6 +535,8 @@ def test_interrupted_run_resumes_where_it_stopped(demo_run):
 def test_phenotype_table_has_one_row_per_image_with_contract_columns(demo_run):
     demo_run, _ = demo_run
     truth = pd.read_parquet(demo_run / "resources" / "demo" / "truth.parquet")
+    withdrawn = (demo_run / "withdrawn.txt").read_text().split()
+    truth = truth[~truth["eid"].astype(str).isin(withdrawn)]
     for side in ("L", "R"):
         table = pd.read_parquet(demo_run / "results" / "phenotypes" / f"osteophytes_{side}.parquet")
         expected = truth[truth["side"] == side]
@@ -547,8 +563,60 @@ def test_phenotype_table_has_one_row_per_image_with_contract_columns(demo_run):
         meta = pq.read_schema(demo_run / "results" / "phenotypes" / f"osteophytes_{side}.parquet").metadata
         keys = {k.decode() for k in meta}
         assert any("config" in k for k in keys) and any("version" in k for k in keys)
-        pheno = pd.read_csv(demo_run / "results" / "phenotypes" / f"osteophytes_{side}.pheno.tsv", sep="\t")
-        assert list(pheno.columns[:2]) == ["FID", "IID"]
+        assert meta[b"withdrawn_participants"] == b"2"
+        for kind in ("bt", "qt", "covar"):
+            gwas = pd.read_csv(demo_run / "results" / "phenotypes" / f"osteophytes_{side}.{kind}.tsv", sep="\t")
+            assert list(gwas.columns[:2]) == ["FID", "IID"]
+            assert sorted(gwas["IID"].astype(str)) == sorted(expected["eid"].astype(str).unique())
+    both = pd.read_parquet(demo_run / "results" / "phenotypes" / "osteophytes.parquet")
+    assert len(both) == truth[["eid", "instance"]].drop_duplicates().shape[0]
+    assert {"n_sides_measured", f"{SITES[0]}_present_any", f"{SITES[0]}_area_max_mm2"} <= set(both.columns)
+    summary = (demo_run / "results" / "phenotypes" / "osteophytes_L.summary.txt").read_text()
+    assert "withdrawn participants removed at ingest: 2" in summary
+    assert "removed at ingest before any image was read (not counted above): L: 2, R: 2" in (
+        demo_run / "results" / "report" / "qc_counts.html").read_text()
+
+
+@pytest.mark.slow
+def test_withdrawn_participants_leave_no_trace(demo_run):
+    """Withdrawn eids appear in no file, file name or log line written from ingest on: text is
+    searched byte for byte, Parquet tables and Zarr stores are read (their chunks are compressed)."""
+    import zarr
+
+    demo_run, _ = demo_run
+    withdrawn = (demo_run / "withdrawn.txt").read_text().split()
+    ingest_on = [demo_run / "results", *[p for p in (demo_run / "logs").iterdir() if p.name != "synth_cohort.log"]]
+    files = [f for root in ingest_on for f in ([root] if root.is_file() else root.rglob("*")) if f.is_file()]
+    assert len(files) > 50
+    for f in files:
+        for eid in withdrawn:
+            assert eid not in str(f.relative_to(demo_run)), f
+        if ".zarr" in f.parts[-2] or any(part.endswith(".zarr") for part in f.parts):
+            continue
+        if f.suffix == ".parquet":
+            table = pd.read_parquet(f)
+            for column in ("eid", "IID", "FID"):
+                if column in table.columns:
+                    assert not table[column].astype(str).isin(withdrawn).any(), f
+            continue
+        data = f.read_bytes()
+        if f.suffix == ".html":  # embedded figures: base64 text, where any digit run may occur
+            data = re.sub(rb"base64,[A-Za-z0-9+/=]+", b"base64,", data)
+        for eid in withdrawn:
+            assert eid.encode() not in data, (f, eid)
+    stores = [p for p in (demo_run / "results").rglob("*.zarr") if p.is_dir()]
+    assert stores
+    checked = 0
+    for store in stores:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # Snakemake's timestamp file and the completion marker
+            members = list(zarr.open_group(store, mode="r").members(max_depth=None))
+        for name, member in members:
+            if name.split("/")[-1] == "eid":
+                eids = {str(value) for value in np.asarray(member[:]).tolist()}
+                assert not eids & set(withdrawn), (store, name)
+                checked += 1
+    assert checked >= len(stores) // 2
 
 
 @pytest.mark.slow
@@ -575,7 +643,9 @@ def test_right_hips_with_loaded_left_models(demo_run, tmp_path):
     demo_run, _ = demo_run
     work = tmp_path / "run_right"
     shutil.copytree(demo_run / "results" / "models", work / "models" / "left")
-    override = {**TINY, "sides": ["R"], "models": {s: {"load": f"models/left/{s}/unet.keras"} for s in SITES}}
+    shutil.copy2(demo_run / "withdrawn.csv", work / "withdrawn.csv")
+    override = {**TINY_WITHDRAWN, "sides": ["R"],
+                "models": {s: {"load": f"models/left/{s}/unet.keras"} for s in SITES}}
     done = snakemake(work, override)
     counts = job_counts(done.stdout + done.stderr)
     assert counts["train_unet"] == 3  # each copies its loaded model into results/models/

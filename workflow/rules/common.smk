@@ -101,6 +101,11 @@ def check_config():
         )
     if inputs["manifest"] and Path(inputs["manifest"]).exists():
         validate_manifest(inputs["manifest"])
+    if inputs["withdrawn"] and not Path(inputs["withdrawn"]).is_file():
+        raise ValueError(
+            f"config inputs.withdrawn: {inputs['withdrawn']!r} is not a file (relative paths are "
+            "resolved against the working directory)"
+        )
     check_shards()
 
 
@@ -298,12 +303,16 @@ def model_args(wildcards):
 
 
 def ingest_input(wildcards):
-    """Files ingest waits for: the synthetic cohort, or the manifest table; none for patterns."""
+    """Files ingest waits for: the synthetic cohort or the manifest table (none for patterns),
+    and the withdrawal list."""
+    files = {}
     if config["inputs"]["manifest"]:
-        return {"manifest": config["inputs"]["manifest"]}
-    if config["cohort"]["synthesize"]:
-        return {"cohort": f"{COHORT_DIR}/truth.parquet"}
-    return {}
+        files["manifest"] = config["inputs"]["manifest"]
+    elif config["cohort"]["synthesize"]:
+        files["cohort"] = f"{COHORT_DIR}/truth.parquet"
+    if config["inputs"]["withdrawn"]:
+        files["withdrawn"] = config["inputs"]["withdrawn"]
+    return files
 
 
 def ingest_source(wildcards):
@@ -320,6 +329,12 @@ def ingest_source(wildcards):
     if inputs["masks"]:
         flags.append(f"--masks {shlex.quote(inputs['masks'])}")
     return " ".join(flags)
+
+
+def withdrawn_flag(wildcards):
+    """`--withdrawn LIST` for `hipoa ingest` when inputs.withdrawn is set."""
+    withdrawn = config["inputs"]["withdrawn"]
+    return f"--withdrawn {shlex.quote(withdrawn)}" if withdrawn else ""
 
 
 def parent_of_truth(wildcards, output):
@@ -459,16 +474,33 @@ def phenotypes_flags(wildcards):
 def all_targets():
     """Targets of the default target: phenotype tables per side, evaluations, QC montages, report figures."""
     targets = expand(
-        "results/phenotypes/osteophytes_{side}.{ext}",
-        side=SIDES,
-        ext=["parquet", "pheno.tsv", "dict.tsv"],
+        "results/phenotypes/osteophytes_{side}.{ext}", side=SIDES, ext=RELEASE_FILES
     )
+    targets += expand("results/phenotypes/osteophytes.{ext}", ext=RELEASE_FILES)
     targets += expand("results/evaluation/{site}.json", site=TRAINED_SITES)
     targets += expand("results/qc/patches_{side}_auto.png", side=SIDES)
     if TRAINED_SITES:
         targets.append(f"results/qc/patches_{config['training']['side']}_manual.png")
     targets += REPORT_FIGURES
     return targets
+
+
+# What a phenotype table comes with (one side's, or the participants' of both): the Parquet,
+# the GWAS files and the dictionary (hipoa.release).
+RELEASE_FILES = [
+    "parquet",
+    "bt.tsv",
+    "qt.tsv",
+    "covar.tsv",
+    "remove.txt",
+    "dict.tsv",
+]
+
+
+def release_outputs(stem):
+    """The outputs of a phenotype table ``stem`` (results/phenotypes/osteophytes[_{side}])."""
+    names = {"parquet": "table", "remove.txt": "remove_list", "dict.tsv": "dictionary"}
+    return {names.get(ext, ext.split(".")[0]): f"{stem}.{ext}" for ext in RELEASE_FILES}
 
 
 REPORT_FIGURES = [

@@ -13,6 +13,7 @@ rule ingest:
         "results/benchmarks/ingest/{side}.tsv"
     params:
         source=ingest_source,
+        withdrawn=withdrawn_flag,
         shards=config["patches"]["shards"],
         n_points=config["n_points"],
         limits=qc_json(),
@@ -24,6 +25,6 @@ rule ingest:
     conda:
         CONDA_CPU
     shell:
-        "python -m hipoa ingest {params.source} --side {wildcards.side} --shards {params.shards} "
+        "python -m hipoa ingest {params.source} {params.withdrawn} --side {wildcards.side} --shards {params.shards} "
         "--n-points {params.n_points} --limits '{params.limits}' --mask-labels {params.labels} "
         "--workers {threads} --out {output.manifest} 2> {log}"

@@ -1,6 +1,7 @@
 # Every patch cropped from automatic points through every site's model, one job per group of
 # predictions.shards_per_job shards (the models are loaded once per job);
-# then the per-side phenotype table for GWAS (Parquet + plink2/regenie TSVs).
+# then the per-side phenotype table with its GWAS files, and the participant table of all sides
+# with its own (hipoa.release).
 
 
 rule predict_masks:
@@ -36,9 +37,7 @@ rule phenotypes:
         unpack(phenotypes_input),
     output:
         **phenotypes_outputs(),
-        table="results/phenotypes/osteophytes_{side}.parquet",
-        pheno="results/phenotypes/osteophytes_{side}.pheno.tsv",
-        fields="results/phenotypes/osteophytes_{side}.dict.tsv",
+        **release_outputs("results/phenotypes/osteophytes_{side}"),
         summary="results/phenotypes/osteophytes_{side}.summary.txt",
     log:
         "logs/phenotypes/{side}.log",
@@ -48,6 +47,7 @@ rule phenotypes:
         models=model_args,
         flags=phenotypes_flags,
         config_hash=config_hash(),
+        instance=config["gwas"]["instance"],
     threads: 1
     resources:
         mem_mb=8000,
@@ -57,4 +57,27 @@ rule phenotypes:
     shell:
         "python -m hipoa phenotypes --manifest {input.manifest} "
         "--model {params.models} {params.flags} --side {wildcards.side} --out {output.table} "
-        "--config-hash {params.config_hash} 2> {log} | tee {output.summary}"
+        "--config-hash {params.config_hash} --instance {params.instance} 2> {log} | tee {output.summary}"
+
+
+rule release:
+    input:
+        phenotypes=expand("results/phenotypes/osteophytes_{side}.parquet", side=SIDES),
+        manifests=expand("results/manifest/{side}.parquet", side=SIDES),
+    output:
+        **release_outputs("results/phenotypes/osteophytes"),
+    log:
+        "logs/release.log",
+    benchmark:
+        "results/benchmarks/release.tsv"
+    params:
+        instance=config["gwas"]["instance"],
+    threads: 1
+    resources:
+        mem_mb=8000,
+        runtime=30,
+    conda:
+        CONDA_CPU
+    shell:
+        "python -m hipoa release --phenotypes {input.phenotypes} --manifests {input.manifests} "
+        "--out {output.table} --instance {params.instance} 2> {log}"

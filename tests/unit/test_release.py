@@ -1,0 +1,203 @@
+"""hipoa.release: the participant table over both sides and the GWAS files (bt, qt, covar, remove).
+
+Each GWAS file is read back with a strict reader of regenie's phenotype/covariate format as its
+documentation states it (header ``FID IID ...``, tab- or space-separated, ``NA`` for missing,
+binary traits 0/1), and the participant table with pyarrow, duckdb and polars.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pyarrow.parquet as pq
+import pytest
+from scipy.stats import norm
+
+from hipoa import phenotypes, release
+
+from test_phenotypes import SITES, build_side  # noqa: E402  (tests/unit is on sys.path)
+from test_predict import make_model  # noqa: E402
+
+A = SITES[0]
+
+
+def read_regenie(path: Path, binary: bool = False) -> pd.DataFrame:
+    """A phenotype or covariate file as regenie's documentation states the format, strictly.
+
+    Header ``FID IID`` then the trait names; fields separated by one tab or space; one line per
+    sample, every line as many fields as the header; unique ``FID IID``; a value is ``NA`` or a
+    number (covariates may also be categorical: a token without whitespace); with ``binary`` every
+    trait is ``0``, ``1`` or ``NA``.
+    """
+    text = path.read_text()
+    assert text.endswith("\n") and "\r" not in text, path
+    lines = text.split("\n")[:-1]
+    split = [re.split(r"[\t ]", line) for line in lines]
+    header = split[0]
+    assert header[:2] == ["FID", "IID"], header
+    assert len(set(header)) == len(header), header
+    for number, fields in enumerate(split[1:], start=2):
+        assert len(fields) == len(header), (path, number, fields)
+        assert all(field != "" for field in fields), (path, number)
+    table = pd.DataFrame(split[1:], columns=header)
+    assert not table.duplicated(["FID", "IID"]).any(), path
+    for column in header[2:]:
+        values = table[column]
+        if binary:
+            assert set(values) <= {"0", "1", "NA"}, (path, column, sorted(set(values)))
+        else:
+            numeric = values[values != "NA"]
+            assert numeric.str.fullmatch(r"-?\d+(\.\d+)?([eE][-+]?\d+)?").all() or path.name.endswith(".covar.tsv"), (
+                path, column)
+    return table
+
+
+# ---- pieces ---------------------------------------------------------------------------------
+
+
+def test_rank_inverse_normal_blom_with_ties_and_na():
+    values = pd.Series([0.0, 0.0, 0.0, 5.0, None, 2.0, 9.0], dtype="Float64")
+    z = release.rank_inverse_normal(values)
+    n = 6
+    ranks = np.array([2.0, 2.0, 2.0, 5.0, 4.0, 6.0])  # the three zeros share ranks 1-3
+    expected = norm.ppf((ranks - 3 / 8) / (n + 1 / 4))
+    np.testing.assert_allclose(z.dropna().to_numpy(dtype=float), expected, rtol=0, atol=1e-12)
+    assert pd.isna(z[4]) and str(z.dtype) == "Float64"
+    assert z[0] == z[1] == z[2] < z[5] < z[3] < z[6]
+    assert release.rank_inverse_normal(pd.Series([None, None], dtype="Float64")).isna().all()
+
+
+def test_instance_policies():
+    df = pd.DataFrame({"eid": ["1", "1", "2", "3", "3"], "instance": [2, 3, 2, 2, 3]})
+    passing = pd.Series([False, True, False, True, True])
+    first_passing = release.choose_instances(df, "first_passing", passing)
+    assert first_passing[["eid", "instance"]].values.tolist() == [["1", 3], ["2", 2], ["3", 2]]
+    first = release.choose_instances(df, "first", passing)
+    assert first["instance"].tolist() == [2, 2, 2]
+    only3 = release.choose_instances(df, 3, passing)
+    assert only3[["eid", "instance"]].values.tolist() == [["1", 3], ["3", 3]]
+    with pytest.raises(ValueError, match="first_passing, first or an instance number"):
+        release.parse_instance_policy("latest")
+
+
+def _side(side: str, rows: list[tuple]) -> pd.DataFrame:
+    """A minimal side table: (eid, instance, qc_pass, present, area) for one site."""
+    df = pd.DataFrame(rows, columns=["eid", "instance", "qc_pass", f"{A}_present", f"{A}_area_mm2"])
+    df["side"] = side
+    df["qc_reason"] = np.where(df["qc_pass"], "", "points_missing")
+    df[f"{A}_present"] = df[f"{A}_present"].astype("Int8")
+    df[f"{A}_area_mm2"] = df[f"{A}_area_mm2"].astype("Float64")
+    df["reference_length_mm"] = 60.0
+    df["any_present"] = df[f"{A}_present"]
+    df["total_area_mm2"] = df[f"{A}_area_mm2"]
+    df["annotated"] = False
+    df["used_in_training"] = df["eid"] == "3"
+    return df
+
+
+def test_participant_table_combines_sides_with_documented_na_rules():
+    left = _side("L", [("1", 2, True, 1, 4.0), ("2", 2, True, 0, 0.0), ("3", 2, True, 0, 0.0), ("4", 2, False, None, None)])
+    right = _side("R", [("1", 2, True, 0, 0.0), ("2", 2, True, 0, 0.0), ("4", 2, True, 1, 3.0)])
+    wide = release.participant_table({"L": left, "R": right}, [A]).set_index("eid")
+    assert list(wide.index) == [1, 2, 3, 4]
+    # participant 1: present on the left only
+    assert wide.loc[1, f"{A}_present_any"] == 1 and wide.loc[1, f"{A}_area_sum_mm2"] == 4.0
+    assert wide.loc[1, f"{A}_area_max_mm2"] == 4.0 and wide.loc[1, "n_sides_measured"] == 2
+    # participant 2: measured absent on both hips
+    assert wide.loc[2, f"{A}_present_any"] == 0 and wide.loc[2, "any_present"] == 0
+    # participant 3: no right image at this visit -> right columns NA, presence unknown, sums NA
+    assert pd.isna(wide.loc[3, "qc_pass_R"]) and pd.isna(wide.loc[3, f"{A}_present_R"])
+    assert pd.isna(wide.loc[3, f"{A}_present_any"]) and pd.isna(wide.loc[3, f"{A}_area_sum_mm2"])
+    assert wide.loc[3, "n_sides_measured"] == 1 and wide.loc[3, "used_in_training"]
+    # participant 4: left failed QC, right present -> present on some hip, areas unknown
+    assert wide.loc[4, f"{A}_present_any"] == 1 and pd.isna(wide.loc[4, f"{A}_area_max_mm2"])
+    assert wide.loc[4, "qc_pass_L"] == False  # noqa: E712  (nullable boolean)
+    assert str(wide["qc_pass_L"].dtype) == "boolean" and str(wide[f"{A}_present_any"].dtype) == "Int8"
+
+
+# ---- end to end: two sides through gather, then the participant release ------------------------
+
+
+def release_cohort(tmp: Path) -> dict:
+    """Both sides of the example shards (right hips: the left's mirror twins) through gather,
+    with 1000 in train, 1001 in val and 2000 in test, then the participant release."""
+    models = {s: make_model(tmp / "models" / s / "unet.keras") for s in SITES}
+    splits = tmp / "splits.parquet"
+    pd.DataFrame({"eid": ["1000", "1001", "2000"], "split": ["train", "val", "test"]}).to_parquet(splits)
+    tables, manifests = {}, {}
+    for side in ("L", "R"):
+        manifest, preds, _, _ = build_side(tmp / f"work{side}", models, side)
+        out = tmp / "phenotypes" / f"osteophytes_{side}.parquet"
+        phenotypes.gather(manifest=manifest, predictions=preds, models=models, side=side, out=out, splits=[splits])
+        tables[side], manifests[side] = out, manifest
+    out = tmp / "phenotypes" / "osteophytes.parquet"
+    table = release.release_both_sides(phenotypes=tables, manifests=manifests, out=out)
+    return {"table": table, "out": out, "tables": tables, "tmp": tmp}
+
+
+@pytest.fixture(scope="module")
+def released(tmp_path_factory):
+    return release_cohort(tmp_path_factory.mktemp("release"))
+
+
+def test_participant_parquet_read_by_pyarrow_duckdb_polars(released):
+    duckdb = pytest.importorskip("duckdb")
+    polars = pytest.importorskip("polars")
+    out, table = released["out"], released["table"]
+    left = pd.read_parquet(released["tables"]["L"])
+    assert len(table) == len(left.drop_duplicates(["eid", "instance"]))  # the right hips are the left's twins
+    schema = pq.read_schema(out)
+    assert schema.metadata[b"sides"] == b"L,R" and schema.metadata[b"instance_policy"] == b"first_passing"
+    for name in (f"{A}_present_L", f"{A}_present_R", f"{A}_present_any", f"{A}_area_sum_mm2", "n_sides_measured"):
+        assert name in schema.names
+    n = duckdb.sql(f"SELECT count(*) FROM '{out}' WHERE {A}_present_any = 1").fetchall()[0][0]
+    assert n == int((table[f"{A}_present_any"] == 1).sum()) > 0
+    frame = polars.read_parquet(out)
+    assert frame.height == len(table) and frame[f"{A}_area_sum_mm2"].null_count() == int(
+        table[f"{A}_area_sum_mm2"].isna().sum())
+    # twins: the sum of both hips is twice the left's area, the larger one the left's
+    twice = table[f"{A}_area_sum_mm2"].dropna()
+    np.testing.assert_allclose(twice, 2 * table.loc[twice.index, f"{A}_area_mm2_L"].astype(float))
+
+
+def test_participant_gwas_files_in_regenie_format(released):
+    stem = released["out"].with_suffix("")
+    bt = read_regenie(release.release_path(stem, "bt"), binary=True)
+    qt = read_regenie(release.release_path(stem, "qt"))
+    covar = read_regenie(release.release_path(stem, "covar"))
+    assert bt["IID"].tolist() == qt["IID"].tolist() == covar["IID"].tolist()
+    assert bt["IID"].is_unique and len(bt) == released["table"]["eid"].nunique()
+    assert f"{A}_present_any" in bt.columns and f"{A}_area_max_mm2_rint" in qt.columns
+    assert {"instance", "n_sides_measured", "reference_length_mm_L", "reference_length_mm_R"} <= set(covar.columns)
+    removed = release.release_path(stem, "remove").read_text().splitlines()
+    assert removed == ["1000\t1000", "1001\t1001"]
+    d = pd.read_csv(release.release_path(stem, "dict"), sep="\t", keep_default_na=False)
+    for kind, table in (("bt", bt), ("qt", qt), ("covar", covar)):
+        assert d.loc[d["FILES"] == kind, "FIELD"].tolist() == list(table.columns[2:])
+    assert d.loc[d["FILES"] == "parquet", "FIELD"].tolist() == pq.read_schema(released["out"]).names
+    assert (d["DESCRIPTION"].str.len() > 10).all()
+
+
+def test_side_gwas_files_in_regenie_format(released):
+    for side in ("L", "R"):
+        stem = released["tables"][side].with_suffix("")
+        bt = read_regenie(release.release_path(stem, "bt"), binary=True)
+        qt = read_regenie(release.release_path(stem, "qt"))
+        read_regenie(release.release_path(stem, "covar"))
+        assert bt["IID"].tolist() == qt["IID"].tolist()
+
+
+def test_cli_release(released, tmp_path):
+    from hipoa.cli import main
+
+    tmp = released["tmp"]
+    out = tmp_path / "osteophytes.parquet"
+    manifests = {side: tmp / f"work{side}" / f"{side}.parquet" for side in ("L", "R")}
+    argv = ["release", "--phenotypes", *map(str, released["tables"].values()),
+            "--manifests", *map(str, manifests.values()), "--out", str(out)]
+    assert main(argv) == 0
+    assert pq.read_table(out).drop(["eid"]).equals(pq.read_table(released["out"]).drop(["eid"]))
+    assert main([*argv[:-2], "--out", str(tmp_path / "x.parquet"), "--instance", "latest"]) == 2
