@@ -501,9 +501,14 @@ def _release_args(p: argparse.ArgumentParser) -> None:
 
 
 def _side_of(path: Path, what: str) -> str:
-    """The one side a per-side table holds (its ``side`` column)."""
+    """The side a per-side table holds: its ``side`` metadata (a phenotype table, also when it is
+    empty), else the one value of its ``side`` column."""
     import pandas as pd
+    import pyarrow.parquet as pq
 
+    side = (pq.read_schema(path).metadata or {}).get(b"side")
+    if side:
+        return side.decode()
     sides = sorted(set(pd.read_parquet(path, columns=["side"])["side"].astype(str)))
     if len(sides) != 1:
         raise ValueError(f"{path}: a {what} of one side expected, found sides {sides}")

@@ -13,7 +13,7 @@ spreads zips over processes.
 
 Identity: eids are kept exactly as given, as strings (``0123`` and ``123`` are two participants);
 an eid must match :data:`EID_PATTERN`, so that it is a safe file name and a single field of a
-whitespace-separated ``.pheno.tsv``.
+whitespace-separated GWAS files (``.bt.tsv``, ``.qt.tsv``).
 
 Withdrawals: participants who withdrew consent (UK Biobank's withdrawal file, read by
 :func:`read_withdrawn`) are removed from the job list before any file of theirs is opened, so no
@@ -168,8 +168,9 @@ def read_withdrawn(path: str | Path) -> set[str]:
 
     UKB sends one eid per line (plain text or a one-column CSV). Empty lines, whitespace around
     an eid, Windows line endings and a UTF-8 byte-order mark are tolerated, and so is a header:
-    a first non-empty line that is not an :data:`EID_PATTERN` (e.g. ``eid,``), or is one of the
-    column names in :data:`WITHDRAWN_HEADERS` (``eid`` would pass as an eid), is skipped. eids are
+    a first non-empty line that holds a letter and is not an :data:`EID_PATTERN` (e.g. ``f.eid,``),
+    or is one of the column names in :data:`WITHDRAWN_HEADERS` (``eid`` would pass as an eid), is
+    skipped. Quotes around an eid and a trailing comma (a one-column CSV) are dropped. eids are
     kept exactly as written, as everywhere in ingest (``0123`` and ``123`` are two participants).
     An empty file means no withdrawals.
 
@@ -200,17 +201,23 @@ def read_withdrawn(path: str | Path) -> set[str]:
         if not value:
             continue
         first, seen_first = not seen_first, True
+        value = value.strip('"').rstrip(",").strip().strip('"')  # a one-column CSV: "1234567" or 1234567,
         if first and value.lower() in WITHDRAWN_HEADERS:
             continue
         if EID_PATTERN.fullmatch(value):
             eids.add(value)
-        elif not first:
+        elif not first or not re.search(r"[A-Za-z]", value):
             bad = next((i for i, c in enumerate(value) if not re.fullmatch(r"[A-Za-z0-9._-]", c)), 0)
             raise ValueError(
                 f"withdrawal file {path}: line {number} is not an eid (letters, digits, '.', '_', '-'; "
                 f"{len(value)} characters, the first unexpected one at column {bad + 1})"
             )
     return eids
+
+
+def _withdrawn_in(path: str, withdrawn: Collection[str]) -> str | None:
+    """The withdrawn eid that a run of letters and digits in ``path`` is, if any."""
+    return next((token for token in re.findall(r"[A-Za-z0-9]+", str(path)) if token in withdrawn), None)
 
 
 def _withdrawn_set(withdrawn: Collection[str] | None) -> frozenset[str]:
@@ -441,6 +448,10 @@ def _layout_jobs(
             removed[m.group("eid")] += 1
             continue
         if m is None or not EID_PATTERN.fullmatch(m.group("eid")):
+            named = _withdrawn_in(path, withdrawn) if withdrawn else None
+            if named is not None:  # unparsed, but its name holds a withdrawn eid: counted, never named
+                removed[named] += 1
+                continue
             why = "the pattern cannot parse it" if m is None else f"its eid {m.group('eid')!r} is not a valid eid"
             log.warning("%s: found by the glob %s but %s (pattern %s); no row", path, glob_pattern, why, images)
             unmatched.append(path)
@@ -542,7 +553,7 @@ def _manifest_jobs(
         if not EID_PATTERN.fullmatch(eid):
             raise ValueError(
                 f"{line}: eid {eid!r} is not a valid eid (letters, digits, '.', '_', '-', no spaces): it would "
-                "break file names and the whitespace-separated .pheno.tsv"
+                "break file names and the whitespace-separated GWAS files"
             )
         try:
             instance = int(_text(rec["instance"]))

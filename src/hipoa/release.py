@@ -46,8 +46,13 @@ INSTANCE_POLICIES = ("first_passing", "first")
 """``first_passing``: each participant's lowest instance that passes QC (any side for the
 participant table), else the lowest; ``first``: the lowest instance. An integer instead keeps
 only that instance (participants without it are left out)."""
-# Scanner and software identifiers copied from the manifest (DICOM header) into the covariates.
+# Scanner and software identifiers copied from the manifest (DICOM header) into the covariates,
+# each written with a prefix that begins with a letter, so that plink2 and regenie read them as
+# categories (plink2 takes an all-digit serial number for a quantity, and refuses a value such as
+# "12.30.008" that starts like a number).
 DEVICE_COLUMNS = ("manufacturer", "manufacturer_model", "device_serial", "software_versions")
+DEVICE_PREFIX = {"manufacturer": "maker_", "manufacturer_model": "model_", "device_serial": "serial_",
+                 "software_versions": "software_"}
 BLOM_OFFSET = 3.0 / 8.0
 
 
@@ -70,8 +75,10 @@ def rank_inverse_normal(values: pd.Series) -> pd.Series:
 
 
 def parse_instance_policy(policy: str | int) -> str | int:
-    """``first_passing``, ``first`` or an instance number (ValueError naming the choices)."""
-    if isinstance(policy, int) or str(policy).strip().isdigit():
+    """``first_passing``, ``first`` or an instance number >= 0 (ValueError naming the choices)."""
+    if isinstance(policy, bool):
+        raise ValueError(f"instance policy {policy!r}: use one of {', '.join(INSTANCE_POLICIES)} or an instance number")
+    if isinstance(policy, int) and policy >= 0 or isinstance(policy, str) and policy.strip().isdigit():
         return int(policy)
     if policy in INSTANCE_POLICIES:
         return str(policy)
@@ -87,10 +94,12 @@ def choose_instances(df: pd.DataFrame, policy: str | int, passing: pd.Series) ->
         passing: Boolean per row of ``df``: the row counts as passing QC.
     """
     policy = parse_instance_policy(policy)
+    order = df.assign(_fail=~passing.to_numpy(dtype=bool))
     if isinstance(policy, int):
-        return df[df["instance"] == policy].drop_duplicates("eid", keep="first")
-    order = df.assign(_fail=~passing.to_numpy(dtype=bool) if policy == "first_passing" else False)
-    order = order.sort_values(["eid", "_fail", "instance"], kind="stable")
+        order = order[order["instance"] == policy]
+    # Within an instance a repeated image that passes QC goes first, whatever the policy.
+    keys = ["eid", "_fail", "instance"] if policy == "first_passing" else ["eid", "instance", "_fail"]
+    order = order.sort_values(keys, kind="stable")
     return order.drop_duplicates("eid", keep="first").drop(columns="_fail")
 
 
@@ -110,11 +119,12 @@ def _write_tsv(table: pd.DataFrame, path: Path, *, header: bool = True) -> None:
         table.to_csv(tmp, sep="\t", index=False, header=header, na_rep="NA", lineterminator="\n")
 
 
-def _text_covariate(values: pd.Series) -> pd.Series:
-    """Text as one whitespace-free token (NA when missing or empty), so TSV columns never shift."""
+def _text_covariate(values: pd.Series, prefix: str = "") -> pd.Series:
+    """Text as one whitespace-free token after ``prefix`` (NA when missing or empty), so TSV
+    columns never shift and a categorical value never reads as a number."""
     text = pd.Series(values, dtype="string").str.strip()
     text = text.str.replace(r"\s+", "_", regex=True)
-    return text.mask(text == "")
+    return (prefix + text).mask(text.isna() | (text == ""))
 
 
 def gwas_tables(
@@ -133,7 +143,7 @@ def gwas_tables(
     for column in covariates:
         values = one[column]
         if column in DEVICE_COLUMNS or pd.api.types.is_string_dtype(values.dtype) and column != "eid":
-            covar[column] = _text_covariate(values)
+            covar[column] = _text_covariate(values, DEVICE_PREFIX.get(column, ""))
         else:
             covar[column] = values
     covar = pd.concat([ids, pd.DataFrame(covar)], axis=1)
@@ -310,6 +320,11 @@ def participant_covariates(wide: pd.DataFrame, covariates: dict[str, pd.DataFram
         for column in DEVICE_COLUMNS:
             values = pd.Series(cov[column].reindex(key).to_numpy(), index=out.index, dtype="string")
             out[column] = values if column not in out else out[column].fillna(values)
+    # One reference length for traits of both hips: the mean over the hips that pass QC.
+    lengths = pd.concat(
+        [out[f"reference_length_mm_{side}"].astype("Float64").where(out[f"qc_pass_{side}"].fillna(False))
+         for side in sides], axis=1)
+    out["reference_length_mm"] = lengths.mean(axis=1, skipna=True).astype("Float64")
     for side in sides:
         out[f"spacing_mm_{side}"] = pd.array(out[f"spacing_mm_{side}"], dtype="Float64")
         out[f"rows_{side}"] = pd.array(out[f"rows_{side}"], dtype="Int32")
@@ -319,7 +334,7 @@ def participant_covariates(wide: pd.DataFrame, covariates: dict[str, pd.DataFram
 
 def participant_covariate_columns(sides: list[str]) -> list[str]:
     per_side = [f"{c}_{side}" for side in sides for c in ("reference_length_mm", "spacing_mm", "rows", "cols")]
-    return ["instance", "n_sides_measured", *per_side, *DEVICE_COLUMNS]
+    return ["instance", "n_sides_measured", "reference_length_mm", *per_side, *DEVICE_COLUMNS]
 
 
 def release_both_sides(
@@ -345,6 +360,9 @@ def release_both_sides(
     from hipoa.phenotypes import created_timestamp, write_parquet
 
     policy = parse_instance_policy(policy)
+    if len(phenotypes) == 1:
+        log.warning("participant table of one side only (%s): its combined traits are that hip's; run "
+                    "`hipoa release` with both sides' tables for the two-hip traits", ", ".join(phenotypes))
     if sorted(phenotypes) != sorted(manifests):
         raise ValueError(f"sides of --phenotypes {sorted(phenotypes)} and --manifests {sorted(manifests)} differ")
     sides = sorted(phenotypes)
@@ -379,7 +397,7 @@ def release_both_sides(
     stem = Path(out).with_suffix("")
     gwas = gwas_tables(one, binary, quantitative, participant_covariate_columns(sides), stem)
     table = wide.drop(columns=[c for c in wide.columns if c.startswith(("spacing_mm_", "rows_", "cols_"))]
-                      + list(DEVICE_COLUMNS))
+                      + ["reference_length_mm", *DEVICE_COLUMNS])
     with ExitStack() as stack:
         out_tmp = stack.enter_context(atomic_path(Path(out)))
         write_parquet(table, out_tmp, metadata)
@@ -401,10 +419,12 @@ def covariate_descriptions() -> dict[str, tuple[str, str]]:
         "spacing_mm": ("pixel spacing of the image (rows), from PixelSpacing, ImagerPixelSpacing or ExposedArea", "mm"),
         "rows": ("image rows (DICOM Rows)", "pixels"),
         "cols": ("image columns (DICOM Columns)", "pixels"),
-        "manufacturer": ("scanner manufacturer, DICOM (0008,0070); whitespace as _", ""),
-        "manufacturer_model": ("scanner model, DICOM (0008,1090); whitespace as _", ""),
-        "device_serial": ("scanner serial number, DICOM (0018,1000): a categorical scanner covariate", ""),
-        "software_versions": ("scanner software versions, DICOM (0018,1020), values joined by \\; whitespace as _", ""),
+        "manufacturer": ("scanner manufacturer, DICOM (0008,0070), as maker_VALUE (whitespace as _): categorical", ""),
+        "manufacturer_model": ("scanner model, DICOM (0008,1090), as model_VALUE (whitespace as _): categorical", ""),
+        "device_serial": ("scanner serial number, DICOM (0018,1000), as serial_VALUE: a categorical scanner "
+                          "covariate", ""),
+        "software_versions": ("scanner software versions, DICOM (0018,1020), values joined by \\, as "
+                              "software_VALUE (whitespace as _): categorical", ""),
     }
 
 
@@ -434,7 +454,8 @@ def describe_gwas_column(column: str, parquet_descriptions: dict[str, tuple[str,
     if column.endswith(RINT):
         base = column[: -len(RINT)]
         return (f"rank-based inverse-normal transform of {base} among the participants of this file with it "
-                "measured (Blom: Phi^-1((rank - 3/8) / (n + 1/4)), ties share their mean rank)", "")
+                "measured, those in the .remove.txt included (Blom: Phi^-1((rank - 3/8) / (n + 1/4)), ties "
+                "share their mean rank)", "")
     if column in parquet_descriptions:
         return parquet_descriptions[column]
     covariates = covariate_descriptions()
@@ -472,6 +493,8 @@ def participant_dictionary(table: pd.DataFrame, gwas: dict[str, pd.DataFrame], s
                         "else NA", ""),
         "total_area_mm2": ("sum of every site's area over every hip; NA unless all are measured", "mm^2"),
         "n_sides_measured": covariate_descriptions()["n_sides_measured"],
+        "reference_length_mm": ("mean reference length of the hips that pass QC (one covariate for traits "
+                                "of both hips)", "mm"),
         "annotated": ("a hip of this participant and instance has a manual osteophyte mask", ""),
         "used_in_training": ("participant is in a train or validation split of any site's U-Net (listed in "
                              "osteophytes.remove.txt)", ""),

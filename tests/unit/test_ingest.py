@@ -563,3 +563,31 @@ def _withdrawal_file(folder: Path, eids: set[str]) -> Path:
     path = folder / "w_withdrawn.csv"
     path.write_bytes(("eid\r\n" + "\r\n".join(sorted(eids)) + "\r\n\r\n").encode())
     return path
+
+
+def test_read_withdrawn_one_eid_file_and_csv_quoting(tmp_path):
+    """A file of one eid withdraws that participant (a first line is a header only if it holds a
+    letter); quotes and a trailing comma of a one-column CSV are dropped."""
+    path = tmp_path / "w.csv"
+    path.write_text("1234567\n")
+    assert read_withdrawn(path) == {"1234567"}
+    path.write_text('"1234567",\n1000002,\n')
+    assert read_withdrawn(path) == {"1234567", "1000002"}
+    path.write_text("f.eid,\n1000003\n")
+    assert read_withdrawn(path) == {"1000003"}
+
+
+def test_unparsed_file_naming_a_withdrawn_eid_is_counted_not_logged(tmp_path, caplog):
+    import logging
+
+    root = tmp_path / "ukb"
+    root.mkdir()
+    (root / "1234567_20158_2_0 (1).zip").write_bytes(b"")
+    (root / "7654321_20158_2_0 (1).zip").write_bytes(b"")
+    with caplog.at_level(logging.DEBUG):
+        df = build_manifest(images=str(root / "{eid}_20158_{instance}_{array}.zip"), points_auto="p/{eid}.pts",
+                            side="L", n_shards=1, withdrawn={"1234567"})
+    assert len(df) == 0 and df.attrs["ingest"]["withdrawn_participants"] == 1
+    text = caplog.text
+    assert "1234567" not in text
+    assert "7654321" in text  # the other unparsed file is still reported by name

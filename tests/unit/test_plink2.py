@@ -59,6 +59,9 @@ CASES = [
     ("osteophytes_R", "qt", "total_area_mm2", "reference_length_mm"),
     ("osteophytes", "bt", f"{A}_present_any", "reference_length_mm_L"),
     ("osteophytes", "qt", f"{A}_area_sum_mm2_rint", "reference_length_mm_L"),
+    # an all-digit serial number and software versions that start like a number, as categories
+    ("osteophytes", "qt", "total_area_mm2_rint", "reference_length_mm,device_serial,software_versions"),
+    ("osteophytes_L", "bt", "any_present", "reference_length_mm,device_serial"),
 ]
 
 
@@ -69,12 +72,14 @@ def test_glm_on_every_gwas_file(cohort, stem, kind, trait, covariate):
     covar = pd.read_csv(tmp / f"{stem}.covar.tsv", sep="\t", dtype=str, keep_default_na=False)
     removed = pd.read_csv(tmp / f"{stem}.remove.txt", sep="\t", header=None, names=["FID", "IID"], dtype=str)
     assert sorted(removed["IID"]) == ["1000", "1001"]  # train and val participants; 2000 is test
-    rows = traits.merge(covar[["IID", covariate]], on="IID")
-    used = rows[(rows[trait] != "NA") & (rows[covariate] != "NA") & ~rows["IID"].isin(removed["IID"])]
+    covariates = covariate.split(",")
+    rows = traits.merge(covar[["IID", *covariates]], on="IID")
+    known = (rows[covariates] != "NA").all(axis=1)
+    used = rows[(rows[trait] != "NA") & known & ~rows["IID"].isin(removed["IID"])]
     assert 3 <= len(used) < len(traits)  # some lines are NA or removed, so the count means something
     args = ["--pfile", "geno", "--pheno", f"{stem}.{kind}.tsv", "--pheno-name", trait,
             "--covar", f"{stem}.covar.tsv", "--covar-name", covariate, "--remove", f"{stem}.remove.txt",
-            "--out", f"{stem}.{trait}"]
+            "--out", f"{stem}.{trait}.{len(covariates)}"]
     if kind == "bt":
         args += ["--1", "--glm", "firth-fallback"]
     else:
@@ -86,8 +91,8 @@ def test_glm_on_every_gwas_file(cohort, stem, kind, trait, covariate):
         cases, controls = int((used[trait] == "1").sum()), int((used[trait] == "0").sum())
         assert cases and controls
         assert f"{cases} cases and {controls} controls remaining after main filters" in log, log
-        (result,) = tmp.glob(f"{stem}.{trait}.{trait}.glm.logistic*")
+        (result,) = tmp.glob(f"{stem}.{trait}.{len(covariates)}.{trait}.glm.logistic*")
     else:
-        (result,) = tmp.glob(f"{stem}.{trait}.{trait}.glm.linear")
+        (result,) = tmp.glob(f"{stem}.{trait}.{len(covariates)}.{trait}.glm.linear")
     table = pd.read_csv(result, sep="\t")
     assert set(table.loc[table["TEST"] == "ADD", "OBS_CT"].astype(int)) == {len(used)}

@@ -48,10 +48,11 @@ def read_regenie(path: Path, binary: bool = False) -> pd.DataFrame:
         values = table[column]
         if binary:
             assert set(values) <= {"0", "1", "NA"}, (path, column, sorted(set(values)))
+        elif column in release.DEVICE_COLUMNS:  # categorical: a token that starts with a letter
+            assert values[values != "NA"].str.fullmatch(r"[A-Za-z]\S*").all(), (path, column)
         else:
             numeric = values[values != "NA"]
-            assert numeric.str.fullmatch(r"-?\d+(\.\d+)?([eE][-+]?\d+)?").all() or path.name.endswith(".covar.tsv"), (
-                path, column)
+            assert numeric.str.fullmatch(r"-?\d+(\.\d+)?([eE][-+]?\d+)?").all(), (path, column)
     return table
 
 
@@ -79,8 +80,23 @@ def test_instance_policies():
     assert first["instance"].tolist() == [2, 2, 2]
     only3 = release.choose_instances(df, 3, passing)
     assert only3[["eid", "instance"]].values.tolist() == [["1", 3], ["3", 3]]
-    with pytest.raises(ValueError, match="first_passing, first or an instance number"):
-        release.parse_instance_policy("latest")
+    for bad in ("latest", -1, True):
+        with pytest.raises(ValueError, match="first_passing, first or an instance number"):
+            release.parse_instance_policy(bad)
+    # a repeated image of one instance: the one that passes QC, whatever the policy
+    repeated = pd.DataFrame({"eid": ["1", "1", "1"], "instance": [2, 2, 3]})
+    passing = pd.Series([False, True, True])
+    for policy in ("first_passing", "first", 2):
+        chosen = release.choose_instances(repeated, policy, passing)
+        assert chosen.index.tolist() == [1], policy
+
+
+def test_text_covariates_are_categorical_tokens():
+    values = pd.Series(["200123", "12.30.008\\enCORE 16", "", None, " Lunar  iDXA "], dtype="string")
+    out = release._text_covariate(values, "serial_")
+    assert out.tolist()[:2] == ["serial_200123", "serial_12.30.008\\enCORE_16"]
+    assert out.isna().tolist() == [False, False, True, True, False]
+    assert out.iloc[4] == "serial_Lunar_iDXA"
 
 
 def _side(side: str, rows: list[tuple]) -> pd.DataFrame:
@@ -130,6 +146,13 @@ def release_cohort(tmp: Path) -> dict:
     tables, manifests = {}, {}
     for side in ("L", "R"):
         manifest, preds, _, _ = build_side(tmp / f"work{side}", models, side)
+        # Scanner identifiers as they come: an all-digit serial, software versions that start
+        # like a number (both must still reach plink2 as categories).
+        rows = pd.read_parquet(manifest)
+        odd = rows["eid"].astype(str).str[-1].astype(int) % 2 == 1
+        rows["device_serial"] = pd.array(np.where(odd, "200123", "200456"), dtype="string")
+        rows["software_versions"] = pd.array(["12.30.008\\enCORE 16"] * len(rows), dtype="string")
+        rows.to_parquet(manifest)
         out = tmp / "phenotypes" / f"osteophytes_{side}.parquet"
         phenotypes.gather(manifest=manifest, predictions=preds, models=models, side=side, out=out, splits=[splits])
         tables[side], manifests[side] = out, manifest
@@ -171,7 +194,9 @@ def test_participant_gwas_files_in_regenie_format(released):
     assert bt["IID"].tolist() == qt["IID"].tolist() == covar["IID"].tolist()
     assert bt["IID"].is_unique and len(bt) == released["table"]["eid"].nunique()
     assert f"{A}_present_any" in bt.columns and f"{A}_area_max_mm2_rint" in qt.columns
-    assert {"instance", "n_sides_measured", "reference_length_mm_L", "reference_length_mm_R"} <= set(covar.columns)
+    assert {"instance", "n_sides_measured", "reference_length_mm", "reference_length_mm_L",
+            "reference_length_mm_R", "device_serial"} <= set(covar.columns)
+    assert set(covar["device_serial"]) <= {"serial_200123", "serial_200456", "NA"} and "NA" not in set(covar["device_serial"])
     removed = release.release_path(stem, "remove").read_text().splitlines()
     assert removed == ["1000\t1000", "1001\t1001"]
     d = pd.read_csv(release.release_path(stem, "dict"), sep="\t", keep_default_na=False)
