@@ -45,7 +45,14 @@ from hipoa.predict import (
     site_columns,
 )
 from hipoa.progress import Progress
-from hipoa.release import parse_instance_policy, side_dictionary, side_release, write_dictionary, write_gwas_files
+from hipoa.release import (
+    parse_instance_policy,
+    release_path,
+    side_dictionary,
+    side_release,
+    write_dictionary,
+    write_gwas_files,
+)
 from hipoa.store import check_store
 
 log = logging.getLogger(__name__)
@@ -215,7 +222,8 @@ def gather(
     if not predictions:
         raise ValueError("gather: no prediction files given")
     policy = parse_instance_policy(instance_policy)
-    man = _read_manifest(Path(manifest), side)
+    manifest_table = _read_table(Path(manifest))  # read once: keys here, covariates below
+    man = _read_manifest(manifest_table, Path(manifest), side)
     pred = _read_predictions(predictions, sites, side)
     merged = _merge(man, pred, Path(manifest), side)
     df = _table(merged, sites, training_eids(list(splits)), side)
@@ -223,9 +231,8 @@ def gather(
     withdrawn = _withdrawn(Path(manifest))
     metadata["withdrawn_participants"] = withdrawn
     metadata["instance_policy"] = str(policy)
-    full_manifest = _read_table(Path(manifest))
-    full_manifest = full_manifest[full_manifest["side"].astype(str) == side]
-    gwas = side_release(df, full_manifest, sites, out.with_suffix(""), policy)
+    side_rows = manifest_table[manifest_table["side"].astype(str) == side]
+    gwas = side_release(df, side_rows, sites, out.with_suffix(""), policy)
     _write_outputs(df, out, metadata, sites, gwas, masks_dir=masks_dir, mask_stores=list(mask_stores), side=side)
     df.attrs["withdrawn_participants"] = withdrawn
     return df
@@ -241,9 +248,10 @@ def _withdrawn(manifest: Path) -> str:
     return meta.get(b"withdrawn_participants", b"0").decode()
 
 
-def _read_manifest(manifest: Path, side: str) -> pd.DataFrame:
-    """The manifest's rows of ``side``: keys, ``qc_reason``, ``annotated`` and ``_dup`` (repeat number)."""
-    man = _read_table(manifest)
+def _read_manifest(table: pd.DataFrame, manifest: Path, side: str) -> pd.DataFrame:
+    """The manifest ``table``'s rows of ``side`` (``manifest`` names it in errors): keys,
+    ``qc_reason``, ``annotated`` and ``_dup`` (repeat number)."""
+    man = table
     missing = {"eid", "instance", "side"} - set(man.columns)
     if missing:
         raise ValueError(f"{manifest}: manifest lacks columns {sorted(missing)}")
@@ -404,9 +412,8 @@ def created_timestamp() -> str:
 
 
 def out_tsv_path(out: Path, kind: str) -> Path:
-    """``osteophytes_L.parquet`` -> ``osteophytes_L.{kind}.tsv`` beside it."""
-    out = Path(out)
-    return out.with_name(f"{out.stem}.{kind}.tsv")
+    """``osteophytes_L.parquet`` -> ``osteophytes_L.{kind}.tsv`` beside it (:func:`hipoa.release.release_path`)."""
+    return release_path(Path(out).with_suffix(""), kind)
 
 
 def write_parquet(df: pd.DataFrame, out: Path, metadata: dict[str, str]) -> None:

@@ -115,8 +115,8 @@ def _ids(df: pd.DataFrame, path: Path) -> pd.DataFrame:
 
 
 def _write_tsv(table: pd.DataFrame, path: Path, *, header: bool = True) -> None:
-    with atomic_path(Path(path)) as tmp:
-        table.to_csv(tmp, sep="\t", index=False, header=header, na_rep="NA", lineterminator="\n")
+    """Write ``table`` as tab-separated text, NA as ``NA`` (callers give a temporary path)."""
+    table.to_csv(path, sep="\t", index=False, header=header, na_rep="NA", lineterminator="\n")
 
 
 def _text_covariate(values: pd.Series, prefix: str = "") -> pd.Series:
@@ -169,15 +169,11 @@ def write_gwas_files(tables: dict[str, pd.DataFrame], stem: Path, stack: ExitSta
 # ---- per side ----------------------------------------------------------------------------------
 
 
-def side_covariates(table: pd.DataFrame, manifest: pd.DataFrame | None) -> pd.DataFrame:
+def side_covariates(table: pd.DataFrame, manifest: pd.DataFrame) -> pd.DataFrame:
     """``table`` (one side's phenotypes) with the image's size, spacing and device columns of its
     manifest row (first row of each eid, instance, side)."""
     wanted = ["rows", "cols", "spacing_row_mm", *DEVICE_COLUMNS]
     out = table.copy()
-    if manifest is None:
-        for column in wanted:
-            out[column] = pd.NA
-        return out
     man = manifest.copy()
     for column in wanted:
         if column not in man.columns:
@@ -207,7 +203,7 @@ SIDE_COVARIATES = ["instance", "reference_length_mm", "spacing_mm", "rows", "col
 
 
 def side_release(
-    table: pd.DataFrame, manifest: pd.DataFrame | None, sites: list[str], stem: Path, policy: str | int = "first_passing"
+    table: pd.DataFrame, manifest: pd.DataFrame, sites: list[str], stem: Path, policy: str | int = "first_passing"
 ) -> dict[str, pd.DataFrame]:
     """The GWAS tables of one side's phenotype table (one line per participant)."""
     with_covariates = side_covariates(table, manifest)
@@ -433,8 +429,8 @@ def dictionary_rows(fields: Iterable[tuple[str, str, str, str, str]]) -> pd.Data
 
 
 def write_dictionary(path: Path, table: pd.DataFrame) -> None:
-    with atomic_path(Path(path)) as tmp:
-        table.to_csv(tmp, sep="\t", index=False, lineterminator="\n")
+    """Write a dictionary of :func:`dictionary_rows` (callers give a temporary path)."""
+    table.to_csv(path, sep="\t", index=False, lineterminator="\n")
 
 
 def _gwas_file_rows(gwas: dict[str, pd.DataFrame], describe) -> list[tuple[str, str, str, str, str]]:
