@@ -427,13 +427,22 @@ def _pick(stores: list[Path], site: str, source: str, n: int) -> tuple[PatchSet,
     """Up to ``n`` passing patches of ``site``, those with an osteophyte first, in store order."""
     ps = open_patches(stores, site, source)
     ok = ps.rows["qc_reason"].astype(str).eq("").to_numpy()
+    # Only annotated rows can have a mask; the others' are zero and never read. So a side of
+    # 40,000 images with few or no annotations costs a read of the rows tables, not of every
+    # mask chunk (benchmarks/rehearsal.sh).
+    annotated = ok & ps.rows["annotated"].to_numpy(dtype=bool)
+    annotated_after = np.cumsum(annotated[::-1])[::-1]  # annotated passing rows from i on
     chosen: list[int] = []
     fallback: list[int] = []
     start = 0
-    # scan chunk by chunk and stop as soon as there are n positives (no need to read all masks)
+    # scan chunk by chunk and stop as soon as there are n positives, or n patches and no
+    # annotated row further on
     for chunk in ps.mask.chunks[0]:
         stop = start + chunk
-        area = ps.mask[start:stop].sum(axis=(1, 2)).compute()
+        if annotated[start:stop].any():
+            area = ps.mask[start:stop].sum(axis=(1, 2)).compute()
+        else:
+            area = np.zeros(stop - start, dtype=np.int64)
         for j, a in enumerate(area):
             i = start + j
             if not ok[i]:
@@ -441,6 +450,8 @@ def _pick(stores: list[Path], site: str, source: str, n: int) -> tuple[PatchSet,
             (chosen if a > 0 else fallback).append(i)
         start = stop
         if len(chosen) >= n:
+            break
+        if start >= len(ok) or (annotated_after[start] == 0 and len(chosen) + len(fallback) >= n):
             break
     picked = (chosen + fallback)[:n]
     return ps, np.asarray(picked, dtype=np.int64)

@@ -497,3 +497,21 @@ def test_synth_areas_match_the_generator_truth(synth_shards):
             # reference length from the automatic points, close to the true outline's
             np.testing.assert_allclose(r.loc[ok, "reference_length_mm"], r.loc[ok, "reference_length_mm_truth"], rtol=0.08)
     assert checked >= 5
+
+
+@pytest.mark.parametrize("n", [1, 3, 40])
+def test_montage_picks_positives_first_reading_only_annotated_masks(synth_shards, n):
+    """The montage's choice equals a full scan of every mask (positives first, then other
+    passing rows, in store order), though masks are read only where a row is annotated."""
+    from hipoa.store import _pick
+
+    _, _, stores = synth_shards
+    for site in DEFAULT_SITES:
+        for source in ("auto", "manual"):
+            ps, picked = _pick(stores["L"] + stores["R"], site.name, source, n)
+            ok = ps.rows["qc_reason"].eq("").to_numpy()
+            area = ps.mask.sum(axis=(1, 2)).compute()
+            assert not (area[~ps.rows["annotated"].to_numpy()] > 0).any()  # what makes the shortcut true
+            positive = [i for i in range(len(ok)) if ok[i] and area[i] > 0]
+            other = [i for i in range(len(ok)) if ok[i] and area[i] == 0]
+            assert list(picked) == (positive + other)[:n], (site.name, source)

@@ -19,8 +19,9 @@ rule ingest:
         limits=qc_json(),
         labels=mask_labels(),
     threads: 4
+    # Measured peak: 348 MB for 19,900 images (docs/scale.md).
     resources:
-        mem_mb=4000,
+        mem_mb=2000,
         runtime=180,
     conda:
         CONDA_CPU

@@ -17,8 +17,9 @@ rule crop_patches:
         n_points=config["n_points"],
         limits=qc_json(),
     threads: 1
+    # Measured peak: 373 MB for a shard of 1,000 images (docs/scale.md).
     resources:
-        mem_mb=4000,
+        mem_mb=2000,
         runtime=60,
     conda:
         CONDA_CPU
