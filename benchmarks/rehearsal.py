@@ -23,7 +23,9 @@ import pandas as pd
 import pyarrow.parquet as pq
 import yaml
 
-SITES = ("inferior_femoral_head", "superior_femoral_head", "lateral_acetabulum")
+from hipoa.sites import DEFAULT_SITES
+
+SITES = tuple(site.name for site in DEFAULT_SITES)
 # Stages in workflow order; each with the output folders (or file globs) it writes.
 STAGES = {
     "ingest": ["results/manifest"],
@@ -67,6 +69,7 @@ def run_config(root: Path, shards: int, write_masks: bool) -> dict:
 
 
 def _paths(run: Path, pattern: str) -> list[Path]:
+    """The outputs of ``run`` that ``pattern`` (a path, or a glob) names."""
     return sorted(run.glob(pattern)) if any(c in pattern for c in "*?[") else [run / pattern]
 
 
@@ -86,7 +89,9 @@ def stage_table(run: Path) -> pd.DataFrame:
     bytes written and files created."""
     rows = []
     bench = run / "results" / "benchmarks"
-    for stage in [*STAGES, *sorted({p.relative_to(bench).parts[0].split(".")[0] for p in bench.rglob("*.tsv")} - set(STAGES))]:
+    # results/benchmarks/{rule}.tsv or results/benchmarks/{rule}/.../*.tsv
+    measured = {p.relative_to(bench).parts[0].removesuffix(".tsv") for p in bench.rglob("*.tsv")}
+    for stage in [*STAGES, *sorted(measured - set(STAGES))]:
         files = [bench / f"{stage}.tsv"] if (bench / f"{stage}.tsv").exists() else sorted((bench / stage).rglob("*.tsv"))
         if not files:
             continue
@@ -154,14 +159,23 @@ def check_counts(root: Path) -> tuple[dict, list[str]]:
         for name in ("duplicates", "missing", "extra", "planted_with_wrong_reason", "planted_but_measured", "withdrawn_in_table"):
             if side_counts[name]:
                 errors.append(f"side {side}: {name} = {side_counts[name]}")
+        if side_counts["unplanted_failures_by_reason"]:
+            errors.append(f"side {side}: images without a fault failed QC: {side_counts['unplanted_failures_by_reason']}")
+        if side_counts["qc_failures_by_reason"] != side_counts["planted_by_reason"]:
+            errors.append(f"side {side}: QC failures {side_counts['qc_failures_by_reason']} are not the planted faults "
+                          f"{side_counts['planted_by_reason']}")
         if side_counts["withdrawn_in_metadata"] != len(withdrawn & set(truth.loc[truth["side"] == side, "eid"])):
             errors.append(f"side {side}: metadata says {side_counts['withdrawn_in_metadata']} withdrawn participants")
     participants = pd.read_parquet(phen / "osteophytes.parquet")
     expected_visits = kept[["eid", "instance"]].drop_duplicates()
     counts["participant_table_rows"] = len(participants)
     counts["participant_table_expected"] = len(expected_visits)
-    if len(participants) != len(expected_visits) or participants.duplicated(["eid", "instance"]).any():
-        errors.append(f"participant table: {len(participants)} rows for {len(expected_visits)} visits")
+    visits = participants[["eid", "instance"]].astype({"eid": "int64", "instance": "int64"})
+    if len(visits) != len(expected_visits) or visits.duplicated().any() or set(visits.itertuples(index=False, name=None)) != set(
+            expected_visits.astype({"instance": "int64"}).itertuples(index=False, name=None)):
+        errors.append(f"participant table: {len(participants)} rows, not one for each of the {len(expected_visits)} visits")
+    if visits["eid"].isin(withdrawn).any():
+        errors.append("participant table: holds a withdrawn participant")
     for f in sorted(phen.glob("*.tsv")) + sorted(phen.glob("*.txt")):
         if f.name.endswith(".dict.tsv") or f.name.endswith(".summary.txt"):
             continue
@@ -175,14 +189,20 @@ def check_counts(root: Path) -> tuple[dict, list[str]]:
 
 
 def measure(root: Path) -> int:
+    """Measure the run in ``root``/run, check its counts, write rehearsal.json, .md and .png;
+    1 when a count is wrong, else 0."""
     run = root / "run"
     stages = stage_table(run)
     timings = {}
     if (root / "timings.tsv").exists():
         for line in (root / "timings.tsv").read_text().splitlines():
             name, seconds = line.split("\t")
-            # a resumed phase's time is the sum of its runs; the DAG build time is the last one's
-            timings[name] = float(seconds) + (timings.get(name, 0.0) if name != "dag" else 0.0)
+            # A resumed phase's time is the sum of its runs, failed ones included; the DAG build
+            # time is the first dry run's (the whole run's plan; a rerun's plans what is left).
+            if name == "dag":
+                timings.setdefault(name, float(seconds))
+            else:
+                timings[name] = float(seconds) + timings.get(name, 0.0)
     predictions = sorted((run / "results" / "predictions").rglob("shard-*.parquet"))
     table = run / "results" / "phenotypes" / "osteophytes.parquet"
     last_shard_to_table = table.stat().st_mtime - max(p.stat().st_mtime for p in predictions)
@@ -218,6 +238,7 @@ def measure(root: Path) -> int:
 
 
 def markdown(result: dict, stages: pd.DataFrame) -> str:
+    """The stage table and the counts, as in docs/scale.md."""
     lines = [
         f"{result['images']:,} images ({result['shards_per_side']} shards per side); "
         f"phases (s): " + ", ".join(f"{k} {v:,.0f}" for k, v in result["phases_s"].items()),
@@ -251,6 +272,7 @@ def markdown(result: dict, stages: pd.DataFrame) -> str:
 
 
 def plot(stages: pd.DataFrame, out: Path, images: int) -> None:
+    """Time (wall and CPU, all jobs) and peak RSS (max and median over jobs) per stage."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -281,7 +303,7 @@ def main() -> int:
     c = sub.add_parser("config")
     c.add_argument("--dir", type=Path, required=True)
     c.add_argument("--shards", type=int, required=True)
-    c.add_argument("--write-masks", choices=["true", "false"], default="true")
+    c.add_argument("--write-masks", choices=["true", "false"], default="false")
     c.add_argument("--out", type=Path, required=True)
     m = sub.add_parser("measure")
     m.add_argument("--dir", type=Path, required=True)

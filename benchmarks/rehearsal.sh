@@ -26,8 +26,9 @@
 #      DIR/rehearsal.json, DIR/rehearsal.md and DIR/rehearsal.png; the exit status is 1 when a
 #      count is wrong.
 #
-# Synthesis and training are timed but are not part of the run's figures. Run from anywhere;
-# the hipoa and snakemake of the current Python environment are used.
+# Synthesis and training are timed but are not part of the run's figures. Run from anywhere:
+# this checkout's hipoa is used (src/ first on PYTHONPATH), with Snakemake and the packages of
+# $PYTHON (default: the `python` on PATH, which the rules also run).
 set -euo pipefail
 
 REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -49,37 +50,56 @@ while [[ $# -gt 0 ]]; do
         --train-config) TRAIN_CONFIG="$2"; shift 2 ;;
         --masks) WRITE_MASKS=true; shift ;;
         --stop-after) STOP_AFTER="$2"; shift 2 ;;
-        -h|--help) sed -n '2,30p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'; exit 0 ;;
+        -h|--help) sed -n '2,31p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'; exit 0 ;;
         *) echo "rehearsal.sh: unknown argument $1 (see --help)" >&2; exit 2 ;;
     esac
 done
 mkdir -p "$DIR"
 DIR="$(cd "$DIR" && pwd)"
+case "$STOP_AFTER" in
+    ""|synth|models|dag) ;;
+    *) echo "rehearsal.sh: --stop-after takes synth, models or dag, not $STOP_AFTER" >&2; exit 2 ;;
+esac
+# This checkout's hipoa, as the workflow's rules run it.
+export PYTHONPATH="$REPO/src${PYTHONPATH:+:$PYTHONPATH}"
 PY="${PYTHON:-python}"
 TIMINGS="$DIR/timings.tsv"
-SITES=(inferior_femoral_head superior_femoral_head lateral_acetabulum)
+mapfile -t SITES < <("$PY" -c 'from hipoa.sites import DEFAULT_SITES; print(*(s.name for s in DEFAULT_SITES), sep="\n")')
 
 log() { echo "$(date '+%H:%M:%S') rehearsal: $*" >&2; }
 # step NAME COMMAND...: run COMMAND, append "NAME <tab> seconds" to DIR/timings.tsv.
+# A failed run's time is recorded too (a resumed phase's time is the sum of its runs).
 step() {
-    local name="$1" t0 t1 ds
+    local name="$1" t0 t1 ds rc=0
     shift
     log "$name: $*"
     t0=$(date +%s%N)
-    "$@"
+    "$@" || rc=$?
     t1=$(date +%s%N)
     ds=$(( (t1 - t0) / 100000000 ))  # tenths of a second
     printf '%s\t%d.%d\n' "$name" $((ds / 10)) $((ds % 10)) >> "$TIMINGS"
+    if [[ $rc -ne 0 ]]; then
+        log "$name failed (exit $rc) after $((ds / 10)) s; rerun the same command to resume"
+        exit "$rc"
+    fi
     log "$name done in $((ds / 10)) s"
 }
 
 log "$PARTICIPANTS participants ($((2 * PARTICIPANTS)) images), $SHARDS shards per side, in $DIR"
 
-# 1. The cohort.
-if [[ ! -f "$DIR/cohort/truth.parquet" ]]; then
-    rm -rf "$DIR/cohort"
+# 1. The cohort. Its stamp is written once synthesis has finished: a cohort without one is
+# incomplete and made again (with a new withdrawal list); one of another size is refused.
+COHORT="participants=$PARTICIPANTS seed=14 faults=$(( (PARTICIPANTS + 49) / 50 ))"
+STAMP="$DIR/cohort/rehearsal-cohort.txt"
+if [[ -f "$STAMP" && "$(cat "$STAMP")" != "$COHORT" ]]; then
+    echo "rehearsal.sh: $DIR holds a cohort of $(cat "$STAMP"), not $COHORT; give another --dir" >&2
+    exit 2
+fi
+if [[ ! -f "$STAMP" ]]; then
+    rm -rf "$DIR/cohort" "$DIR/withdrawn.txt"
     step synth "$PY" -m hipoa synth --out "$DIR/cohort" --participants "$PARTICIPANTS" --seed 14 \
         --annotated-fraction 0 --prevalence 0.15 --faults $(( (PARTICIPANTS + 49) / 50 ))
+    echo "$COHORT" > "$STAMP"
 fi
 
 [[ "$STOP_AFTER" == synth ]] && exit 0
@@ -94,7 +114,8 @@ fi
 if [[ -n "$MODELS" ]]; then
     for site in "${SITES[@]}"; do
         mkdir -p "$DIR/models/$site"
-        cp "$MODELS/$site/unet.keras" "$MODELS/$site/unet.json" "$DIR/models/$site/"
+        # -p: the same times on every rerun, or Snakemake would predict again
+        cp -p "$MODELS/$site/unet.keras" "$MODELS/$site/unet.json" "$DIR/models/$site/"
     done
 elif [[ ! -f "$DIR/models/${SITES[-1]}/unet.json" ]]; then
     mkdir -p "$DIR/train"
@@ -122,7 +143,6 @@ snake=("$PY" -m snakemake --snakefile "$REPO/Snakefile" --profile "$REPO/profile
 step dag "${snake[@]}" --dry-run --quiet rules
 [[ "$STOP_AFTER" == dag ]] && exit 0
 step run "${snake[@]}" --quiet rules
-log "report: $(date)"
 step report "${snake[@]}" --quiet rules --report results/report.html
 
 # 5. The measurements and the counts.

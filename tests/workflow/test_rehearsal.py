@@ -28,7 +28,7 @@ def rehearsal(root: Path, *args: str) -> subprocess.CompletedProcess:
     cmd = ["bash", str(REPO / "benchmarks" / "rehearsal.sh"), "--participants", str(PARTICIPANTS),
            "--shards", str(SHARDS), "--dir", str(root), "--cores", "2",
            "--train-config", str(REPO / "tests" / "workflow" / "rehearsal_train_tiny.yaml"), *args]
-    return subprocess.run(cmd, capture_output=True, text=True, env=env)
+    return subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=1800)
 
 
 @pytest.fixture(scope="module")
@@ -62,9 +62,12 @@ def test_every_image_is_in_its_table_once_faults_flagged_withdrawn_absent(rehear
         planted = expected.loc[expected["expected_reason"] != "", "expected_reason"].value_counts().sort_index()
         assert failed.to_dict() == planted.to_dict()
         assert result["counts"]["sides"][side]["qc_failures_by_reason"] == planted.to_dict()
-    assert planted.sum() > 0
+        assert planted.sum() > 0  # a corrupt zip fails both sides
     participants = pd.read_parquet(phen / "osteophytes.parquet")
-    assert len(participants) == kept[["eid", "instance"]].drop_duplicates().shape[0]
+    visits = kept[["eid", "instance"]].drop_duplicates()
+    assert len(participants) == len(visits)
+    assert set(zip(participants["eid"], participants["instance"].astype(int))) == set(
+        zip(visits["eid"], visits["instance"].astype(int)))
     for name in ("bt.tsv", "qt.tsv", "covar.tsv"):
         ids = pd.read_csv(phen / f"osteophytes.{name}", sep="\t", usecols=["IID"])["IID"]
         assert len(ids) == kept["eid"].nunique() and not set(ids) & withdrawn
@@ -108,3 +111,15 @@ def test_rerun_resumes_and_a_wrong_table_fails_the_counts(rehearsed):
     assert measured.returncode == 1
     assert "side L: missing = 1" in measured.stderr
     assert "side L: withdrawn_in_table = 1" in measured.stderr
+    # a clean image flagged, the participant table losing a visit: both caught too
+    clean = table.index[table["qc_pass"]][0]
+    flagged = table.copy()
+    flagged.loc[clean, ["qc_pass", "qc_reason"]] = [False, "motion"]
+    flagged.to_parquet(path)
+    participants = root / "run" / "results" / "phenotypes" / "osteophytes.parquet"
+    pd.read_parquet(participants).iloc[1:].to_parquet(participants)
+    measured = subprocess.run([sys.executable, str(REPO / "benchmarks" / "rehearsal.py"), "measure", "--dir", str(root)],
+                              capture_output=True, text=True)
+    assert measured.returncode == 1
+    assert "side L: images without a fault failed QC: {'motion': 1}" in measured.stderr
+    assert "participant table:" in measured.stderr and "not one for each" in measured.stderr
