@@ -23,6 +23,7 @@ import pandas as pd
 import pyarrow.parquet as pq
 import yaml
 
+from hipoa.ingest import read_withdrawn
 from hipoa.sites import DEFAULT_SITES
 
 SITES = tuple(site.name for site in DEFAULT_SITES)
@@ -119,7 +120,7 @@ def check_counts(root: Path) -> tuple[dict, list[str]]:
     run = root / "run"
     truth = pd.read_parquet(root / "cohort" / "truth.parquet")
     truth["eid"] = truth["eid"].astype("int64")
-    withdrawn = {int(line) for line in (root / "withdrawn.txt").read_text().split()}
+    withdrawn = {int(eid) for eid in read_withdrawn(root / "withdrawn.txt")}  # as ingest reads it
     kept = truth[~truth["eid"].isin(withdrawn)]
     errors: list[str] = []
     counts: dict = {"withdrawn_participants": len(withdrawn), "sides": {}}
