@@ -4,19 +4,20 @@ On a synthetic patch store of realistic contexts (tests/unit/tiny_patch_store.py
 bone band, osteophyte disks; 176 x 176 float16 images and uint8 masks), in one run:
 
 - the one-time read of the contexts into memory (seconds);
-- for n_augment 7 and 19: samples/s of wall time and samples per CPU-second of this process
-  (``time.process_time()``, all threads: tf.data's workers included), the pipeline alone, after
-  warm-up. "Per core" below means per CPU-second used, so it does not depend on how many cores the
-  machine lends;
+- for n_augment 7 and 19, at each ``--appearance`` strength (0: geometric only; 1: the default
+  appearance augmentation of hipoa.augment): samples/s of wall time and samples per CPU-second of
+  this process (``time.process_time()``, all threads: tf.data's workers included), the pipeline
+  alone, after warm-up. "Per core" below means per CPU-second used, so it does not depend on how
+  many cores the machine lends;
 - with a simulated consumer that takes ``batch_size / rate`` seconds per batch (a GPU training
   step that leaves the host CPU free: it sleeps), at each ``--consumer-rate``: the fraction of wall
   time the consumer is busy (goal >= 90 %) and the samples/s it gets.
 
 The last line is ``train_input: <samples/s per core> samples/s/core``: the lower of the two
-n_augment figures (goal >= 2,000).
+n_augment figures at the last ``--appearance`` strength (goal >= 2,000 geometric only).
 
     python benchmarks/train_input.py [--images 1000] [--batch-size 32] [--seconds 8]
-                                     [--consumer-rate 500 2000]
+                                     [--consumer-rate 500 2000] [--appearance 0 1]
 """
 
 from __future__ import annotations
@@ -81,6 +82,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--seconds", type=float, default=8.0, help="timed seconds per measurement")
     p.add_argument("--consumer-rate", type=float, nargs="+", default=[500.0, 2000.0], help="samples/s")
+    p.add_argument("--appearance", type=float, nargs="+", default=[0.0, 1.0],
+                   help="appearance strengths (AugmentSettings.appearance); the consumer runs at the last")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
 
@@ -92,6 +95,8 @@ def main(argv: list[str] | None = None) -> int:
     from hipoa.augment import AugmentSettings
     from hipoa.splits import open_site_patches
     from hipoa.train_input import TrainingInput, read_contexts
+
+    import dataclasses
 
     settings = AugmentSettings(rotation=0.1, scale=0.1, displacement=0.05)  # the acetabulum's ranges
     with tempfile.TemporaryDirectory() as tmp:
@@ -106,20 +111,22 @@ def main(argv: list[str] | None = None) -> int:
     print(f"store: {len(image)} contexts {image.shape[1]}x{image.shape[2]} float16 + uint8 masks "
           f"({(image.nbytes + mask.nbytes) / 1e6:.0f} MB), written in {made:.1f} s, read once in {read:.2f} s")
 
-    per_core = []
-    for n_augment in (7, 19):
-        train = TrainingInput(image, mask, n_augment=n_augment, settings=settings, batch_size=args.batch_size, seed=1,
-                              epochs=15)
-        wall_rate, cpu_rate, n = pipeline_rate(train, args.seconds)
-        per_core.append(cpu_rate)
-        print(f"pipeline alone, n_augment {n_augment:2d}: {wall_rate:,.0f} samples/s wall, "
-              f"{cpu_rate:,.0f} samples per CPU-second ({n:,} samples)")
+    for appearance in args.appearance:
+        settings = dataclasses.replace(settings, appearance=appearance)
+        per_core = []
+        for n_augment in (7, 19):
+            train = TrainingInput(image, mask, n_augment=n_augment, settings=settings, batch_size=args.batch_size,
+                                  seed=1, epochs=15)
+            wall_rate, cpu_rate, n = pipeline_rate(train, args.seconds)
+            per_core.append(cpu_rate)
+            print(f"pipeline alone, n_augment {n_augment:2d}, appearance {appearance:g}: {wall_rate:,.0f} samples/s "
+                  f"wall, {cpu_rate:,.0f} samples per CPU-second ({n:,} samples)")
     train = TrainingInput(image, mask, n_augment=7, settings=settings, batch_size=args.batch_size, seed=1,
-                              epochs=15)
+                          epochs=15)
     for rate in args.consumer_rate:
         busy, got = consumer_busy(train, rate, args.seconds)
-        print(f"consumer at {rate:,.0f} samples/s (n_augment 7): busy {100 * busy:.1f} % of wall time, "
-              f"got {got:,.0f} samples/s")
+        print(f"consumer at {rate:,.0f} samples/s (n_augment 7, appearance {settings.appearance:g}): "
+              f"busy {100 * busy:.1f} % of wall time, got {got:,.0f} samples/s")
     print(f"train_input: {min(per_core):.0f} samples/s/core")
     return 0
 

@@ -518,6 +518,41 @@ def draw_osteophytes(rng: np.random.Generator, geo: HipGeometry, present: dict[i
 # ---------------------------------------------------------------------------------------------
 
 
+@dataclass(frozen=True)
+class Scanner:
+    """How a scanner and its software turn projected density into pixels.
+
+    The defaults are the first scanner (UKB's GE Lunar iDXA exports as hipoa's demo draws them);
+    :data:`SECOND_SCANNER` is another centre's scanner or software version: a coarser pixel grid,
+    more noise and banding, a softer detector, another response curve and thicker soft tissue.
+
+    Attributes:
+        name: Written to the truth table.
+        spacing_mm: Pixel size.
+        noise: Standard deviation of the per-pixel scan noise (8-bit units).
+        banding: Standard deviation of the line-to-line offsets (8-bit units).
+        blur_mm: Detector blur (Gaussian sigma in mm on the half-resolution grid).
+        gamma: Response curve ``255 * (v / 255) ** gamma`` after the log-like detector response.
+        soft: Soft-tissue thickness factor (on top of the participant's).
+        contrast: Detector gain factor (on top of the participant's).
+    """
+
+    name: str = "A"
+    spacing_mm: float = 0.25
+    noise: float = 2.0
+    banding: float = 0.9
+    blur_mm: float = 0.22
+    gamma: float = 1.0
+    soft: float = 1.0
+    contrast: float = 1.0
+
+
+FIRST_SCANNER = Scanner()
+SECOND_SCANNER = Scanner(name="B", spacing_mm=0.30, noise=3.5, banding=2.2, blur_mm=0.34, gamma=0.8, soft=1.3,
+                         contrast=0.9)
+"""The synthetic "second scanner" (``hipoa synth --second-scanner``): 0.30 mm pixels, noisier."""
+
+
 @dataclass
 class HipRender:
     """One rendered hip as stored (left orientation unless mirrored)."""
@@ -617,7 +652,7 @@ def _blob(xx: np.ndarray, yy: np.ndarray, c: np.ndarray, r: float) -> np.ndarray
 
 
 def render_hip(rng: np.random.Generator, who: Participant, geo: HipGeometry,
-               spurs: list[Osteophyte]) -> HipRender:
+               spurs: list[Osteophyte], scanner: Scanner = FIRST_SCANNER) -> HipRender:
     """Render a left hip: image and osteophyte label mask with the same spur pixels.
 
     Shapes are filled at full resolution (the label mask is exact), the smooth projected density
@@ -718,14 +753,18 @@ def render_hip(rng: np.random.Generator, who: Participant, geo: HipGeometry,
     depth = np.clip((skin - x) * (sp / 25.0), 0.0, 1.0)
     lowfreq = _lowfreq(rng, hshape, 4, 3.0)
     soft = who.soft * 0.17 * np.sqrt(depth) * (1.0 + 0.07 * lowfreq)
+    if scanner.soft != 1.0:
+        soft = soft * scanner.soft
     dens = bone + soft + _BG_DENSITY
 
-    img = 255.0 * (1.0 - np.exp(-who.gain * dens))
-    img = _blur(img, 0.22 * s)  # detector blur, ~0.3 mm with the upsampling below
+    img = 255.0 * (1.0 - np.exp(-who.gain * scanner.contrast * dens))
+    if scanner.gamma != 1.0:
+        img = 255.0 * (img * (1.0 / 255.0)) ** scanner.gamma
+    img = _blur(img, scanner.blur_mm * s)  # detector blur, ~0.3 mm with the upsampling below
     img = _up2(_up2(img, axis=0), axis=1)
     # Scan noise, and the DXA fan beam's faint line-to-line banding.
-    img += 2.0 * rng.standard_normal(shape, dtype=np.float32)
-    img += 0.9 * rng.standard_normal((rows, 1), dtype=np.float32)
+    img += scanner.noise * rng.standard_normal(shape, dtype=np.float32)
+    img += scanner.banding * rng.standard_normal((rows, 1), dtype=np.float32)
     image = np.clip(np.rint(img), 0, 255).astype(np.uint8)
     return HipRender(image=image, labels=labels, points=geo.points.copy(), spacing_mm=sp)
 
@@ -759,3 +798,77 @@ def render_other_scan(rng: np.random.Generator, protocol: str) -> np.ndarray:
     img = 255.0 * (1.0 - np.exp(-1.4 * _blur(dens, 1.5)))
     img += rng.normal(0, 2.0, img.shape)
     return np.clip(np.rint(img), 0, 255).astype(np.uint8)
+
+
+# ---------------------------------------------------------------------------------------------
+# Images unfit to measure (hipoa synth --unfit)
+# ---------------------------------------------------------------------------------------------
+
+
+def add_implant(rng: np.random.Generator, hip: HipRender, geo: HipGeometry) -> HipRender:
+    """A metal hip prosthesis on a left hip: femoral stem and ball, and in 60 % an acetabular cup.
+
+    Metal stops the beam: its pixels sit at the top of the 8-bit range (250-255, a little noise),
+    with a sub-millimetre edge blur. Labels and points are unchanged (the image is not measured).
+    """
+    rows, cols = hip.image.shape
+    sp = geo.spacing_mm
+    h = geo.head_centre
+    r_ball = geo.head_radius * rng.uniform(0.55, 0.75)
+    yy, xx = np.mgrid[0:rows, 0:cols].astype(np.float32)
+    dist = np.sqrt((xx - h[0]) ** 2 + (yy - h[1]) ** 2)
+    metal = dist <= r_ball
+    stem_line = np.array([h, geo.shaft_origin, geo.shaft_origin + geo.shaft_dir * (200.0 / sp)])
+    metal |= _stroke(hip.image.shape, stem_line, rng.uniform(9.0, 13.0) / sp) > 0.5
+    if rng.random() < 0.6:
+        inner = r_ball + rng.uniform(0.5, 1.5) / sp
+        up_medial = _unit(np.array([-0.55, -0.85]))
+        facing = ((xx - h[0]) * up_medial[0] + (yy - h[1]) * up_medial[1]) > -0.2 * inner
+        metal |= (dist >= inner) & (dist <= inner + rng.uniform(2.5, 4.0) / sp) & facing
+    level = rng.uniform(251.0, 255.0)
+    m = _blur(metal.astype(np.float32), 0.25 / sp)
+    img = hip.image.astype(np.float32) * (1.0 - m) + level * m
+    img += 0.8 * rng.standard_normal(img.shape, dtype=np.float32)
+    image = np.clip(np.rint(img), 0, 255).astype(np.uint8)
+    return HipRender(image=image, labels=hip.labels, points=hip.points, spacing_mm=hip.spacing_mm)
+
+
+def crop_view(rng: np.random.Generator, hip: HipRender, geo: HipGeometry) -> HipRender:
+    """Move the field of view so that its top or left (medial) edge cuts through the femoral head.
+
+    The head centre ends between 0.3 radii inside and 0.6 radii outside the edge; the rows or
+    columns that come in at the opposite edge repeat the last ones. Labels and points move with
+    the image (points may leave it; :func:`hipoa.synth.auto_points` keeps them on its edge, as an
+    automatic search does).
+    """
+    h, r = geo.head_centre, geo.head_radius
+    t = rng.uniform(-0.3, 0.6)
+    axis = int(rng.integers(0, 2))  # 0: the top edge cuts the head, 1: the left edge
+    shift = int(round(h[1 - axis] + t * r))
+    shift = max(1, min(shift, hip.image.shape[axis] - 1))
+
+    def move(a: np.ndarray, pad_edge: bool) -> np.ndarray:
+        kept = a[shift:] if axis == 0 else a[:, shift:]
+        width = [(0, shift), (0, 0)] if axis == 0 else [(0, 0), (0, shift)]
+        return np.pad(kept, width, mode="edge" if pad_edge else "constant")
+
+    pts = hip.points.copy()
+    pts[:, 1 - axis] -= shift
+    return HipRender(image=move(hip.image, True), labels=move(hip.labels, False), points=pts,
+                     spacing_mm=hip.spacing_mm)
+
+
+def add_motion(rng: np.random.Generator, hip: HipRender) -> HipRender:
+    """Patient motion during the scan: a second, fainter copy of the image shifted by 3-8 mm.
+
+    ``(1 - a) * image + a * shifted`` with ``a`` in [0.3, 0.5], in a random direction, then
+    fresh scan noise. Labels and points are those of the first copy.
+    """
+    d = rng.uniform(3.0, 8.0) / hip.spacing_mm
+    ang = rng.uniform(0.0, 2.0 * np.pi)
+    a = rng.uniform(0.3, 0.5)
+    img = hip.image.astype(np.float32)
+    ghost = ndi.shift(img, (d * np.sin(ang), d * np.cos(ang)), order=1, mode="nearest")
+    img = (1.0 - a) * img + a * ghost + 1.5 * rng.standard_normal(img.shape, dtype=np.float32)
+    image = np.clip(np.rint(img), 0, 255).astype(np.uint8)
+    return HipRender(image=image, labels=hip.labels, points=hip.points, spacing_mm=hip.spacing_mm)

@@ -12,6 +12,39 @@ This module holds the ranges (:class:`AugmentSettings`) and their check against 
 (dx, dy)``, is :func:`hipoa.geometry.augment_affine`; the samples are drawn and resampled on the
 device by :mod:`hipoa.train_input` (images bilinear, masks nearest), and tests hold that to a
 NumPy reference (tests/unit/augment_reference.py).
+
+Appearance (``AugmentSettings.appearance``, a strength: 0 = off, 1 = the ranges below) makes the
+models robust to what changes between DXA scanners and software versions, on the image only
+(never the mask), after the geometric resampling, and only on the random samples (sample 0 of
+each image and the validation samples stay as stored). Per sample, in this order (the order an
+image goes through a scanner: object, pixel grid and point spread, detector, display):
+
+===========  ===================================================  ==================================
+component    what                                                 range at strength s (uniform)
+===========  ===================================================  ==================================
+contrast     signal times c (more soft tissue, harder beam:       c in [1 - 0.3 s, 1]
+             less bone contrast against noise and ramp)
+ramp         + a * (u cos phi + v sin phi), u, v in [-1, 1]:      a in [0, 0.5 s] z, phi in [0, 2 pi)
+             smooth soft-tissue thickness change across the patch
+grid         area down-sampling to pixels f times as wide, grid   f in [1, 1 + 0.25 s], p in [0, 1)
+             phase p, then linear up-sampling: 0.30 mm instead
+             of 0.25 mm source pixels is f = 1.2
+psf          b > 0: Gaussian blur of sigma b px; b < 0: unsharp   b in [-0.5 s, 1.0 s]
+             mask (separable, sigma 1 px) of amount -b
+noise        a white noise field w of std n (the detector's):     n in [0, 0.2 s] z, t in [0, 1]
+             sqrt(t) n w added before grid and psf, which
+             texture it, sqrt(1 - t) n w after (texture t)
+banding      + per-row offsets of std r (line-by-line scanning)   r in [0, 0.1 s] z
+tone         min-max to [0, 1], then u + k u (1 - u): the         k in [-0.35 s, 0.35 s]
+             display LUT's gamma (k 0.35 moves mid-grey as
+             gamma 1 / 1.3 does, -0.35 as gamma 1.3)
+===========  ===================================================  ==================================
+
+then the patch is z-scored again (zero mean, unit std), the stored normalisation. ``z`` is the
+unit of the stored patch (one patch standard deviation). The scalar parameters are drawn on the
+host (:func:`draw_appearance`, keyed by seed, epoch and sample); the noise fields come from
+a stateless TensorFlow random op keyed by integers drawn with them, so a seed repeats its
+batches. The transform itself is :func:`hipoa.train_input.appear`.
 """
 
 from __future__ import annotations
@@ -33,19 +66,67 @@ class AugmentSettings:
         scale: Maximum relative scaling; the factor is drawn in ``[1 - scale, 1 + scale]`` (paper: 0.1).
         displacement: Maximum centre shift per axis as a fraction of the patch width
             (paper, U-Net 4: 0.05, about +-6 px).
+        appearance: Strength of the appearance augmentation (module docstring): 0 = off (the
+            samples are exactly the geometric ones), 1 = the documented ranges, at most
+            :data:`MAX_APPEARANCE`. Off here; the workflow and ``hipoa train-unet`` default to 1.
     """
 
     rotation: float = 0.1
     scale: float = 0.1
     displacement: float = 0.0
+    appearance: float = 0.0
 
     def __post_init__(self) -> None:
-        for name in ("rotation", "scale", "displacement"):
+        for name in ("rotation", "scale", "displacement", "appearance"):
             value = getattr(self, name)
             if not (np.isfinite(value) and value >= 0):
                 raise ValueError(f"augmentation {name} must be a finite number >= 0, got {value}")
         if self.scale >= 1:
             raise ValueError(f"augmentation scale must be < 1, got {self.scale}")
+        if self.appearance > MAX_APPEARANCE:
+            raise ValueError(f"augmentation appearance must be <= {MAX_APPEARANCE}, got {self.appearance}")
+
+
+MAX_APPEARANCE = 2.5
+"""Largest appearance strength: the tone curve stays monotonic (``|k| = 0.35 s <= 1``) and the
+contrast factor positive."""
+
+APPEARANCE_FIELDS = ("contrast", "ramp", "ramp_angle", "grid", "grid_phase", "psf", "noise", "noise_texture",
+                     "banding", "tone")
+"""Columns of :func:`draw_appearance`'s table, in the order the transform applies them."""
+
+NEUTRAL_APPEARANCE = (1.0, 0.0, 0.0, 1.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0)
+"""The row of :data:`APPEARANCE_FIELDS` that changes nothing (up to the final z-score)."""
+
+
+def draw_appearance(n: int, strength: float, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    """Appearance parameters of ``n`` samples, uniform within the ranges of the module docstring.
+
+    Args:
+        n: Samples.
+        strength: ``AugmentSettings.appearance``; at 0 every component is neutral (the grid
+            phase, ramp direction and noise texture are then drawn but change nothing).
+        rng: The draw's generator.
+
+    Returns:
+        ``params`` ``(n, 10)`` float32 in the order of :data:`APPEARANCE_FIELDS`, and ``keys``
+        ``(n,)`` int64 in ``[0, 2**31)``, the seeds of the samples' noise fields.
+    """
+    s = float(strength)
+    columns = [
+        rng.uniform(1.0 - 0.3 * s, 1.0, n),  # contrast
+        rng.uniform(0.0, 0.5 * s, n),  # ramp amplitude at the patch edge, z
+        rng.uniform(0.0, 2.0 * np.pi, n),  # ramp direction
+        rng.uniform(1.0, 1.0 + 0.25 * s, n),  # grid coarsening factor (0.30 / 0.25 mm = 1.2)
+        rng.uniform(0.0, 1.0, n),  # grid phase, fraction of a coarse pixel
+        rng.uniform(-0.5 * s, 1.0 * s, n),  # psf: blur sigma (px) if > 0, sharpening amount if < 0
+        rng.uniform(0.0, 0.2 * s, n),  # noise std, z
+        rng.uniform(0.0, 1.0, n),  # noise texture: share of correlated noise
+        rng.uniform(0.0, 0.1 * s, n),  # banding: std of the row offsets, z
+        rng.uniform(-0.35 * s, 0.35 * s, n),  # tone curve: +-0.35 is about gamma 1 / 1.3 or 1.3 at mid-grey
+    ]
+    keys = rng.integers(0, 2**31, n, dtype=np.int64)
+    return np.stack(columns, axis=1).astype(np.float32), keys
 
 
 def check_context(settings: AugmentSettings, context: int, size: int = PATCH_SIZE) -> None:

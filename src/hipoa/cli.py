@@ -58,6 +58,15 @@ def _synth_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--annotate-sides", default="L", choices=["L", "R", "LR"], help="sides that get annotations (L)")
     p.add_argument("--faults", type=int, default=0, metavar="K",
                    help="participants with a planted fault, cycling through the six kinds (0)")
+    p.add_argument("--unfit", type=int, default=0, metavar="K",
+                   help="participants whose left hip is unfit to measure, cycling through a metal implant, a "
+                        "field of view cutting the femoral head and patient motion (0)")
+    p.add_argument("--second-scanner", type=float, default=0.0, metavar="F",
+                   help="fraction of participants imaged on a second scanner: 0.30 mm pixels, more noise and "
+                        "banding, softer detector, another response curve (0)")
+    p.add_argument("--annotators", type=int, default=1, choices=[1, 2],
+                   help="2: masks from two annotators whose outlines differ by a pixel and who miss some "
+                        "small osteophytes (1)")
     p.add_argument("--workers", type=int, default=os.cpu_count() or 1, metavar="W",
                    help="processes; the output does not depend on it (all CPUs)")
     p.add_argument("--preview", metavar="PNG", help="also write a montage of hips with points and masks")
@@ -88,6 +97,9 @@ def _synth(args: argparse.Namespace) -> int:
         faults=args.faults,
         workers=args.workers,
         annotate_sides=args.annotate_sides,
+        unfit=args.unfit,
+        second_scanner=args.second_scanner,
+        annotators=args.annotators,
     )
     if args.preview:
         render_preview(cohort_dir=Path(args.out), out_png=Path(args.preview), seed=args.seed)
@@ -306,6 +318,13 @@ def _train_unet_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--rotation", type=float, default=0.1, help="max rotation, radians (0.1)")
     p.add_argument("--scale", type=float, default=0.1, help="max relative scaling (0.1)")
     p.add_argument("--displacement", type=float, default=0.0, help="max centre shift, fraction of patch width (0; 0.05 acetabulum)")
+    p.add_argument("--appearance", type=float, default=1.0,
+                   help="strength of the scanner appearance augmentation of training samples: contrast, "
+                        "soft-tissue ramp, pixel grid, blur/sharpening, noise, banding, tone "
+                        "(0 off; 1, the ranges of hipoa.augment)")
+    p.add_argument("--boundary-weight", type=float, default=0.5,
+                   help="loss weight of pixels within 1 px of the mask boundary, where annotators differ "
+                        "(0.5; 1 = the paper's plain cross-entropy)")
     p.add_argument("--seed", type=int, default=1, help="seed of weights, dropout and augmentation (1)")
     p.add_argument("--precision", default="auto", choices=["auto", "float32", "mixed_bfloat16", "mixed_float16"],
                    help="compute precision (auto: bfloat16 where the CPU/GPU has it)")
@@ -346,6 +365,8 @@ def _train_unet(args: argparse.Namespace) -> int:
         rotation=args.rotation,
         scale=args.scale,
         displacement=args.displacement,
+        appearance=args.appearance,
+        boundary_weight=args.boundary_weight,
         seed=args.seed,
         precision=args.precision,
         prevalence=args.prevalence,
@@ -543,6 +564,10 @@ def _report_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--qc", required=True, type=Path, metavar="HTML", help="images by QC outcome; prevalence")
     p.add_argument("--areas", required=True, type=Path, metavar="PNG", help="predicted-area histograms")
     p.add_argument("--prevalence", required=True, type=Path, metavar="PNG", help="prevalence per site and side")
+    p.add_argument("--manifests", nargs="*", default=[], type=Path, metavar="M.parquet",
+                   help="the sides' manifests (where the flagged images are), for --unfit")
+    p.add_argument("--unfit", type=Path, metavar="PNG",
+                   help="montage of images flagged implant, head_out_of_view or motion")
 
 
 @subcommand("report-figures", "tables and figures for the workflow report", _report_arguments)
@@ -556,6 +581,8 @@ def _report_figures(args: argparse.Namespace) -> int:
         qc=args.qc,
         areas=args.areas,
         prevalence_png=args.prevalence,
+        manifests=args.manifests,
+        unfit=args.unfit,
     )
     return 0
 

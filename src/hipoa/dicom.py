@@ -116,12 +116,15 @@ class HipImage:
         spacing_mm: ``(row spacing dy, column spacing dx)`` in mm.
         protocol: ``(0018,1030) Protocol Name`` (or the step description it fell back to).
         source: ``"path"`` or ``"path.zip::member"``.
+        max_value: The top of the pixel range: the largest value the modality LUT can give over
+            the stored range (255 for UKB's 8-bit data); NaN when unknown.
     """
 
     pixels: np.ndarray
     spacing_mm: tuple[float, float]
     protocol: str
     source: str
+    max_value: float = float("nan")
 
 
 @dataclass(frozen=True)
@@ -803,11 +806,13 @@ def read_image(image: str | Path, member: str | None = None, limits: Limits | No
     # No float64 copy of the whole image when there is no rescale (UKB's 8-bit data): converting
     # integers straight to float32 is exact and halves read time (benchmarks/crop.py).
     values = np.asarray(apply_modality_lut(stored, ds))
+    top = _max_possible(ds)
     if str(ds.PhotometricInterpretation).strip().upper() == "MONOCHROME1":
-        values = _max_possible(ds) - values.astype(np.float64)
+        values = top - values.astype(np.float64)
     return HipImage(
         pixels=values.astype(np.float32),
         spacing_mm=spacing,
         protocol=protocol_of(ds),
         source=source,
+        max_value=float(top),
     )

@@ -12,6 +12,14 @@ Dice is reported two ways:
   score), where a positive image whose prediction is absent counts as Dice 0;
 - ``dice_mean_all`` / ``dice_std_all``: over all test images, where an empty prediction on an
   empty truth counts as 1.
+
+Calibration of the per-image probability (:mod:`hipoa.calibration`): ``ece`` (expected calibration
+error, :func:`hipoa.metrics.expected_calibration_error`, ``ece_bins`` = 10 equal-width bins weighted
+by their image counts) and ``brier`` (:func:`hipoa.metrics.brier_score`) of the calibrated
+probability, ``ece_raw`` / ``brier_raw`` of the rule's raw score. The test split is annotated and
+enriched like the validation split, so the calibration is scored at the validation split's
+prevalence, before the shift to the cohort's (``calibration_prior``). A model without a calibration
+scores its raw score under both names.
 """
 
 from __future__ import annotations
@@ -25,7 +33,8 @@ import numpy as np
 
 from hipoa.atomic import atomic_path
 from hipoa.infer import SiteModel, read_masks, take_rows
-from hipoa.metrics import confusion, dice, f1, sensitivity, specificity
+from hipoa.calibration import ECE_BINS, describe
+from hipoa.metrics import brier_score, confusion, dice, expected_calibration_error, f1, sensitivity, specificity
 from hipoa.modelio import json_safe, model_json_path, read_model_card
 from hipoa.splits import open_site_patches, patch_indices, read_splits
 
@@ -75,8 +84,10 @@ def evaluate_site(
     Returns:
         The dict written: ``n``, ``n_positive``, ``sensitivity``, ``specificity``, ``f1``,
         ``dice_mean``, ``dice_std`` (positives), ``dice_mean_all``, ``dice_std_all``,
-        ``confusion_matrix`` ``[[tn, fp], [fn, tp]]`` (rows truth, columns prediction), ``presence``,
-        ``paper_table2``.
+        ``confusion_matrix`` ``[[tn, fp], [fn, tp]]`` (rows truth, columns prediction), ``presence``
+        (the card's rule, without its calibration), ``paper_table2``, and ``ece``, ``brier``,
+        ``ece_raw``, ``brier_raw``, ``ece_bins``, ``calibration_prior``, ``calibration``
+        (:func:`hipoa.calibration.describe`), see the module docstring.
 
     Raises:
         ValueError: when the split table has no test images.
@@ -89,7 +100,8 @@ def evaluate_site(
     engine, test = _load(site, model_path, splits, precision)
     auto = open_site_patches(stores, site, "auto")
     idx = patch_indices(auto.rows, test, "auto patches")
-    presence = engine.card["presence"]
+    # The rule as before; the calibration (knots and all) is summarised under its own key.
+    presence = {k: v for k, v in engine.card["presence"].items() if k != "calibration"}
     log.info(
         "evaluate %s: %d test images (%d positive), %s, rule %s",
         site, len(test), int(test["positive"].sum()), engine.policy, presence,
@@ -100,6 +112,7 @@ def evaluate_site(
     truth = test["positive"].to_numpy(bool)
     d = dice(pred.mask, truth_mask)  # mask is empty where not present: a missed positive scores 0
     result = _scores(site, model_path, pred.present, truth, d, presence, engine.policy)
+    result.update(_calibration_scores(engine.card, pred.probability, truth))
     # Each file appears complete or not at all (hipoa.atomic).
     with atomic_path(out) as tmp:
         tmp.write_text(json.dumps(json_safe(result), indent=2) + "\n")
@@ -108,8 +121,10 @@ def evaluate_site(
     images = take_rows(auto.image, idx).astype(np.float32)
     overlay_figure(images, truth_mask, pred.mask, d, truth, figures_dir / f"{site}_overlay.png", title=site)
     log.info(
-        "evaluate %s: sensitivity %.3f, specificity %.3f, F1 %.3f, Dice %.3f +- %.3f (positives); wrote %s",
-        site, result["sensitivity"], result["specificity"], result["f1"], result["dice_mean"], result["dice_std"], out,
+        "evaluate %s: sensitivity %.3f, specificity %.3f, F1 %.3f, Dice %.3f +- %.3f (positives), ECE %.3f "
+        "(raw score %.3f); wrote %s",
+        site, result["sensitivity"], result["specificity"], result["f1"], result["dice_mean"], result["dice_std"],
+        result["ece"], result["ece_raw"], out,
     )
     return result
 
@@ -152,6 +167,22 @@ def _scores(site: str, model_path: Path, present: np.ndarray, truth: np.ndarray,
         "presence": presence,
         "precision": policy,
         "paper_table2": PAPER_TABLE2.get(site),
+    }
+
+
+def _calibration_scores(card, raw: np.ndarray, truth: np.ndarray) -> dict:
+    """ECE and Brier score of the calibrated probability (at the validation prior) and of the raw score."""
+    cal = card.calibration
+    calibrated = raw if cal is None else cal.apply(raw, prior="validation")
+    return {
+        "ece": expected_calibration_error(calibrated, truth, ECE_BINS),
+        "brier": brier_score(calibrated, truth),
+        "ece_raw": expected_calibration_error(raw, truth, ECE_BINS),
+        "brier_raw": brier_score(raw, truth),
+        "ece_bins": ECE_BINS,
+        "calibration_prior": ("validation split" if cal is not None
+                              else "none (uncalibrated: ece and brier are the raw score's)"),
+        "calibration": describe(card.presence_info.get("calibration")),
     }
 
 

@@ -3,6 +3,8 @@
 Plain functions on NumPy arrays. Detection measures take per-image booleans; Dice takes masks.
 The presence rule (:func:`presence_from_probability`) is the one place that turns a U-Net's
 per-pixel probabilities into present / absent, used by evaluation and by prediction alike.
+Calibration measures (:func:`expected_calibration_error`, :func:`brier_score`) take per-image
+probabilities and booleans; the calibration itself is :mod:`hipoa.calibration`.
 """
 
 from __future__ import annotations
@@ -238,6 +240,53 @@ def estimate_prevalence(called_fraction: float, sens: float, spec: float) -> flo
     if not j > 0:
         raise ValueError(f"estimate_prevalence: sensitivity {sens} + specificity {spec} - 1 must be > 0")
     return float(np.clip((called_fraction - (1.0 - spec)) / j, 0.0, 1.0))
+
+
+def _probabilities_and_truth(prob: np.ndarray, true_present: np.ndarray, name: str) -> tuple[np.ndarray, np.ndarray]:
+    p = np.asarray(prob, dtype=np.float64).ravel()
+    t = np.asarray(true_present).astype(bool).ravel()
+    if p.shape != t.shape:
+        raise ValueError(f"{name}: {p.size} probabilities for {t.size} truths")
+    if p.size and not (np.isfinite(p).all() and (p >= 0).all() and (p <= 1).all()):
+        raise ValueError(f"{name}: probabilities must be finite and in [0, 1], got range [{p.min()}, {p.max()}]")
+    return p, t
+
+
+def expected_calibration_error(prob: np.ndarray, true_present: np.ndarray, n_bins: int = 10) -> float:
+    """Expected calibration error: the bin-count weighted mean gap between predicted and observed presence.
+
+    ``ECE = sum_b (n_b / n) * |mean(truth in b) - mean(prob in b)|`` over ``n_bins`` equal-width
+    bins of [0, 1]: bin ``b`` holds ``b / n_bins <= prob < (b + 1) / n_bins``, the last one also
+    ``prob == 1``; empty bins add nothing (Naeini et al., 2015; Guo et al., 2017, eq. 3).
+
+    Args:
+        prob: ``(n,)`` predicted probabilities of presence, in [0, 1].
+        true_present: ``(n,)`` bool truth.
+        n_bins: Number of bins (10 in hipoa's evaluation JSON, ``ece_bins``).
+
+    Returns:
+        ECE in [0, 1]; NaN for no images.
+
+    Raises:
+        ValueError: naming the sizes when they differ, or the range of probabilities outside [0, 1].
+    """
+    p, t = _probabilities_and_truth(prob, true_present, "expected_calibration_error")
+    if n_bins < 1:
+        raise ValueError(f"expected_calibration_error: n_bins must be >= 1, got {n_bins}")
+    if not p.size:
+        return float("nan")
+    b = np.minimum((p * n_bins).astype(np.int64), n_bins - 1)
+    observed = np.bincount(b, weights=t.astype(np.float64), minlength=n_bins)
+    predicted = np.bincount(b, weights=p, minlength=n_bins)
+    # sum_b (n_b / n) |sum(t)_b / n_b - sum(p)_b / n_b| = sum_b |sum(t)_b - sum(p)_b| / n
+    return float(np.abs(observed - predicted).sum() / p.size)
+
+
+def brier_score(prob: np.ndarray, true_present: np.ndarray) -> float:
+    """Brier score ``mean((prob - truth)^2)`` over ``(n,)`` probabilities and bool truth (Brier, 1950);
+    0 is perfect, 0.25 what a constant 0.5 scores; NaN for no images."""
+    p, t = _probabilities_and_truth(prob, true_present, "brier_score")
+    return float(np.mean((p - t) ** 2)) if p.size else float("nan")
 
 
 def mask_components(mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

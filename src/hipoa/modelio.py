@@ -18,8 +18,10 @@ shapes: input ``(128, 128, 1)``, output ``(128, 128, k)``. Every problem is a :c
 traceback.
 
 The model card, the JSON beside the model (``unet.json`` beside ``unet.keras``), is a
-:class:`ModelCard`: settings, data counts, training and validation figures, and the presence rule
-(:class:`PresenceRule`). It is read by :func:`read_model_card` (validated) and written by
+:class:`ModelCard`: settings, data counts, training and validation figures, the presence rule
+(:class:`PresenceRule`) and, in ``presence.calibration``, the calibration of the presence score
+(:class:`hipoa.calibration.Calibration`; older cards have none and read as uncalibrated). It is
+read by :func:`read_model_card` (validated) and written by
 :func:`write_model_card` (atomically, NaN as null); nothing else parses or writes it.
 """
 
@@ -34,6 +36,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+from hipoa.calibration import Calibration
 from hipoa.sites import PATCH_SIZE
 
 log = logging.getLogger(__name__)
@@ -122,6 +125,17 @@ def _presence_rule(rule: Any, path: Path) -> PresenceRule:
     return PresenceRule(pixel_threshold=thr, min_area_px=min_px, detect_threshold=detect)
 
 
+def _calibration(info: dict[str, Any], path: Path) -> Calibration | None:
+    """The calibration in a card's presence block (``presence.calibration``), or None when it has
+    none (an older card) or says ``method: "none"``."""
+    if info.get("calibration") is None:
+        return None
+    try:
+        return Calibration.from_dict(info["calibration"])
+    except ValueError as exc:
+        raise ModelError(f"{path}: presence.calibration is invalid: {exc}") from None
+
+
 _CARD_SECTIONS = ("site", "hipoa_version", "created", "settings", "architecture", "data", "training",
                   "validation", "presence", "loaded_from")
 """Top-level keys of ``unet.json`` that :class:`ModelCard` names, in the order they are written."""
@@ -135,19 +149,21 @@ class ModelCard:
         presence: The presence rule. Given a dict (``choose_presence_rule``'s ``presence``),
             it is validated into a :class:`PresenceRule` and the dict's other keys
             (``prevalence``, ``prevalence_source``, ``prevalence_estimate``, ``candidates``,
-            ``rule``) go to ``presence_info``.
+            ``rule``, ``calibration``) go to ``presence_info``.
         site: Site key; ``hipoa_version``, ``created`` (ISO 8601 UTC) of the training run.
         settings: Training settings (epochs, batch size, U-Net size, augmentation, seed, policy, ...).
         architecture: U-Net size, classes, parameter count, saved policy.
         data: Stores, split table, context size, ``counts`` per split, samples per epoch.
         training: Epochs run, best epoch and validation loss, seconds, patches per second.
         validation: Validation scores at the presence rule.
-        presence_info: How the rule was chosen (written inside ``presence``).
+        presence_info: How the rule was chosen (written inside ``presence``), and its
+            ``calibration`` (the JSON of :class:`hipoa.calibration.Calibration`), if any.
         loaded_from: The model this one was copied from (``train-unet --load``), else None.
         extra: Any other top-level keys of the JSON, kept as they are.
 
     ``None`` (or empty ``extra``/``presence_info``) sections are not written. ``card["presence"]``
-    and the like read the JSON layout, for code written against the dict.
+    and the like read the JSON layout, for code written against the dict. :attr:`calibration`
+    is ``presence_info["calibration"]`` parsed (None: the score is uncalibrated).
     """
 
     presence: PresenceRule
@@ -162,6 +178,7 @@ class ModelCard:
     presence_info: dict[str, Any] = field(default_factory=dict)
     loaded_from: str | None = None
     extra: dict[str, Any] = field(default_factory=dict)
+    calibration: Calibration | None = field(default=None, init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         if isinstance(self.presence, dict):
@@ -171,23 +188,26 @@ class ModelCard:
             object.__setattr__(self, "presence_info", {**info, **self.presence_info})
         elif not isinstance(self.presence, PresenceRule):
             raise ModelError(f"model card: presence must be a PresenceRule or a dict, got {self.presence!r}")
+        object.__setattr__(self, "calibration", _calibration(self.presence_info, Path("model card")))
 
     @classmethod
     def from_dict(cls, card: Any, path: str | Path = "model card") -> ModelCard:
         """The card of a parsed ``unet.json`` (``path`` names it in errors).
 
         Raises:
-            ModelError: naming ``path`` when ``card`` is not an object or its presence rule is
-                missing or invalid.
+            ModelError: naming ``path`` when ``card`` is not an object, its presence rule is
+                missing or invalid, or its ``presence.calibration`` is invalid.
         """
         path = Path(path)
         if not isinstance(card, dict):
             raise ModelError(f"{path}: model settings JSON must be an object, got {type(card).__name__}")
         rule = _presence_rule(card.get("presence"), path)
+        info = {k: v for k, v in card["presence"].items() if k not in _RULE_KEYS}
+        _calibration(info, path)  # a bad calibration names the card's path
         named = {k: card[k] for k in _CARD_SECTIONS if k in card and k != "presence"}
         return cls(
             presence=rule,
-            presence_info={k: v for k, v in card["presence"].items() if k not in _RULE_KEYS},
+            presence_info=info,
             extra={k: v for k, v in card.items() if k not in _CARD_SECTIONS},
             **named,
         )

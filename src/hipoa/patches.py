@@ -50,6 +50,7 @@ import pandas as pd
 
 from hipoa import __version__, qc
 from hipoa.dicom import read_image
+from hipoa.fitness import check_image
 from hipoa.geometry import (
     augmentation_reach,
     context_offset,
@@ -105,6 +106,11 @@ AFFINE_NOTE = (
     "negative x scale (mirrored into left orientation); patch pixel area in mm^2 = "
     "|det(affine[:, :2])| * spacing_row_mm * spacing_col_mm"
 )
+
+POINTS_WINDOW = 5
+"""A site's local outline: the points within this many of its centre along the outline (11)."""
+POINTS_SHRINK = 0.2
+"""Shrinkage of the local outline's covariance towards its diagonal (stable with few images)."""
 
 POINTS_SOURCE = {
     "auto": "automatic points (manifest points_auto) for every manifest row: evaluation and phenotyping",
@@ -219,6 +225,7 @@ class _Arrays:
     auto: dict[str, dict[str, np.ndarray]] = field(default_factory=dict)
     manual: dict[str, dict[str, list[np.ndarray]]] = field(default_factory=dict)
     manual_rows: list[int] = field(default_factory=list)
+    windows: dict[str, np.ndarray] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         n, s = self.n, self.size
@@ -233,6 +240,8 @@ class _Arrays:
             "spacing_col_mm": np.full(n, np.nan),
             "rows": np.zeros(n, np.int32),
             "cols": np.zeros(n, np.int32),
+            "implant_area_mm2": np.full(n, np.nan),
+            "motion_score": np.full(n, np.nan),
         }
         for site in self.sites:
             self.rows[f"{site.name}_true_area_mm2"] = np.full(n, np.nan)
@@ -241,8 +250,10 @@ class _Arrays:
                 "mask": np.zeros((n, s, s), np.uint8),
                 "affine": np.full((n, 2, 3), np.nan),
                 "inside": np.full(n, np.nan, np.float32),
+                "points_z": np.full(n, np.nan, np.float32),
             }
             self.manual[site.name] = {"image": [], "mask": [], "affine": [], "inside": []}
+            self.windows[site.name] = np.full((n, 2 * POINTS_WINDOW + 1, 2), np.nan)
 
     def manual_arrays(self) -> dict[str, dict[str, np.ndarray]]:
         """``manual/`` as arrays per site: the crops stacked (empty ones shaped), plus ``row``."""
@@ -306,7 +317,8 @@ def _crop_row(
             r[f"{site.name}_true_area_mm2"][i] = counts[site.label] * spacing[0] * spacing[1]
 
     reason = _crop_auto(
-        arrays, i, pixels, mask, spacing, side, sites, min_inside, _text(row.points_auto), n_points, limits
+        arrays, i, pixels, mask, spacing, side, sites, min_inside, _text(row.points_auto), n_points, limits,
+        hip.max_value,
     )
     if mask is not None:
         _crop_manual(arrays, i, pixels, mask, spacing, side, sites, min_inside, row, n_points, limits)
@@ -338,6 +350,7 @@ def _crop_auto(
     points_path: str,
     n_points: int,
     limits: qc.Limits,
+    max_value: float = float("nan"),
 ) -> str:
     pts, reason = _read_points(points_path, n_points)
     if pts is None:
@@ -359,6 +372,13 @@ def _crop_auto(
     for site, a, f in zip(sites, affines, fractions):
         arrays.auto[site.name]["affine"][i] = a
         arrays.auto[site.name]["inside"][i] = f
+        arrays.windows[site.name][i] = local_outline(pts, site.centre, a)
+    fit = check_image(pixels, pts, spacing, limits, max_value)
+    arrays.rows["implant_area_mm2"][i] = fit.implant_area_mm2
+    arrays.rows["motion_score"][i] = fit.motion_score
+    if fit.reason == qc.HEAD_OUT_OF_VIEW:
+        log.warning("%s: %s: %s", points_path, fit.reason, fit.detail)
+        return fit.reason
     if min(fractions) < min_inside:
         worst = int(np.argmin(fractions))
         log.warning(
@@ -366,6 +386,9 @@ def _crop_auto(
             points_path, qc.PATCH_OUTSIDE_IMAGE, sites[worst].name, fractions[worst], min_inside,
         )
         return qc.PATCH_OUTSIDE_IMAGE
+    if fit.reason:
+        log.warning("%s: %s: %s", points_path, fit.reason, fit.detail)
+        return fit.reason
     for site, a, f in zip(sites, affines, fractions):
         patch = sample_patch(pixels, a, size, order=1, fill=0.0)
         inside = _ALL_INSIDE[size] if f == 1.0 else inside_mask(a, size, shape)
@@ -373,6 +396,74 @@ def _crop_auto(
         if mask is not None:
             arrays.auto[site.name]["mask"][i] = sample_patch(mask, a, size, order=0, fill=0) == site.label
     return ""
+
+
+def local_outline(points: np.ndarray, centre: int, affine: np.ndarray) -> np.ndarray:
+    """The points within :data:`POINTS_WINDOW` of ``centre`` along the outline (clamped to its
+    ends), in the site patch's pixel frame (``affine`` inverted): scaled by the reference length,
+    mirrored like the patch, centred on the site. ``(2 * POINTS_WINDOW + 1, 2)``."""
+    idx = np.clip(np.arange(centre - POINTS_WINDOW, centre + POINTS_WINDOW + 1), 0, len(points) - 1)
+    m = np.asarray(affine, dtype=np.float64)
+    lin_inv = np.linalg.inv(m[:, :2])
+    return (np.asarray(points, dtype=np.float64)[idx] - m[:, 2]) @ lin_inv.T
+
+
+def points_scores(windows: np.ndarray, min_images: int, shrink: float = POINTS_SHRINK) -> np.ndarray:
+    """How far each image's local outline is from the others': an RMS robust z per image.
+
+    ``windows`` ``(n, k, 2)`` local outlines (:func:`local_outline`; NaN rows are images not
+    measured). With at least ``min_images`` finite rows, a Gaussian model of the ``2k``
+    coordinates is fitted robustly (start at the coordinate medians and MAD scales; then twice:
+    covariance of the 90 % nearest, shrunk by ``shrink`` towards its diagonal) and each image
+    scores ``sqrt(d^2 / 2k)``, ``d`` its Mahalanobis distance: about 1 for a typical hip, larger
+    where a run of points around the site is displaced against its neighbours (a shift of the whole
+    outline moves the patch with it and changes nothing). NaN where not finite or too few images.
+    """
+    n = len(windows)
+    out = np.full(n, np.nan, np.float32)
+    if n == 0:
+        return out
+    x = np.asarray(windows, dtype=np.float64).reshape(n, -1)
+    ok = np.isfinite(x).all(axis=1)
+    if ok.sum() < max(min_images, 3):
+        return out
+    data = x[ok]
+    dims = data.shape[1]
+    mu = np.median(data, axis=0)
+    scale = 1.4826 * np.median(np.abs(data - mu), axis=0)
+    scale = np.where(scale > 1e-9, scale, 1e-9)
+    d2 = (((data - mu) / scale) ** 2).sum(axis=1)
+    for _ in range(2):
+        inner = data[d2 <= np.quantile(d2, 0.9)]
+        mu = inner.mean(axis=0)
+        cov = np.cov(inner, rowvar=False)
+        cov = (1.0 - shrink) * cov + shrink * np.diag(np.diag(cov)) + 1e-9 * np.eye(dims)
+        diff = data - mu
+        d2 = np.einsum("ij,ij->i", diff @ np.linalg.inv(cov), diff)
+    # the 90 % kept are thinner-tailed than all: rescale so the median image scores as chi2's median
+    from scipy.stats import chi2
+
+    d2 = d2 * (chi2.median(dims) / max(float(np.median(d2)), 1e-12))
+    out[np.flatnonzero(ok)] = np.sqrt(d2 / dims).astype(np.float32)
+    return out
+
+
+def _score_points(arrays: _Arrays, sites: list[Site], reasons: np.ndarray, limits: qc.Limits, shard: int) -> None:
+    """Fill ``auto/{site}/points_z`` from the shard's measurable rows (:func:`points_scores`)."""
+    fine = np.array([r == "" for r in reasons], bool)
+    for site in sites:
+        windows = np.where(fine[:, None, None], arrays.windows[site.name], np.nan)
+        z = points_scores(windows, limits.points_min_images)
+        arrays.auto[site.name]["points_z"][:] = z
+        if fine.sum() and not np.isfinite(z).any():
+            log.warning("shard %d: %s: %d measurable images, fewer than qc.points_min_images %d; its points are "
+                        "not checked for plausibility", shard, site.name, int(fine.sum()), limits.points_min_images)
+            continue
+        bad = np.flatnonzero(np.nan_to_num(z, nan=0.0) > limits.points_max_z)
+        if bad.size:
+            log.warning("shard %d: %s: %d of %d images with implausible points (score > qc.points_max_z %g): %s",
+                        shard, site.name, bad.size, int(fine.sum()), limits.points_max_z,
+                        ", ".join(f"row {j} (eid {arrays.rows['eid'][j]}, {z[j]:.1f})" for j in bad[:10]))
 
 
 def _crop_manual(
@@ -560,6 +651,7 @@ def _crop_rows(
         reasons[reason] += 1
         progress.update()
     progress.close()
+    _score_points(arrays, sites, arrays.rows["qc_reason"], limits, shard)
     return arrays, reasons
 
 

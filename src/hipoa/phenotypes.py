@@ -5,7 +5,7 @@ Writes, for one side (see the data contract, "Outputs"):
 - ``osteophytes_{side}.parquet``: one row per ingested image (every manifest row exactly once,
   QC failures included), nullable dtypes (NA = not measurable, never a sentinel number), and
   key-value schema metadata (``hipoa_version``, ``config_hash``, ``model_sha256:{site}``,
-  ``presence_threshold:{site}``, ``created``) written through pyarrow so pandas, polars, duckdb
+  ``presence_threshold:{site}``, ``probability_calibration:{site}``, ``created``) written through pyarrow so pandas, polars, duckdb
   and R's arrow all see it. Only ``created`` differs between two runs on the same inputs (nothing
   does when ``SOURCE_DATE_EPOCH`` is set: it is then ``created``).
 - the GWAS files of the side (:mod:`hipoa.release`): ``osteophytes_{side}.bt.tsv`` (presence
@@ -34,7 +34,9 @@ from hipoa import __version__, qc
 from hipoa.atomic import atomic_path
 from hipoa.geometry import paste_patch_mask
 from hipoa.labels import write_label_png
-from hipoa.modelio import read_presence_rule
+from hipoa.calibration import MIN_CLASS_ISOTONIC
+from hipoa.calibration import describe as describe_calibration
+from hipoa.modelio import read_model_card
 from hipoa.predict import (
     AREA,
     LARGEST_AREA,
@@ -145,8 +147,12 @@ def _dictionary(sites: list[str]) -> list[tuple[str, str, str]]:
             (f"{s}{AREA}", f"{s}: predicted osteophyte area; 0 when absent; NA not measurable", "mm^2"),
             (
                 f"{s}{PROBABILITY}",
-                f"{s}: model confidence of presence, the probability its min_area_px most confident pixels "
-                "reach (present when >= detect_threshold)",
+                f"{s}: calibrated probability that an osteophyte is present: the presence rule's score (the "
+                "probability its min_area_px most confident pixels reach) mapped by isotonic regression fitted "
+                f"on the validation split (Platt scaling when it has fewer than {MIN_CLASS_ISOTONIC} images of a "
+                "class), shifted from the validation split's prevalence to the cohort's estimated prevalence; the "
+                "raw score for an uncalibrated model (see probability_calibration in the Parquet metadata); "
+                "NA not measurable",
                 "",
             ),
             (f"{s}{N_COMPONENTS}", f"{s}: number of separate predicted osteophyte regions (8-connected) in the "
@@ -353,7 +359,8 @@ def _table(merged: pd.DataFrame, sites: list[str], used: set[str], side: str) ->
 
 
 def _metadata(sites: list[str], models: dict[str, Path], config_hash: str, side: str) -> dict[str, str]:
-    """The Parquet's key-value metadata: version, config hash, each model's SHA-256 and rule, time."""
+    """The Parquet's key-value metadata: version, config hash, each model's SHA-256, rule and
+    probability calibration (:func:`hipoa.calibration.describe`), time."""
     metadata = {
         "hipoa_version": __version__,
         "config_hash": config_hash,
@@ -362,7 +369,10 @@ def _metadata(sites: list[str], models: dict[str, Path], config_hash: str, side:
     }
     for s in sites:
         metadata[f"model_sha256:{s}"] = sha256_file(Path(models[s]))
-        metadata[f"presence_threshold:{s}"] = json.dumps(read_presence_rule(Path(models[s])).to_dict(), sort_keys=True)
+        card = read_model_card(Path(models[s]))
+        metadata[f"presence_threshold:{s}"] = json.dumps(card.presence.to_dict(), sort_keys=True)
+        metadata[f"probability_calibration:{s}"] = json.dumps(
+            describe_calibration(card.presence_info.get("calibration")), sort_keys=True)
     metadata["created"] = created_timestamp()
     return metadata
 

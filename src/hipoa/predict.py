@@ -15,8 +15,12 @@ Per image and site:
   ``|det(affine[:, :2])|`` image pixels, times the DICOM pixel area ``spacing_row_mm *
   spacing_col_mm``. The patch pixel size depends on each image's reference length, so the patch
   pixel count alone is not an area. 0.0 when absent;
-- *probability*: the model's confidence that an osteophyte is present (as defined by
-  ``presence_from_probability``);
+- *probability*: the probability that an osteophyte is present in the cohort: the rule's raw
+  score (``presence_from_probability``'s ``k``-th largest pixel probability) through the
+  calibration in the model card (``presence.calibration``, :meth:`hipoa.calibration.Calibration.apply`:
+  fitted on the validation split, shifted to the cohort's prevalence), on the host; presence is
+  decided on the raw score, so calibration changes no call. A card without a calibration (older
+  models) gives the raw score, and the log says so;
 - *regions*: ``n_components``, the number of 8-connected regions of the predicted mask
   (:func:`hipoa.metrics.mask_components`, scikit-image), and ``largest_area_mm2``, the largest
   region's area in mm^2 (its pixels times the patch pixel area). 0 and 0.0 when absent.
@@ -57,6 +61,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from hipoa import __version__, qc
+from hipoa.calibration import describe
 from hipoa.geometry import patch_pixel_area_mm2
 from hipoa.infer import SiteModel
 from hipoa.metrics import mask_components
@@ -76,6 +81,7 @@ SITE_DTYPES = {PRESENT: "Int8", AREA: "Float64", PROBABILITY: "Float32", N_COMPO
 REASON_OUTSIDE = qc.PATCH_OUTSIDE_IMAGE
 REASON_SPACING = qc.PIXEL_SPACING_UNKNOWN
 REASON_POINTS = qc.POINTS_INVALID
+REASON_IMPLAUSIBLE = qc.POINTS_IMPLAUSIBLE
 
 
 def site_columns(site: str) -> list[str]:
@@ -85,7 +91,8 @@ def site_columns(site: str) -> list[str]:
 
 
 def measurable(
-    rows: pd.DataFrame, inside: np.ndarray, min_inside_fraction: float, affine: np.ndarray | None = None
+    rows: pd.DataFrame, inside: np.ndarray, min_inside_fraction: float, affine: np.ndarray | None = None,
+    points_max_z: float = float("inf"),
 ) -> tuple[np.ndarray, np.ndarray]:
     """Which rows can be measured for one site, and the reason of those that cannot.
 
@@ -95,6 +102,8 @@ def measurable(
         min_inside_fraction: The store's threshold.
         affine: ``(n, 2, 3)`` patch affines; a row without a finite one (no usable points) is
             not measurable (``points_invalid``).
+        points_max_z: A row whose ``points_z`` (the site's local-outline score, when ``rows`` has
+            it) is above this is ``points_implausible``.
 
     Returns:
         ``(ok, reason)``: ``(n,)`` bool, and ``(n,)`` object array of reasons ("" where ok).
@@ -111,6 +120,10 @@ def measurable(
         reason[fine & ~finite] = REASON_POINTS
         fine = reason == ""
     reason[fine & ~inside_ok] = REASON_OUTSIDE
+    if "points_z" in rows:
+        implausible = np.nan_to_num(rows["points_z"].to_numpy(dtype=np.float64), nan=0.0) > points_max_z
+        reason[fine & inside_ok & implausible] = REASON_IMPLAUSIBLE
+        fine = reason == ""
     reason[fine & inside_ok & ~spacing_ok] = REASON_SPACING
     return reason == "", reason
 
@@ -169,6 +182,7 @@ def _predict_site(
     """
     n = len(data)
     cols = _site_results(n)
+    calibration = engine.card.calibration if engine.card is not None else None
     full = np.zeros((n, PATCH_SIZE, PATCH_SIZE), np.uint8) if keep_masks else None
     labelled = []
     # Connected components need the masks on the host; they run in a thread beside the model,
@@ -178,7 +192,9 @@ def _predict_site(
             b = r.indices
             cols[PRESENT][b] = r.present.astype(np.int8)
             cols[AREA][b] = np.where(r.present, r.area_px * px_area[b], 0.0)
-            cols[PROBABILITY][b] = r.probability
+            # Calibrated on the host (a knot lookup per image); presence above stays the raw rule's.
+            cols[PROBABILITY][b] = (r.probability if calibration is None
+                                    else calibration.apply(r.probability, prior="cohort").astype(np.float32))
             hit = np.flatnonzero(r.present)
             if full is not None and hit.size:
                 full[b[hit]] = r.mask[hit]
@@ -210,7 +226,21 @@ def load_site_models(models: dict[str, Path], precision: str = "auto") -> dict[s
     for m in models.values():
         read_model_card(Path(m))
     policy = choose_policy(precision)
-    return {site: SiteModel.load(Path(m), policy=policy) for site, m in models.items()}
+    engines = {site: SiteModel.load(Path(m), policy=policy) for site, m in models.items()}
+    for site, engine in engines.items():
+        log.info("%s: %s", site, _calibration_note(engine.card))
+    return engines
+
+
+def _calibration_note(card) -> str:
+    """One line on what a model's probability column is: calibrated how and for which prevalence,
+    or the raw presence score (a card without a calibration)."""
+    d = describe(card.presence_info.get("calibration") if card is not None else None)
+    if d["method"] == "none":
+        return f"uncalibrated ({d['reason']}): the probability column is the presence rule's raw score"
+    target = "not shifted" if d["target_prevalence"] is None else f"shifted to prevalence {d['target_prevalence']:.4g}"
+    return (f"calibrated: {d['method']} on the validation split ({d['n']} images, prevalence "
+            f"{d['val_prevalence']:.4g}), {target}")
 
 
 def _store_frame(table: pd.DataFrame, reasons: np.ndarray, site_cols: dict[str, dict[str, Any]]) -> pd.DataFrame:
@@ -241,6 +271,7 @@ def _predict_store(
 
     attrs = store_attrs(store)
     min_inside = float(attrs.get("min_inside_fraction", 0.0))
+    points_max_z = float(attrs.get("qc_limits", {}).get("points_max_z", float("inf")))
     first = next(iter(engines))
     table: pd.DataFrame | None = None
     reasons: np.ndarray | None = None
@@ -260,7 +291,7 @@ def _predict_store(
                 root = _write_mask_store_header(masks_tmp, rows, attrs, store) if masks_tmp is not None else None
             elif len(rows) != len(table) or not (rows["eid"].astype(str).values == table["eid"].astype(str).values).all():
                 raise ValueError(f"{store}: rows of site {site!r} differ from those of {first!r}")
-            ok, site_reason = measurable(rows, data.inside, min_inside, affine)
+            ok, site_reason = measurable(rows, data.inside, min_inside, affine, points_max_z)
             # The first reason of an image is its reason (earlier stages' reasons are kept as they are).
             reasons = np.where(reasons == "", site_reason, reasons)
             idx = np.flatnonzero(ok)

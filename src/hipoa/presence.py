@@ -2,9 +2,11 @@
 
 :func:`choose_presence_rule` picks ``detect_threshold`` and ``min_area_px`` of
 :func:`hipoa.metrics.presence_from_probability` (see :data:`PRESENCE_RULE`); the rule is written
-to the model card by :func:`hipoa.train.train_site`. The model runs through the one inference
-path (:class:`hipoa.infer.SiteModel`): the pixel counts at the candidate thresholds and the 0.5
-masks are computed on the device, never the probability maps.
+to the model card by :func:`hipoa.train.train_site`, with the calibration of the rule's raw score
+(:func:`hipoa.calibration.fit_calibration`, fitted on the same validation images once the rule is
+chosen; ``presence["calibration"]``). The model runs through the one inference path
+(:class:`hipoa.infer.SiteModel`): the pixel counts at the candidate thresholds, the 0.5 masks and
+the raw scores are computed on the device, never the probability maps.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from hipoa.calibration import METHODS, fit_calibration
 from hipoa.infer import SiteModel, as_site_model, read_masks
 from hipoa.metrics import choose_min_area, dice, estimate_prevalence
 from hipoa.modelio import PresenceRule
@@ -56,6 +59,7 @@ def choose_presence_rule(
     batch_size: int = 32,
     seed: int = 1,
     max_population: int = POPULATION_SAMPLE,
+    calibration: str = "auto",
 ) -> tuple[dict, dict]:
     """Choose a trained model's presence rule on the validation split, for the cohort's prevalence.
 
@@ -74,6 +78,12 @@ def choose_presence_rule(
     3. prevalence ``= (q - (1 - c)) / (s + c - 1)`` (:func:`hipoa.metrics.estimate_prevalence`),
        kept within [0.01, 0.99].
 
+    Once the rule is chosen, the model is run once more on the validation images at that rule for
+    their raw scores (the ``k``-th largest pixel probability, ``k = min_area_px``), and
+    :func:`hipoa.calibration.fit_calibration` fits their calibration (method ``calibration``),
+    shifted to the prevalence. A validation split of one class is not calibrated
+    (``{"method": "none", "reason": ...}``).
+
     When that cannot be done (no such images, or ``s + c - 1 <= 0``) the prevalence is 0.5 and a
     warning says why. Scoring uses the validation images' automatic-point patches (as the model is
     used), or the manual centre crops where the stores have no automatic patches of them.
@@ -86,21 +96,25 @@ def choose_presence_rule(
         batch_size: Patches per model call.
         seed: Of the population sample.
         max_population: Cap on the images predicted for the estimate.
+        calibration: ``"auto"``, ``"isotonic"`` or ``"platt"`` (:func:`hipoa.calibration.fit_calibration`).
 
     Returns:
         ``(presence, scores)``: ``presence`` is ``unet.json``'s rule (``pixel_threshold``,
         ``detect_threshold``, ``min_area_px``, ``prevalence``, ``prevalence_source``,
         ``candidates`` (per detection threshold: ``min_area_px``, ``weighted_accuracy``,
-        ``youden_j``) and, when estimated, ``prevalence_estimate``, ``rule``); ``scores`` are the
+        ``youden_j``) and, when estimated, ``prevalence_estimate``, ``rule``, ``calibration``
+        (:meth:`hipoa.calibration.Calibration.to_dict`)); ``scores`` are the
         validation scores at the rule (:func:`hipoa.metrics.choose_min_area`) plus ``source``,
         ``dice_mean_positive`` and ``dice_mean_all``.
     """
     grid = _candidate_thresholds(detect_threshold, prevalence)
+    if calibration not in ("auto", *METHODS):
+        raise ValueError(f"calibration must be 'auto' or one of {METHODS}, got {calibration!r}")
     engine = as_site_model(model)
     table = read_splits(splits)
     val_rows = table[table["split"] == "val"]
     val_truth = val_rows["positive"].to_numpy(bool)
-    counts, pixels, truth_mask, auto, source = _score_validation(engine, stores, site, val_rows, grid, batch_size)
+    counts, pixels, truth_mask, auto, source, view = _score_validation(engine, stores, site, val_rows, grid, batch_size)
     presence: dict = {"pixel_threshold": PIXEL_THRESHOLD}
     if val_truth.all() or not val_truth.any():
         log.warning("presence rule %s: the validation split is all one class; min_area_px defaults to 1", site)
@@ -115,6 +129,8 @@ def choose_presence_rule(
     presence["detect_threshold"] = float(detect)
     presence["min_area_px"] = int(min_area)
     presence["rule"] = PRESENCE_RULE
+    presence["calibration"] = _calibrate(engine, view, presence, val_truth, site=site, batch_size=batch_size,
+                                         method=calibration)
     # The rule's mask: the pixels >= 0.5 of the images with >= min_area_px pixels >= detect
     # (the same as presence_from_probability: the k-th largest pixel reaches detect exactly then).
     present = counts[:, grid.index(detect)] >= min_area
@@ -125,6 +141,25 @@ def choose_presence_rule(
         dice_mean_all=float(d.mean()),
     )
     return presence, scores
+
+
+def _calibrate(engine: SiteModel, view: tuple, presence: dict, val_truth: np.ndarray, *, site: str, batch_size: int,
+               method: str) -> dict:
+    """``presence["calibration"]``: the raw scores of the validation images at the chosen rule
+    (``view`` = ``(image, indices, crop)`` of :func:`_score_validation`), calibrated for the
+    rule's prevalence (:func:`hipoa.calibration.fit_calibration`)."""
+    if val_truth.all() or not val_truth.any():
+        log.warning("presence rule %s: the validation split is all one class; its probability stays uncalibrated", site)
+        return {"method": "none", "reason": "validation split all one class"}
+    image, idx, crop = view
+    rule = PresenceRule(PIXEL_THRESHOLD, presence["min_area_px"], presence["detect_threshold"])
+    out = engine.predict(image, idx, batch_size=batch_size, crop=crop, rule=rule)
+    cal = fit_calibration(out.probability, val_truth, target_prevalence=presence["prevalence"], method=method)
+    log.info("presence rule %s: %s calibration on %d validation images (%d positive), val prevalence %.3f -> %s; "
+             "in-sample ECE %.3f (raw score %.3f), Brier %.3f (raw %.3f)", site, cal.method, cal.info["n"],
+             cal.info["n_positive"], cal.val_prevalence, cal.target_prevalence, cal.info["ece_val"],
+             cal.info["ece_val_raw"], cal.info["brier_val"], cal.info["brier_val_raw"])
+    return cal.to_dict()
 
 
 def _fit_rule(
@@ -180,9 +215,10 @@ def _score_validation(
     ``(n, 128, 128)`` uint8 pixels >= 0.5, computed on the device (no probability maps).
 
     Returns:
-        ``(counts (n, len(grid)) int64, pixels, truth_mask (n, 128, 128) uint8, auto, source)``:
+        ``(counts (n, len(grid)) int64, pixels, truth_mask (n, 128, 128) uint8, auto, source, view)``:
         the automatic-point patches (``auto`` their PatchSet, source ``"auto"``), or the manual
-        centre crops where the stores have none (``auto`` None, source ``"manual"``).
+        centre crops where the stores have none (``auto`` None, source ``"manual"``); ``view`` is
+        ``(image, indices, crop)``, the patches scored, to run the model on them again.
     """
     request = {"batch_size": batch_size, "masks": "pixels", "count_thresholds": grid,
                "rule": PresenceRule(PIXEL_THRESHOLD, 1, PIXEL_THRESHOLD)}
@@ -190,14 +226,14 @@ def _score_validation(
         auto = open_site_patches(stores, site, "auto")
         idx = patch_indices(auto.rows, val_rows, "auto patches")
         out = engine.predict(auto.image, idx, **request)
-        return out.counts, out.mask, read_masks(auto.mask, idx), auto, "auto"
+        return out.counts, out.mask, read_masks(auto.mask, idx), auto, "auto", (auto.image, idx, 0)
     except KeyError as exc:
         log.warning("presence rule %s: %s; choosing it on manual centre crops", site, exc)
     manual = open_site_patches(stores, site, "manual")
     crop = (int(manual.image.shape[1]) - PATCH_SIZE) // 2
     idx = patch_indices(manual.rows, val_rows, "manual patches")
     out = engine.predict(manual.image, idx, crop=crop, **request)
-    return out.counts, out.mask, read_masks(manual.mask, idx, crop=crop), None, "manual"
+    return out.counts, out.mask, read_masks(manual.mask, idx, crop=crop), None, "manual", (manual.image, idx, crop)
 
 
 def _best_rule(by_t: dict, val_truth: np.ndarray, pi: float, youden: dict, grid) -> tuple:

@@ -33,7 +33,11 @@ POINTS_INVALID = "points_invalid"
 POINTS_OUTSIDE_IMAGE = "points_outside_image"
 IMPLAUSIBLE_REFERENCE_LENGTH = "implausible_reference_length"
 DUPLICATE_IMAGE = "duplicate_image"
+HEAD_OUT_OF_VIEW = "head_out_of_view"
 PATCH_OUTSIDE_IMAGE = "patch_outside_image"
+IMPLANT = "implant"
+MOTION = "motion"
+POINTS_IMPLAUSIBLE = "points_implausible"
 PIXEL_SPACING_UNKNOWN = "pixel_spacing_unknown"
 CROP_FAILED = "crop_failed"
 NOT_MEASURED = "not_measured"
@@ -52,12 +56,22 @@ REASONS: dict[str, str] = {
     POINTS_OUTSIDE_IMAGE: "an automatic point lies outside the image",
     IMPLAUSIBLE_REFERENCE_LENGTH: "the reference length (mm, between the sites' reference points) is outside qc.reference_length_mm",
     DUPLICATE_IMAGE: "another image of the same (eid, instance, side) passed QC first and is kept",
+    HEAD_OUT_OF_VIEW: "the femoral head or acetabulum is cut by the image edge: an outline point within "
+    "qc.edge_margin_mm of it, or the head's fitted circle beyond it",
     PATCH_OUTSIDE_IMAGE: "a site's patch lies less than patches.min_inside_fraction inside the image",
+    IMPLANT: "a metal hip prosthesis: at least qc.implant_min_area_mm2 of connected pixels at the top of the pixel "
+    "range (>= qc.implant_level of it) inside the hip outline",
+    MOTION: "patient motion: edges repeated at a 2.5-10 mm shift (autocorrelation score >= qc.motion_score)",
+    POINTS_IMPLAUSIBLE: "a site's automatic points are far from the local outline shape of the shard's other hips "
+    "(robust Mahalanobis score > qc.points_max_z); that site is NA, the others are measured",
     PIXEL_SPACING_UNKNOWN: "the patch store has no pixel spacing for the image, so no area can be computed",
     CROP_FAILED: "cropping raised an unexpected error (logged with its traceback); please report it",
     NOT_MEASURED: "a site has no measurement although no earlier stage gave a reason (a safeguard; please report it)",
 }
 """Every ``qc_reason``, in the order the checks apply, with its one-line meaning."""
+
+UNFIT = (HEAD_OUT_OF_VIEW, IMPLANT, MOTION)
+"""Reasons of images readable but unfit to measure (:mod:`hipoa.fitness`); the report shows them."""
 
 SAFEGUARDS = frozenset({CROP_FAILED, NOT_MEASURED, PIXEL_SPACING_UNKNOWN})
 """Reasons no valid input is expected to reach: they catch bugs and hand-edited intermediates."""
@@ -82,6 +96,18 @@ class Limits:
         max_member_mb: Largest size of one DICOM (zip member, declared and inflated, or file) in MiB.
         max_image_pixels: Largest Rows x Columns x Samples per Pixel.
         max_zip_members: Most members one zip may hold (UKB's hold under 10).
+        edge_margin_mm: A head or acetabulum outline point nearer the image edge than this is
+            ``head_out_of_view`` (an automatic search keeps cut-off points on the edge).
+        implant_level: Fraction of the top of the pixel range at and above which a pixel counts
+            as metal (implant check).
+        implant_min_area_mm2: Smallest connected metal area inside the hip outline that is an
+            ``implant`` (a femoral stem covers thousands of mm^2).
+        points_max_z: A site whose local outline (the 11 points around its centre, in the patch's
+            frame) scores above this against the shard's other hips is ``points_implausible``
+            (:func:`hipoa.patches.points_scores`: RMS robust z, about 1 for a typical hip).
+        points_min_images: Fewest measurable images a shard needs for that model; fewer: not checked.
+        motion_score: Autocorrelation peak at a 2.5-10 mm shift above which an image is ``motion``
+            (:func:`hipoa.fitness.motion_score`; under 0.06 for still synthetic hips, 0.11-0.38 for doubled ones).
     """
 
     spacing_mm: tuple[float, float] = (0.05, 1.0)
@@ -91,6 +117,12 @@ class Limits:
     max_member_mb: float = 64.0
     max_image_pixels: int = 4096 * 4096
     max_zip_members: int = 64
+    edge_margin_mm: float = 1.5
+    implant_level: float = 0.97
+    implant_min_area_mm2: float = 100.0
+    motion_score: float = 0.085
+    points_max_z: float = 2.5
+    points_min_images: int = 40
 
     def __post_init__(self) -> None:
         for name in ("spacing_mm", "image_size_px", "reference_length_mm"):
@@ -102,10 +134,14 @@ class Limits:
             if not (math.isfinite(low) and math.isfinite(high) and 0 < low < high):
                 raise ValueError(f"qc.{name}: expected 0 < low < high, got {list(value)}")
             object.__setattr__(self, name, tuple(type(value[0])(v) for v in value))
-        for name in ("max_spacing_anisotropy", "max_member_mb", "max_image_pixels", "max_zip_members"):
+        for name in ("max_spacing_anisotropy", "max_member_mb", "max_image_pixels", "max_zip_members",
+                     "edge_margin_mm", "implant_level", "implant_min_area_mm2", "motion_score", "points_max_z",
+                     "points_min_images"):
             value = getattr(self, name)
             if not (isinstance(value, (int, float)) and math.isfinite(value) and value > 0):
                 raise ValueError(f"qc.{name}: expected a positive number, got {value!r}")
+        if self.implant_level > 1:
+            raise ValueError(f"qc.implant_level: expected a fraction in (0, 1], got {self.implant_level!r}")
 
     @property
     def max_member_bytes(self) -> int:

@@ -226,6 +226,71 @@ def plot_prevalence(prev: pd.DataFrame, out: Path) -> None:
     _save_figure(fig, out)
 
 
+UNFIT_PER_REASON = 4
+"""Images per unfit reason in the report's montage."""
+
+
+def _unfit_rows(pheno: pd.DataFrame, manifests: list[Path], per_reason: int) -> list[tuple[str, pd.Series]]:
+    """Up to ``per_reason`` flagged images per unfit reason (lowest eids first), with their
+    manifest rows (image, member, points_auto)."""
+    from hipoa import qc as qc_vocabulary
+
+    frames = [pd.read_parquet(m) for m in manifests]
+    if not frames:
+        return []
+    man = pd.concat(frames, ignore_index=True)
+    man["_key"] = man["eid"].astype(str) + "_" + man["instance"].astype(str) + "_" + man["side"].astype(str)
+    man = man.drop_duplicates("_key").set_index("_key")
+    picked = []
+    for reason in qc_vocabulary.UNFIT:
+        rows = pheno[pheno["qc_reason"] == reason].copy()
+        rows["_key"] = rows["eid"].astype(str) + "_" + rows["instance"].astype(str) + "_" + rows["side"].astype(str)
+        rows = rows[rows["_key"].isin(man.index)].sort_values(["eid", "instance", "side"]).head(per_reason)
+        picked += [(reason, man.loc[key]) for key in rows["_key"]]
+    return picked
+
+
+def plot_unfit(pheno: pd.DataFrame, manifests: list[Path], out: Path, per_reason: int = UNFIT_PER_REASON) -> int:
+    """A montage of images flagged unfit to measure (``implant``, ``head_out_of_view``,
+    ``motion``), up to ``per_reason`` of each, read from their DICOMs with the automatic points
+    overlaid, for visual confirmation. Returns the number of images shown."""
+    from hipoa.dicom import read_image
+    from hipoa.points import read_pts
+
+    picked = _unfit_rows(pheno, manifests, per_reason)
+    if not picked:
+        fig, ax = plt.subplots(figsize=(5, 1.2))
+        ax.set_axis_off()
+        ax.text(0.5, 0.5, "no image was flagged implant, head_out_of_view or motion", ha="center", va="center")
+        _save_figure(fig, out)
+        return 0
+    ncol = min(4, len(picked))
+    nrow = -(-len(picked) // ncol)
+    fig, axes = plt.subplots(nrow, ncol, figsize=(3.2 * ncol, 3.2 * nrow), squeeze=False)
+    for ax in axes.ravel():
+        ax.set_axis_off()
+    for ax, (reason, row) in zip(axes.ravel(), picked):
+        member = str(row.get("member") or "") or None
+        try:
+            hip = read_image(str(row["image"]), member)
+        except Exception as exc:  # noqa: BLE001 - the montage must not fail the report
+            ax.set_title(f"{reason}\n{row['eid']} unreadable: {type(exc).__name__}", fontsize=7)
+            continue
+        ax.imshow(hip.pixels, cmap="gray", interpolation="bilinear")
+        path = str(row.get("points_auto") or "")
+        if path:
+            try:
+                pts = read_pts(path)
+                ax.plot(pts[:, 0], pts[:, 1], ".", ms=1.5, color=(1.0, 0.85, 0.1))
+            except Exception:  # noqa: BLE001
+                pass
+        ax.set_title(f"{reason}\n{row['eid']}_{row['instance']}_{row['side']}", fontsize=8)
+    fig.suptitle("Images flagged unfit to measure (automatic points in yellow)", fontsize=9)
+    fig.tight_layout()
+    _save_figure(fig, out)
+    return len(picked)
+
+
 def write_report_figures(
     *,
     phenotypes: list[Path],
@@ -234,6 +299,8 @@ def write_report_figures(
     qc: Path,
     areas: Path,
     prevalence_png: Path,
+    manifests: list[Path] = (),
+    unfit: Path | None = None,
 ) -> None:
     """Write the report's tables and figures.
 
@@ -245,6 +312,8 @@ def write_report_figures(
         qc: HTML table of images per QC outcome and side, and prevalence per site and side.
         areas: PNG of predicted-area histograms per site.
         prevalence_png: PNG of prevalence per site and side.
+        manifests: ``results/manifest/{side}.parquet`` (where the flagged images are), for ``unfit``.
+        unfit: PNG montage of the images flagged unfit to measure (:func:`plot_unfit`).
     """
     for path in (evaluation, qc, areas, prevalence_png):
         Path(path).parent.mkdir(parents=True, exist_ok=True)
@@ -272,4 +341,8 @@ def write_report_figures(
 
     plot_areas(pheno, sites, Path(areas))
     plot_prevalence(prev, Path(prevalence_png))
+    if unfit is not None:
+        Path(unfit).parent.mkdir(parents=True, exist_ok=True)
+        shown = plot_unfit(pheno, list(manifests), Path(unfit))
+        log.info("report figures: %d images flagged unfit shown in %s", shown, unfit)
     log.info("report figures: %d images, %d sites, %d evaluations", len(pheno), len(sites), len(scores))

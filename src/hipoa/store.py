@@ -393,6 +393,10 @@ def open_patches(stores: list[Path] | list[str] | str | Path, site: str, source:
             rows["inside"] = np.asarray(group["inside"][:], dtype=np.float32)
         else:
             rows["inside"] = np.full(len(rows), np.nan, np.float32)
+        if "points_z" in group:  # auto/ only (hipoa.patches.points_scores); NaN: not checked
+            rows["points_z"] = np.asarray(group["points_z"][:], dtype=np.float32)
+        else:
+            rows["points_z"] = np.full(len(rows), np.nan, np.float32)
         image, mask = group["image"], group["mask"]
         s = int(image.shape[-1])
         if size is not None and s != size:

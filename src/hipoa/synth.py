@@ -38,6 +38,7 @@ import numpy as np
 import pandas as pd
 import pydicom
 from PIL import Image
+from scipy import ndimage as ndi
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import ImplicitVRLittleEndian, generate_uid
 
@@ -73,6 +74,21 @@ FAULTS: dict[str, str] = {
 ZIP_WIDE_FAULTS = frozenset({"corrupt_zip"})
 """Faults that hit both hips of the participant; the others hit the left hip only."""
 
+UNFIT: dict[str, str] = {
+    "implant": "implant",
+    "cropped_view": "head_out_of_view",
+    "motion": "motion",
+}
+"""Images readable but unfit to measure (``unfit``), left hips only -> the ``qc_reason`` crop must
+give them: a metal prosthesis, a field of view whose edge cuts the femoral head, patient motion
+(:func:`hipoa.anatomy.add_implant`, :func:`~hipoa.anatomy.crop_view`, :func:`~hipoa.anatomy.add_motion`)."""
+
+SECOND_SIZES: tuple[tuple[int, int], ...] = ((500, 570), (510, 560), (520, 590), (530, 570))
+"""Hip matrix sizes of the second scanner (0.30 mm pixels: about the same field in mm), each a whole
+number of mm."""
+SMALL_MISSED_MM2 = 10.0
+"""A second annotator misses half of the osteophytes smaller than this (``annotators=2``)."""
+
 PROTOCOLS = {"L": "Left Femur", "R": "Right Femur"}
 OTHER_SCANS = ("AP Spine", "Total Body")
 CR_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.1"
@@ -89,6 +105,8 @@ class _Task:
     eid: int
     annotated: bool
     fault: str
+    unfit: str = ""
+    second_scanner: bool = False
 
 
 @dataclass(frozen=True)
@@ -98,6 +116,7 @@ class _Settings:
     enriched_prevalence: float
     prevalence: float
     annotate_sides: str
+    annotators: int = 1
 
 
 def zip_name(eid: int | str) -> str:
@@ -114,7 +133,8 @@ def image_stem(eid: int | str, side: str) -> str:
 
 
 def dicom_bytes(pixels: np.ndarray, protocol: str, *, sop_uid: str, study_uid: str, series_uid: str,
-                patient_id: str, study_date: str, series_number: int, spacing_mm: float = SPACING_MM) -> bytes:
+                patient_id: str, study_date: str, series_number: int, spacing_mm: float = SPACING_MM,
+                scanner: str = "A") -> bytes:
     """Encode an 8-bit image as a UKB-iDXA-like CR DICOM file (Implicit VR Little Endian).
 
     Args:
@@ -125,6 +145,7 @@ def dicom_bytes(pixels: np.ndarray, protocol: str, *, sop_uid: str, study_uid: s
         study_date: ``YYYYMMDD``, used for every date attribute.
         series_number: ``(0020,0011)``.
         spacing_mm: Pixel size; written only as ``(0040,0303) Exposed Area`` = [width, height] mm.
+        scanner: ``"A"`` (the first scanner) or another name: device serial and software differ.
 
     Returns:
         The DICOM Part 10 file (preamble, ``DICM``, file meta, data set).
@@ -161,8 +182,8 @@ def dicom_bytes(pixels: np.ndarray, protocol: str, *, sop_uid: str, study_uid: s
     ds.PatientBirthDate = ""
     ds.PatientSex = ""
     ds.BodyPartExamined = ""
-    ds.DeviceSerialNumber = "SYNTH0001"
-    ds.SoftwareVersions = f"hipoa {__version__} synth"
+    ds.DeviceSerialNumber = "SYNTH0001" if scanner == "A" else f"SYNTH{scanner}"
+    ds.SoftwareVersions = f"hipoa {__version__} synth" + ("" if scanner == "A" else f" scanner {scanner}")
     ds.ProtocolName = protocol
     ds.ViewPosition = ""
     ds.StudyInstanceUID = study_uid
@@ -217,13 +238,14 @@ def manual_points(rng: np.random.Generator, true: np.ndarray) -> np.ndarray:
 
 
 def auto_points(rng: np.random.Generator, true: np.ndarray, rows: int, cols: int,
-                gross_rate: float = 0.04) -> np.ndarray:
+                gross_rate: float = 0.04, spacing_mm: float = SPACING_MM, gross: list | None = None) -> np.ndarray:
     """Automatic placement (BoneFinder-like) of the outline.
 
     The true outline gets a small random similarity transform (rotation ~1.2 deg, scale ~1.5 %,
     shift ~2 px), a smooth deformation along each bone's contour (~1.5 px), independent noise
     (~2 px) and, in ``gross_rate`` of images, a gross error: a run of 6-16 consecutive points
-    displaced by 3-7 mm. Points stay at least 2 px inside the image.
+    displaced by 3-7 mm. Points stay at least 2 px inside the image. ``gross``, when given, gets
+    the first and last index of that run appended.
 
     Returns:
         (85, 2) float64 px.
@@ -246,7 +268,9 @@ def auto_points(rng: np.random.Generator, true: np.ndarray, rows: int, cols: int
         shift_mm = rng.uniform(3.0, 7.0)
         ang = rng.uniform(0.0, 2.0 * np.pi)
         taper = np.sin(np.linspace(0.0, np.pi, run + 2)[1:-1]) ** 0.5
-        pts[start:start + run] += (taper[:, None] * shift_mm / SPACING_MM) * np.array([np.cos(ang), np.sin(ang)])
+        pts[start:start + run] += (taper[:, None] * shift_mm / spacing_mm) * np.array([np.cos(ang), np.sin(ang)])
+        if gross is not None:
+            gross.extend([start, start + run - 1])
     pts[:, 0] = np.clip(pts[:, 0], 2.0, cols - 3.0)
     pts[:, 1] = np.clip(pts[:, 1], 2.0, rows - 3.0)
     return pts
@@ -258,20 +282,43 @@ def auto_points(rng: np.random.Generator, true: np.ndarray, rows: int, cols: int
 
 
 def _hip(rng: np.random.Generator, who: anatomy.Participant, rows: int, cols: int,
-         present: dict[int, bool], side: str) -> anatomy.HipRender:
+         present: dict[int, bool], side: str, scanner: anatomy.Scanner = anatomy.FIRST_SCANNER,
+         unfit: str = "") -> anatomy.HipRender:
     # Redraw the rare geometry whose reference length (points 12-39) leaves ~55-70 mm or whose
     # outline comes within 4 mm of the image edge.
-    margin = 4.0 / SPACING_MM
+    sp = scanner.spacing_mm
+    margin = 4.0 / sp
     for _ in range(50):
-        geo = anatomy.draw_geometry(rng, who, rows, cols, SPACING_MM)
-        ref = float(np.linalg.norm(geo.points[12] - geo.points[39])) * SPACING_MM
+        geo = anatomy.draw_geometry(rng, who, rows, cols, sp)
+        ref = float(np.linalg.norm(geo.points[12] - geo.points[39])) * sp
         x, y = geo.points[:, 0], geo.points[:, 1]
         if (56.0 <= ref <= 69.0 and x.min() >= margin and y.min() >= margin
                 and x.max() <= cols - 1 - margin and y.max() <= rows - 1 - margin):
             break
     spurs = anatomy.draw_osteophytes(rng, geo, present)
-    hip = anatomy.render_hip(rng, who, geo, spurs)
+    hip = anatomy.render_hip(rng, who, geo, spurs, scanner)
+    if unfit == "implant":
+        hip = anatomy.add_implant(rng, hip, geo)
+    elif unfit == "cropped_view":
+        hip = anatomy.crop_view(rng, hip, geo)
+    elif unfit == "motion":
+        hip = anatomy.add_motion(rng, hip)
     return anatomy.mirror_hip(hip) if side == "R" else hip
+
+
+def second_annotator(rng: np.random.Generator, labels: np.ndarray, spacing_mm: float) -> np.ndarray:
+    """Another annotator's mask of the same osteophytes: each outline 1 px wider or narrower (even
+    odds), and half of those under :data:`SMALL_MISSED_MM2` missed altogether."""
+    out = np.zeros_like(labels)
+    for label in (1, 2, 3):
+        region = labels == label
+        if not region.any():
+            continue
+        if region.sum() * spacing_mm ** 2 < SMALL_MISSED_MM2 and rng.random() < 0.5:
+            continue
+        grown = ndi.binary_dilation(region) if rng.random() < 0.5 else ndi.binary_erosion(region)
+        out[grown & ((labels == 0) | region)] = label
+    return out
 
 
 def _participant(task: _Task, cfg: _Settings) -> list[dict]:
@@ -280,7 +327,10 @@ def _participant(task: _Task, cfg: _Settings) -> list[dict]:
     out = Path(cfg.out)
     eid = task.eid
     who = anatomy.draw_participant(rng)
-    rows, cols = SIZES[int(rng.choice(len(SIZES), p=SIZE_WEIGHTS))]
+    scanner = anatomy.SECOND_SCANNER if task.second_scanner else anatomy.FIRST_SCANNER
+    sizes = SECOND_SIZES if task.second_scanner else SIZES
+    rows, cols = sizes[int(rng.choice(len(sizes), p=SIZE_WEIGHTS))]
+    sp = scanner.spacing_mm
     patient_id = f"SYN{int(rng.integers(0, 16 ** 10)):010X}"
     study_date = (np.datetime64("2014-04-01") + int(rng.integers(0, 6 * 365))).astype(str).replace("-", "")
     ent = [str(cfg.seed), str(task.index)]
@@ -293,11 +343,19 @@ def _participant(task: _Task, cfg: _Settings) -> list[dict]:
         annotated = task.annotated and side in cfg.annotate_sides
         p = cfg.enriched_prevalence if annotated else cfg.prevalence
         present = {label: bool(rng.random() < p) for label in (1, 2, 3)}
-        hip = _hip(rng, who, rows, cols, present, side)
+        unfit = task.unfit if side == "L" else ""
+        hip = _hip(rng, who, rows, cols, present, side, scanner, unfit)
         stem = image_stem(eid, side)
-        auto = auto_points(rng, hip.points, rows, cols)
+        gross: list[int] = []
+        auto = auto_points(rng, hip.points, rows, cols, spacing_mm=sp, gross=gross)
         manual = manual_points(rng, hip.points)
         side_fault = fault if (fault and (side == "L" or fault in ZIP_WIDE_FAULTS)) else ""
+        annotator = 1
+        mask = hip.labels
+        if annotated and cfg.annotators == 2:
+            annotator = 1 + int(rng.random() < 0.5)
+            if annotator == 2:
+                mask = second_annotator(rng, hip.labels, sp)
 
         if side_fault == "wrong_point_count":
             auto = np.delete(auto, int(rng.integers(0, anatomy.N_POINTS)), axis=0)
@@ -307,12 +365,12 @@ def _participant(task: _Task, cfg: _Settings) -> list[dict]:
             write_pts(out / "points" / "auto" / f"{stem}.pts", auto)
         if annotated:
             write_pts(out / "points" / "manual" / f"{stem}.pts", manual)
-            write_label_png(out / "masks" / f"{stem}.png", hip.labels)
+            write_label_png(out / "masks" / f"{stem}.png", mask)
 
         sop_uid = generate_uid(UID_PREFIX, ent + [side])
         data = dicom_bytes(hip.image, PROTOCOLS[side], sop_uid=sop_uid, study_uid=study_uid,
                            series_uid=generate_uid(UID_PREFIX, ent + [side, "series"]), patient_id=patient_id,
-                           study_date=study_date, series_number=series_number)
+                           study_date=study_date, series_number=series_number, spacing_mm=sp, scanner=scanner.name)
         if side_fault == "truncated_dicom":
             data = data[: int(len(data) * rng.uniform(0.4, 0.7))]
         if side_fault != "no_hip_scan":
@@ -323,12 +381,16 @@ def _participant(task: _Task, cfg: _Settings) -> list[dict]:
             "rows": rows, "cols": cols,
         }
         for name, label in SITE_LABELS.items():
-            area = float(np.count_nonzero(hip.labels == label)) * SPACING_MM * SPACING_MM
+            area = float(np.count_nonzero(hip.labels == label)) * sp * sp
             row[f"{name}_present"] = area > 0.0
             row[f"{name}_area_mm2"] = area
-        row["reference_length_mm"] = float(np.linalg.norm(hip.points[12] - hip.points[39])) * SPACING_MM
-        row["fault"] = side_fault
-        row["expected_reason"] = FAULTS.get(side_fault, "")
+        row["reference_length_mm"] = float(np.linalg.norm(hip.points[12] - hip.points[39])) * sp
+        row["fault"] = side_fault or unfit
+        row["expected_reason"] = FAULTS.get(side_fault, "") or UNFIT.get(unfit, "")
+        row["unfit"] = bool(unfit)
+        row["scanner"] = scanner.name
+        row["annotator"] = annotator if annotated else 0
+        row["auto_gross_error"] = f"{gross[0]}-{gross[1]}" if gross else ""
         truth.append(row)
 
     n_other = int(rng.integers(1, 3))
@@ -382,7 +444,8 @@ def _clear_previous(out: Path) -> None:
 
 def make_cohort(out: Path, participants: int, seed: int, annotated_fraction: float = 0.3,
                 enriched_prevalence: float = 0.5, prevalence: float = 0.15, faults: int = 0,
-                workers: int = 1, annotate_sides: str = "L") -> pd.DataFrame:
+                workers: int = 1, annotate_sides: str = "L", unfit: int = 0, second_scanner: float = 0.0,
+                annotators: int = 1) -> pd.DataFrame:
     """Write a synthetic UKB hip-DXA cohort under ``out`` and return its truth table.
 
     Args:
@@ -398,12 +461,23 @@ def make_cohort(out: Path, participants: int, seed: int, annotated_fraction: flo
         faults: Number of participants with a planted fault, cycling through :data:`FAULTS`.
         workers: Processes; does not change the output.
         annotate_sides: Sides that get annotations (``"L"``, ``"R"`` or ``"LR"``).
+        unfit: Participants whose left hip is unfit to measure, cycling through :data:`UNFIT`
+            (implant, cropped view, motion); drawn among those without a fault or annotations.
+        second_scanner: Fraction of participants imaged on the second scanner
+            (:data:`hipoa.anatomy.SECOND_SCANNER`: 0.30 mm pixels, noisier; sizes
+            :data:`SECOND_SIZES`).
+        annotators: 1, or 2: each annotated image's mask is drawn by one of two annotators, the
+            second's outlines a pixel wider or narrower and missing half the small osteophytes
+            (:func:`second_annotator`). The truth table keeps the true areas.
 
     Returns:
         One row per (eid, instance, side) image: ``eid`` (int64), ``instance`` (int16), ``side``,
         ``annotated``, ``rows``, ``cols``, ``{site}_present`` (bool), ``{site}_area_mm2`` (float64,
         label area in the full-size mask at the DICOM spacing, 0 when absent),
-        ``reference_length_mm``, ``fault`` ("" or a :data:`FAULTS` key) and ``expected_reason``.
+        ``reference_length_mm``, ``fault`` ("" or a :data:`FAULTS` or :data:`UNFIT` key),
+        ``expected_reason``, ``unfit`` (bool), ``scanner`` (``"A"`` or ``"B"``), ``annotator``
+        (0 not annotated, 1 or 2) and ``auto_gross_error`` (``"first-last"``: the run of automatic
+        points displaced by 3-7 mm, see :func:`auto_points`; ``""`` none).
         Also written to ``out/truth.parquet`` and ``out/truth.csv``.
 
     Raises:
@@ -421,6 +495,10 @@ def make_cohort(out: Path, participants: int, seed: int, annotated_fraction: flo
         raise ValueError(f"annotate_sides must be 'L', 'R' or 'LR', got {annotate_sides!r}")
     if workers < 1:
         raise ValueError(f"workers must be >= 1, got {workers}")
+    if not 0.0 <= second_scanner <= 1.0:
+        raise ValueError(f"second_scanner must be in [0, 1], got {second_scanner}")
+    if annotators not in (1, 2):
+        raise ValueError(f"annotators must be 1 or 2, got {annotators}")
 
     out = Path(out)
     _clear_previous(out)
@@ -437,10 +515,26 @@ def make_cohort(out: Path, participants: int, seed: int, annotated_fraction: flo
     kinds = list(FAULTS)
     for j, i in enumerate(crng.permutation(participants)[:faults]):
         fault_of[int(i)] = kinds[j % len(kinds)]
+    # The draws of the newer options use generators of their own, so that a cohort without them
+    # is byte-identical to one made before they existed.
+    unfit_of = [""] * participants
+    if unfit:
+        urng = np.random.default_rng([seed, 0x5EED, 0xF17])
+        eligible = [int(i) for i in urng.permutation(participants) if not fault_of[int(i)] and not annotated[int(i)]]
+        if unfit > len(eligible):
+            raise ValueError(f"unfit: {unfit} participants asked for, only {len(eligible)} have neither a fault "
+                             "nor annotations")
+        for j, i in enumerate(eligible[:unfit]):
+            unfit_of[i] = list(UNFIT)[j % len(UNFIT)]
+    on_second = np.zeros(participants, bool)
+    if second_scanner > 0.0:
+        srng = np.random.default_rng([seed, 0x5EED, 0x5CA])
+        on_second[srng.permutation(participants)[: int(round(second_scanner * participants))]] = True
 
     cfg = _Settings(out=str(out), seed=int(seed), enriched_prevalence=float(enriched_prevalence),
-                    prevalence=float(prevalence), annotate_sides=annotate_sides)
-    tasks = [(_Task(i, int(eids[i]), bool(annotated[i]), fault_of[i]), cfg) for i in range(participants)]
+                    prevalence=float(prevalence), annotate_sides=annotate_sides, annotators=int(annotators))
+    tasks = [(_Task(i, int(eids[i]), bool(annotated[i]), fault_of[i], unfit_of[i], bool(on_second[i])), cfg)
+             for i in range(participants)]
     rows: list[dict] = []
     progress = Progress(participants, "synth", log, unit="participants")
     workers = min(workers, participants)
@@ -463,8 +557,10 @@ def make_cohort(out: Path, participants: int, seed: int, annotated_fraction: flo
     truth["cols"] = truth["cols"].astype("int32")
     truth.to_parquet(out / "truth.parquet", index=False)
     truth.to_csv(out / "truth.csv", index=False)
-    log.info("synth: %d participants, %d images (%d annotated, %d with a planted fault) in %s at %.1f participants/s",
-             participants, len(truth), int(truth["annotated"].sum()), int((truth["fault"] != "").sum()), out, rate)
+    log.info("synth: %d participants, %d images (%d annotated, %d with a planted fault, %d unfit, %d on the second "
+             "scanner) in %s at %.1f participants/s", participants, len(truth), int(truth["annotated"].sum()),
+             int(((truth["fault"] != "") & ~truth["unfit"]).sum()), int(truth["unfit"].sum()),
+             int((truth["scanner"] != "A").sum()), out, rate)
     return truth
 
 

@@ -2,10 +2,14 @@
 
 Training (:func:`train_site`) follows the paper: Adam with Keras's default parameters, sparse
 categorical cross-entropy on the two-class per-pixel softmax, 15 epochs, and the weights of the
-epoch with the lowest validation loss are kept. Training and validation learn from the store's
+epoch with the lowest validation loss are kept. One change, for noisy labels: two annotators'
+outlines of the same osteophyte differ by a pixel or two, so the pixels within 1 px of the mask's
+boundary count ``boundary_weight`` (0.5 by default) in the cross-entropy, training and validation
+alike (:func:`pixel_loss`; 1 is the paper's plain loss). Training and validation learn from the store's
 ``manual/`` context patches of the split's train and val images (:mod:`hipoa.splits`). Each
 image gives ``1 + n_augment`` samples per epoch (the un-augmented centre crop and ``n_augment``
-random rotations, scalings and displacements), made in the TensorFlow input graph from contexts
+random rotations, scalings and displacements, the training ones also with the scanner
+appearance augmentation of :mod:`hipoa.augment`), made in the TensorFlow input graph from contexts
 read once into memory (:mod:`hipoa.train_input`); the validation samples are drawn once with a
 fixed seed, so every epoch (and every training seed) is scored on the same validation set.
 
@@ -134,6 +138,56 @@ def _callbacks(site: str, epochs: int, steps: int, n_samples: int, every_s: floa
     return EpochLog(), KeepBest()
 
 
+# ---- loss ------------------------------------------------------------------------------------
+
+
+def boundary_weights(mask, weight: float):
+    """Per-pixel loss weights: ``weight`` within 1 px of the mask's boundary, 1 elsewhere.
+
+    The ring is the 3 x 3 (8-neighbour) dilation minus the erosion of the mask: the pixels on
+    both sides of the outline, where two annotators disagree. The patch border is no boundary
+    (the pooling ignores the padding). A mask of 1 or 2 px is all ring, so a tiny osteophyte
+    counts ``weight`` as much.
+
+    Args:
+        mask: ``(n, H, W)`` 0/1 masks (any dtype), a tensor of the Keras backend or NumPy.
+        weight: Weight of the ring, in ``[0, 1]``.
+
+    Returns:
+        ``(n, H, W)`` float32 weights.
+    """
+    from keras import ops
+
+    m = ops.cast(mask, "float32")[..., None]
+    grown = ops.max_pool(m, 3, strides=1, padding="same")
+    shrunk = -ops.max_pool(-m, 3, strides=1, padding="same")
+    return 1.0 - (1.0 - float(weight)) * (grown - shrunk)[..., 0]
+
+
+def pixel_loss(boundary_weight: float = 1.0):
+    """The training loss: sparse categorical cross-entropy, the boundary ring weighted.
+
+    Per pixel ``w * CE`` with ``w`` from :func:`boundary_weights`, averaged over all pixels
+    (Keras's ``sum_over_batch_size``, as the plain loss), computed in the graph from the (warped)
+    mask, so validation (and early stopping) uses the same loss. At ``boundary_weight`` 1 it is
+    ``keras.losses.SparseCategoricalCrossentropy()`` value for value. The probabilities are the
+    float32 softmax under any precision policy (:data:`hipoa.unet.OUTPUT_LAYER`).
+
+    Raises:
+        ValueError: naming the value when ``boundary_weight`` is outside ``[0, 1]``.
+    """
+    import keras
+
+    if not 0.0 <= boundary_weight <= 1.0:
+        raise ValueError(f"boundary_weight must be in [0, 1], got {boundary_weight}")
+
+    class BoundaryTolerantCrossentropy(keras.losses.SparseCategoricalCrossentropy):
+        def call(self, y_true, y_pred):
+            return super().call(y_true, y_pred) * boundary_weights(y_true, boundary_weight)
+
+    return BoundaryTolerantCrossentropy(name="boundary_tolerant_crossentropy")
+
+
 # ---- training phases -------------------------------------------------------------------------
 
 
@@ -204,7 +258,7 @@ def _make_inputs(data: _SiteData, *, n_augment: int, settings: AugmentSettings, 
 
 
 def _fit(train, val, *, site: str, epochs: int, depth: int, base_filters: int, dropout: float,
-         policy: str) -> _FitResult:
+         policy: str, boundary_weight: float = 1.0) -> _FitResult:
     """Build and compile the U-Net, fit it for ``epochs`` and restore the best-``val_loss`` weights."""
     import keras
 
@@ -214,7 +268,7 @@ def _fit(train, val, *, site: str, epochs: int, depth: int, base_filters: int, d
     optimizer = keras.optimizers.Adam()  # the paper: default parameters (learning rate 1e-3)
     if policy == "mixed_float16":
         optimizer = keras.optimizers.LossScaleOptimizer(optimizer)
-    model.compile(optimizer=optimizer, loss=keras.losses.SparseCategoricalCrossentropy())
+    model.compile(optimizer=optimizer, loss=pixel_loss(boundary_weight))
     log.info(
         "train %s: U-Net depth %d, %d base filters, %d parameters, %s; %d train images x %d = %d samples, "
         "%d val samples per epoch",
@@ -299,6 +353,8 @@ def train_site(
     rotation: float = 0.1,
     scale: float = 0.1,
     displacement: float = 0.0,
+    appearance: float = 1.0,
+    boundary_weight: float = 0.5,
     seed: int = 1,
     precision: str = "auto",
     prevalence: float | str = "auto",
@@ -316,6 +372,10 @@ def train_site(
         depth, base_filters, dropout: U-Net size (paper: 4, 64, 0.3), :func:`hipoa.unet.build_unet`.
         n_augment: Extra augmented samples per image (paper: 7; 19 for the acetabulum).
         rotation, scale, displacement: Augmentation ranges (:class:`hipoa.augment.AugmentSettings`).
+        appearance: Strength of the scanner appearance augmentation of the training samples
+            (:mod:`hipoa.augment`; 0 off, 1 the documented ranges).
+        boundary_weight: Loss weight of the pixels within 1 px of the mask boundary
+            (:func:`pixel_loss`; 1 is the paper's plain cross-entropy).
         seed: Seed of weights, dropout and training augmentation (``keras.utils.set_random_seed``,
             and the key of every epoch plan, :func:`hipoa.train_input.epoch_plan`).
         precision: ``auto`` or a policy name (:func:`hipoa.precision.choose_policy`).
@@ -331,14 +391,15 @@ def train_site(
     out = Path(out)
     if epochs < 1 or batch_size < 1 or n_augment < 0:
         raise ValueError(f"need epochs >= 1, batch_size >= 1, n_augment >= 0, got {epochs}, {batch_size}, {n_augment}")
-    augment = AugmentSettings(rotation=rotation, scale=scale, displacement=displacement)
+    augment = AugmentSettings(rotation=rotation, scale=scale, displacement=displacement, appearance=appearance)
+    pixel_loss(boundary_weight)  # its range, before any data are read
     data = _open_site_data(stores, splits, site, augment)
     keras.utils.set_random_seed(seed)
     policy = choose_policy(precision)
     train, val = _make_inputs(data, n_augment=n_augment, settings=augment, batch_size=batch_size, seed=seed,
                               epochs=epochs)
     fit = _fit(train, val, site=site, epochs=epochs, depth=depth, base_filters=base_filters, dropout=dropout,
-               policy=policy)
+               policy=policy, boundary_weight=boundary_weight)
 
     presence, scores = choose_presence_rule(
         fit.model, stores=stores, splits=data.table, site=site, prevalence=prevalence,
@@ -347,9 +408,12 @@ def train_site(
     settings = {
         "epochs": epochs, "batch_size": batch_size, "depth": depth, "base_filters": base_filters,
         "dropout": dropout, "n_augment": n_augment, "rotation": rotation, "scale": scale,
-        "displacement": displacement, "seed": seed, "precision": precision, "policy": policy,
+        "displacement": displacement, "appearance": appearance, "boundary_weight": boundary_weight,
+        "seed": seed, "precision": precision, "policy": policy,
         "prevalence": prevalence, "detect_threshold": detect_threshold,
-        "optimizer": "Adam (Keras defaults)", "loss": "sparse categorical cross-entropy",
+        "optimizer": "Adam (Keras defaults)",
+        "loss": "sparse categorical cross-entropy" + (
+            f", pixels within 1 px of the mask boundary weighted {boundary_weight}" if boundary_weight < 1 else ""),
         "kept": "weights of the epoch with the lowest validation loss (val_loss)",
         "val_augment_seed": VAL_AUGMENT_SEED,
     }

@@ -20,12 +20,20 @@ NumPy reference (tests/unit/augment_reference.py), so the samples are equal to i
 a seed trains the same model as before. (``tf.raw_ops.ImageProjectiveTransformV3`` is about 1.5x
 faster on a CPU but rounds differently, which changed the trained demo models.)
 
+With ``AugmentSettings.appearance`` above 0, the random samples (never sample 0 of an image, never
+the masks) then go through the appearance augmentation of :mod:`hipoa.augment` (:func:`appear`:
+contrast, soft-tissue ramp, coarser pixel grid, blur or sharpening, noise, banding, tone curve,
+then a fresh z-score). Its per-sample parameters are drawn on the host for every epoch up front
+too (:func:`appearance_plan`, a stream of their own: the geometric draws do not change), and at 0
+the input graph is exactly the geometric one.
+
 Validation samples (:class:`ValidationInput`) are made once with a fixed seed and held in
 memory (float32, as the network sees them), so every epoch is scored on the same samples.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 from typing import Any
@@ -33,7 +41,7 @@ from typing import Any
 import numpy as np
 import tensorflow as tf
 
-from hipoa.augment import AugmentSettings, check_context
+from hipoa.augment import NEUTRAL_APPEARANCE, AugmentSettings, check_context, draw_appearance
 from hipoa.geometry import augment_coefficients
 from hipoa.sites import PATCH_SIZE
 
@@ -118,6 +126,98 @@ def warp(images: tf.Tensor, masks: tf.Tensor, coefficients: tf.Tensor, rows: tf.
     return out[..., None], tf.gather(tf.reshape(masks, [-1]), nearest)
 
 
+def _smoothing(sigma: tf.Tensor, size: int) -> tf.Tensor:
+    """``(n, size, size)`` Gaussian smoothing matrices of ``sigma`` px (``(n,)``), rows summing to 1.
+
+    Rows are renormalised at the patch border (no dark rim); ``sigma`` 0 gives the identity.
+    """
+    i = tf.range(size, dtype=tf.float32)
+    d2 = tf.square(i[:, None] - i[None, :])
+    g = tf.exp(-d2[None] / (2.0 * tf.square(sigma)[:, None, None] + 1e-6))
+    return g / tf.reduce_sum(g, axis=2, keepdims=True)
+
+
+def _regrid(factor: tf.Tensor, phase: tf.Tensor, size: int) -> tf.Tensor:
+    """``(n, size, size)`` matrices of a down-and-up resampling through a grid ``factor`` x coarser.
+
+    Coarse pixel ``k`` is centred at ``(k - 1 + phase) * factor`` on the patch grid and, as a
+    detector pixel ``factor`` patch pixels wide, averages what it covers (area weights, each patch
+    pixel a unit square); the patch is then linearly interpolated back from the coarse pixels.
+    ``factor`` 1 with ``phase`` 0 is the identity.
+    """
+    k = tf.range(size + 2, dtype=tf.float32)  # factor >= 1: (size + 1) * factor reaches past the patch
+    f = factor[:, None, None]
+    centres = ((k[None, :] - 1.0 + phase[:, None]) * factor[:, None])[:, None, :]  # (n, 1, K)
+    i = tf.range(size, dtype=tf.float32)[None, :, None]  # (1, size, 1)
+    area = tf.maximum(0.0, tf.minimum(i + 0.5, centres + f / 2) - tf.maximum(i - 0.5, centres - f / 2))
+    down = area / tf.maximum(tf.reduce_sum(area, axis=1, keepdims=True), 1e-6)  # (n, size, K): D[k, i]
+    tent = tf.maximum(0.0, 1.0 - tf.abs(i - centres) / f)
+    up = tent / tf.maximum(tf.reduce_sum(tent, axis=2, keepdims=True), 1e-6)  # (n, size, K): U[i, k]
+    return tf.matmul(up, down, transpose_b=True)
+
+
+def _zscore(x: tf.Tensor) -> tf.Tensor:
+    """Per-patch ``(x - mean) / max(std, 1e-6)`` over the last two axes (the store's normalisation)."""
+    mean = tf.reduce_mean(x, axis=(-2, -1), keepdims=True)
+    std = tf.sqrt(tf.reduce_mean(tf.square(x - mean), axis=(-2, -1), keepdims=True))
+    return (x - mean) / tf.maximum(std, 1e-6)
+
+
+def _noise(keys: tf.Tensor, size: int) -> tuple[tf.Tensor, tf.Tensor]:
+    """Unit-std white noise ``(n, size, size)`` and ``(n, size, 1)`` row offsets (uniform).
+
+    One stateless draw per batch, seeded by its first and last samples' keys: the same seed and
+    batch size give the same batches. Random numbers are the largest single cost of the
+    appearance augmentation on a CPU, hence uniform ones (a third of the time of normal ones) and
+    one draw per batch (one per sample, ``map_fn``, took 40 times as long).
+    """
+    n = tf.shape(keys)[0]
+    seed = tf.stack([keys[0], keys[-1]])
+    fields = (tf.random.stateless_uniform(tf.stack([n, size + 1, size]), seed=seed) - 0.5) * math.sqrt(12.0)
+    return fields[:, :size], fields[:, size, :, None]
+
+
+def appear(images: tf.Tensor, params: tf.Tensor, keys: tf.Tensor) -> tf.Tensor:
+    """The appearance augmentation of :mod:`hipoa.augment` on a batch of samples, as TensorFlow ops.
+
+    Order: ``c * x + ramp + sqrt(t) n w``; grid, then psf (one separable linear operator ``A``,
+    applied as ``A X A^T``); ``+ sqrt(1 - t) n w + banding``; the tone curve on the patch's
+    min-max range; z-score (``w`` one white noise field, ``n`` its std, ``t`` the texture).
+
+    Args:
+        images: ``(n, S, S, 1)`` float32 samples (:func:`warp`'s ``x``), rows y down.
+        params: ``(n, 10)`` float32 in the order of :data:`hipoa.augment.APPEARANCE_FIELDS`
+            (:func:`hipoa.augment.draw_appearance`).
+        keys: ``(n,)`` int64 seeds of the samples' noise fields.
+
+    Returns:
+        ``(n, S, S, 1)`` float32, each patch with zero mean and unit std.
+    """
+    size = int(images.shape[1])
+    x = images[..., 0]
+    p = tf.cast(params, tf.float32)
+    contrast, ramp, angle, factor, phase, psf, noise, texture, banding, tone = (p[:, j] for j in range(10))
+    t = tf.linspace(-1.0, 1.0, size)
+    gradient = tf.cos(angle)[:, None, None] * t[None, None, :] + tf.sin(angle)[:, None, None] * t[None, :, None]
+    white, rows = _noise(keys, size)
+    # The textured share of the detector noise goes in before the grid and psf, which shape it
+    # as a scanner's filtering does (blur: blotchy, sharpening: fine-grained); the rest after.
+    x = contrast[:, None, None] * x + ramp[:, None, None] * gradient + (noise * tf.sqrt(texture))[:, None, None] * white
+    # psf > 0: P = G(psf), a blur; psf < 0: P = I + |psf| (I - G(1 px)), an unsharp mask.
+    blur = psf > 0
+    smooth = _smoothing(tf.where(blur, psf, 1.0), size)
+    amount = tf.where(blur, -1.0, -psf)[:, None, None]
+    eye = tf.eye(size, batch_shape=[tf.shape(x)[0]])
+    operator = tf.matmul(eye + amount * (eye - smooth), _regrid(factor, phase, size))
+    x = tf.matmul(tf.matmul(operator, x), operator, transpose_b=True)
+    x = x + (noise * tf.sqrt(1.0 - texture))[:, None, None] * white + banding[:, None, None] * rows
+    lo = tf.reduce_min(x, axis=(1, 2), keepdims=True)
+    hi = tf.reduce_max(x, axis=(1, 2), keepdims=True)
+    unit = (x - lo) / tf.maximum(hi - lo, 1e-6)
+    x = unit + tone[:, None, None] * unit * (1.0 - unit)  # tf.pow (a true gamma) was a quarter of the cost
+    return _zscore(x)[..., None]
+
+
 STREAM_GROUP = 16
 """Images that stay together when an epoch is shuffled (see :func:`epoch_plan`)."""
 STREAM_BLOCK = 1024
@@ -188,6 +288,30 @@ def epoch_plan(n_images: int, per_image: int, settings: AugmentSettings, seed: i
     return np.concatenate(ids).astype(np.int64), np.concatenate(params)
 
 
+APPEARANCE_STREAM = 1
+"""Third entry of the appearance draw's seed, ``(seed, epoch, APPEARANCE_STREAM)``: a stream of its
+own, so the geometric draws (and the samples at appearance 0) are those of before."""
+
+
+def appearance_plan(ids: np.ndarray, per_image: int, strength: float, seed: int,
+                    epoch: int) -> tuple[np.ndarray, np.ndarray]:
+    """The appearance parameters of an epoch's samples, in the order of ``ids`` (:func:`epoch_plan`).
+
+    Drawn in sample-id order from NumPy's generator seeded with ``(seed, epoch, APPEARANCE_STREAM)``,
+    so a sample's parameters do not depend on the shuffle; sample 0 of each image gets the neutral
+    row (and is left as it is: :meth:`TrainingInput.dataset`).
+
+    Returns:
+        ``params`` ``(n, 10)`` float32 and ``keys`` ``(n,)`` int64 (:func:`hipoa.augment.draw_appearance`).
+    """
+    ids = np.asarray(ids, dtype=np.int64)
+    rng = np.random.default_rng([seed, epoch, APPEARANCE_STREAM])
+    params, keys = draw_appearance(len(ids), strength, rng)
+    params, keys = params[ids], keys[ids]
+    params[ids % per_image == 0] = NEUTRAL_APPEARANCE
+    return params, keys
+
+
 def _resident(array: np.ndarray, name: str) -> tf.Variable:
     """``array`` as a non-trainable CPU variable: datasets capture its handle, not its 140 MB."""
     with tf.device("/CPU:0"):
@@ -202,7 +326,9 @@ class TrainingInput:
         masks: ``(n, C, C)`` uint8 0/1 masks.
         n_augment: Random samples per image besides the identity.
         settings: Augmentation ranges; checked against C (:func:`hipoa.augment.check_context`).
-        batch_size: Samples per batch; the last batch of an epoch may be smaller.
+            ``settings.appearance`` > 0 adds the appearance augmentation to the random samples.
+        batch_size: Samples per batch; the last batch of an epoch may be smaller (the noise
+            fields are drawn per batch, so the batches repeat for the same seed and batch size).
         seed: Run seed; epoch ``e`` is :func:`epoch_plan` of ``(seed, e)``.
         epochs: Epochs planned; the dataset starts again at epoch 0 after them.
 
@@ -227,19 +353,34 @@ class TrainingInput:
         self.epochs = int(epochs)
         self._images = _resident(images, "train_images")
         self._masks = _resident(masks, "train_masks")
-        # Every epoch's plan up front (about 40 bytes a sample and epoch): the input graph then
-        # runs without Python, and a rerun with the same seed makes the same batches.
+        # Every epoch's plan up front (about 40 bytes a sample and epoch; 88 with appearance): the
+        # input graph then runs without Python, and a rerun with the same seed makes the same batches.
         plans = [self.epoch_plan(e) for e in range(self.epochs)]
         context = int(images.shape[1])
         self._ids = _resident(np.stack([ids for ids, _ in plans]), "train_ids")
         self._coefficients = _resident(np.stack([augment_coefficients(p, context) for _, p in plans]), "train_coefficients")
+        self._appearance = self._keys = None
+        if settings.appearance > 0:  # at 0 the graph is the geometric one, op for op
+            looks = [self.appearance_plan(e, ids) for e, (ids, _) in enumerate(plans)]
+            self._appearance = _resident(np.stack([a for a, _ in looks]), "train_appearance")
+            self._keys = _resident(np.stack([k for _, k in looks]), "train_appearance_keys")
 
     def epoch_plan(self, epoch: int) -> tuple[np.ndarray, np.ndarray]:
         """Epoch ``epoch``'s ``(ids, params)`` in training order (:func:`epoch_plan`)."""
         return epoch_plan(self.n_images, self.per_image, self.settings, self.seed, int(epoch))
 
-    def _batch(self, ids: tf.Tensor, coefficients: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
-        return warp(self._images, self._masks, coefficients, rows=ids // self.per_image)
+    def appearance_plan(self, epoch: int, ids: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """Epoch ``epoch``'s appearance ``(params, keys)`` in training order (:func:`appearance_plan`)."""
+        ids = self.epoch_plan(epoch)[0] if ids is None else ids
+        return appearance_plan(ids, self.per_image, self.settings.appearance, self.seed, int(epoch))
+
+    def _batch(self, ids: tf.Tensor, coefficients: tf.Tensor, appearance: tf.Tensor | None = None,
+               keys: tf.Tensor | None = None) -> tuple[tf.Tensor, tf.Tensor]:
+        x, y = warp(self._images, self._masks, coefficients, rows=ids // self.per_image)
+        if appearance is not None:  # the image only, and only the random samples
+            random = (ids % self.per_image != 0)[:, None, None, None]
+            x = tf.where(random, appear(x, appearance, keys), x)
+        return x, y
 
     def dataset(self) -> tf.data.Dataset:
         """Endless ``(x, y)``: ``x`` ``(B, 128, 128, 1)`` float32, ``y`` ``(B, 128, 128)`` uint8 0/1.
@@ -250,7 +391,10 @@ class TrainingInput:
         iterator every epoch, which would repeat epoch 0's transforms.)
         """
         def one_epoch(epoch):
-            return tf.data.Dataset.from_tensor_slices((self._ids[epoch], self._coefficients[epoch])).batch(self.batch_size)
+            plan = (self._ids[epoch], self._coefficients[epoch])
+            if self._appearance is not None:
+                plan += (self._appearance[epoch], self._keys[epoch])
+            return tf.data.Dataset.from_tensor_slices(plan).batch(self.batch_size)
 
         ds = tf.data.Dataset.range(self.epochs).repeat().flat_map(one_epoch)
         ds = ds.map(self._batch, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
@@ -261,7 +405,9 @@ class ValidationInput:
     """Validation samples made once (same transforms every epoch) and held in memory.
 
     Args:
-        images, masks, n_augment, settings, batch_size: As :class:`TrainingInput`.
+        images, masks, n_augment, settings, batch_size: As :class:`TrainingInput`; the
+            appearance strength is ignored (validation samples are geometric only, as the
+            images the models will see).
         seed: Fixed seed of the validation transforms (``hipoa.train.VAL_AUGMENT_SEED``).
 
     Attributes:
@@ -273,6 +419,7 @@ class ValidationInput:
 
     def __init__(self, images: np.ndarray, masks: np.ndarray, *, n_augment: int, settings: AugmentSettings,
                  batch_size: int, seed: int) -> None:
+        settings = dataclasses.replace(settings, appearance=0.0)  # validation: geometric only, as stored
         plan = TrainingInput(images, masks, n_augment=n_augment, settings=settings, batch_size=batch_size, seed=seed,
                              epochs=1)
         self.n_samples, self.steps_per_epoch, self.batch_size = plan.n_samples, plan.steps_per_epoch, plan.batch_size

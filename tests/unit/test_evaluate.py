@@ -88,3 +88,40 @@ def test_missing_presence_rule_is_named(setup, tmp_path):
     other.write_bytes(model.read_bytes())
     with pytest.raises(FileNotFoundError, match=r"x\.json"):
         evaluate_site(site=SITE, model=other, stores=[store], splits=splits, out=tmp_path / "e.json")
+
+
+def test_calibration_scores_at_the_validation_prior(setup, tmp_path):
+    from hipoa.calibration import Calibration
+    from hipoa.infer import take_rows
+    from hipoa.metrics import brier_score, expected_calibration_error, presence_from_probability
+
+    store, _, model, test, _ = setup
+    rule = {"pixel_threshold": 0.5, "min_area_px": 3}
+    plain = _evaluate(setup, tmp_path / "plain", rule)
+    # a linear map 0.2 + 0.6 * score, fitted on a balanced split, for a cohort of prevalence 0.05
+    cal = Calibration(method="isotonic", x=(0.0, 1.0), y=(0.2, 0.8), val_prevalence=0.5, target_prevalence=0.05,
+                      eps=0.01)
+    calibrated = _evaluate(setup, tmp_path / "cal", {**rule, "calibration": cal.to_dict()})
+    # the reference: the rule's raw score of the test images by the NumPy path
+    auto = open_patches([store], SITE, "auto")
+    x = take_rows(auto.image, patch_indices(auto.rows, test)).astype(np.float32)[..., None]
+    prob = keras.saving.load_model(model).predict(x, verbose=0)[..., 1]
+    raw = presence_from_probability(prob, 0.5, 3)[3]
+    truth = test["positive"].to_numpy(bool)
+    for r in (plain, calibrated):
+        assert r["ece_bins"] == 10
+        assert r["ece_raw"] == pytest.approx(expected_calibration_error(raw, truth), abs=1e-6)
+        assert r["brier_raw"] == pytest.approx(brier_score(raw, truth), abs=1e-6)
+    assert (plain["ece"], plain["brier"]) == (plain["ece_raw"], plain["brier_raw"])  # uncalibrated: the raw score
+    assert plain["calibration"]["method"] == "none" and plain["calibration_prior"].startswith("none")
+    at_val = 0.2 + 0.6 * raw.astype(np.float64)
+    assert calibrated["ece"] == pytest.approx(expected_calibration_error(at_val, truth), abs=1e-6)
+    assert calibrated["brier"] == pytest.approx(brier_score(at_val, truth), abs=1e-6)
+    assert calibrated["brier"] != pytest.approx(brier_score(cal.apply(raw), truth), abs=1e-3)  # not the cohort's
+    assert calibrated["calibration_prior"] == "validation split"
+    assert calibrated["calibration"]["method"] == "isotonic" and calibrated["calibration"]["target_prevalence"] == 0.05
+    # every key the evaluation had keeps its value (the rule, not its calibration, under "presence")
+    new = {"ece", "brier", "ece_raw", "brier_raw", "ece_bins", "calibration_prior", "calibration"}
+    assert new <= set(plain) and set(plain) == set(calibrated)
+    assert {k: v for k, v in plain.items() if k not in new} == {k: v for k, v in calibrated.items() if k not in new}
+    assert calibrated["presence"] == {**rule, "detect_threshold": 0.5}

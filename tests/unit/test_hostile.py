@@ -41,7 +41,8 @@ from test_predict import make_model  # noqa: E402
 
 SITES = [s.name for s in DEFAULT_SITES]
 # A member cap low enough for a small test bomb, far above a synthetic hip (~0.4 MB).
-LIMITS = {"max_member_mb": 4}
+# points_min_images: the hostile shard is small, and its points are still checked
+LIMITS = {"max_member_mb": 4, "points_min_images": 10}
 BOMB_BYTES = 6 << 20
 
 
@@ -116,6 +117,33 @@ def tiny_image(ds):
     ds[0x00400303].value = [5, 5]
 
 
+def pixels_edit(change):
+    """An ``edit_hip`` edit that rewrites the 8-bit pixels as ``change(pixels) -> pixels``."""
+
+    def edit(ds):
+        pixels = ds.pixel_array.astype(np.float32)
+        ds.PixelData = np.clip(np.rint(change(pixels)), 0, 255).astype(np.uint8).tobytes()
+
+    return edit
+
+
+def metal_ball(pts_path: Path):
+    """A prosthesis' ball: a saturated disc of 40 px radius on the femoral head (points 16-29)."""
+    centre = read_pts(pts_path)[16:30].mean(axis=0)
+
+    def change(pixels):
+        yy, xx = np.mgrid[0: pixels.shape[0], 0: pixels.shape[1]]
+        return np.where((xx - centre[0]) ** 2 + (yy - centre[1]) ** 2 <= 40 ** 2, 255.0, pixels)
+
+    return pixels_edit(change)
+
+
+def doubled(pixels):
+    """Patient motion: a second copy 20 px (5 mm) to the right at 0.45 weight."""
+    ghost = np.concatenate([pixels[:, :20], pixels[:, :-20]], axis=1)
+    return 0.55 * pixels + 0.45 * ghost
+
+
 def huge_matrix(ds):
     ds.Rows, ds.Columns = 40000, 40000  # 1.6 gigapixels declared; the pixel data stays small
 
@@ -169,7 +197,14 @@ HOSTILE: dict[str, str] = {
     "pts_directory": qc.POINTS_INVALID,
     "pts_fifo": qc.POINTS_INVALID,
     "duplicate_zip": "",  # the original stays clean; its copy is the duplicate_image
-    "centre_in_corner": qc.PATCH_OUTSIDE_IMAGE,
+    # point 78, the acetabulum's lateral margin, on the image's corner: the acetabulum is cut off
+    "centre_in_corner": qc.HEAD_OUT_OF_VIEW,
+    # 3 mm inside the corner: in view, but the site's patch is mostly outside the image
+    "centre_near_corner": qc.PATCH_OUTSIDE_IMAGE,
+    "metal_ball": qc.IMPLANT,
+    "doubled_image": qc.MOTION,
+    # points 28-32 around the superior site 15 mm off the outline (a misplaced automatic search)
+    "site_points_displaced": qc.POINTS_IMPLAUSIBLE,
 }
 MASKS: dict[str, str] = {
     # class -> the ingest.MASK_PROBLEMS key; the image is measured but not annotated
@@ -204,6 +239,10 @@ def _apply(kind: str, cohort: Path, eid: str) -> None:
         "pts_fifo": lambda: make_fifo(pts),
         "duplicate_zip": lambda: shutil.copyfile(z, z.with_name(f"{eid}_20158_2_1.zip")),
         "centre_in_corner": lambda: edit_points(pts, lambda p: p.__setitem__(78, [0.0, 0.0])),
+        "centre_near_corner": lambda: edit_points(pts, lambda p: p.__setitem__(78, [12.0, 12.0])),
+        "metal_ball": lambda: edit_hip(z, "L", metal_ball(pts)),
+        "doubled_image": lambda: edit_hip(z, "L", pixels_edit(doubled)),
+        "site_points_displaced": lambda: edit_points(pts, lambda p: p.__setitem__(slice(28, 33), p[28:33] + [0, 60])),
         "mask_label_7": lambda: write_png(mask, with_block(mask, 7)),
         "mask_label_255": lambda: write_png(mask, with_block(mask, 255)),
         "mask_jpeg_renamed": lambda: write_png(mask, np.asarray(Image.open(mask)) * 80, fmt="JPEG"),
@@ -219,7 +258,7 @@ def hostile(tmp_path_factory):
     """The hostile cohort, run through ingest (CLI), crop, predict and gather, left side."""
     root = tmp_path_factory.mktemp("hostile")
     cohort = root / "cohort"
-    truth = make_cohort(out=cohort, participants=36, seed=5, annotated_fraction=0.4, faults=6, workers=1)
+    truth = make_cohort(out=cohort, participants=44, seed=5, annotated_fraction=0.4, faults=6, workers=1)
     left = truth[truth["side"] == "L"]
     clean = left[(left["fault"] == "") & ~left["annotated"]]["eid"].astype(str).tolist()
     annotated = left[(left["fault"] == "") & left["annotated"]]["eid"].astype(str).tolist()
@@ -277,7 +316,13 @@ def test_every_class_gets_its_reason_and_no_measurement(hostile):
             continue
         row = _row(table, eid)
         assert row["qc_reason"] == HOSTILE[kind], (kind, eid, row["qc_reason"])
-        if HOSTILE[kind]:
+        if HOSTILE[kind] == qc.POINTS_IMPLAUSIBLE:
+            # a per-site reason: that site is NA, the others are measured
+            assert not row["qc_pass"], kind
+            assert all(pd.isna(row[f"superior_femoral_head{c}"]) for c in (PRESENT, AREA, PROBABILITY))
+            assert all(pd.notna(row[f"{s}{c}"]) for s in SITES if s != "superior_femoral_head"
+                       for c in (PRESENT, AREA, PROBABILITY))
+        elif HOSTILE[kind]:
             assert not row["qc_pass"], kind
             assert all(pd.isna(v) for v in _measurements(row)), (kind, _measurements(row))
 

@@ -143,6 +143,8 @@ def test_parquet_pyarrow_types_nulls_metadata(left, models):
         assert json.loads(meta[f"presence_threshold:{s}"]) == {
             "pixel_threshold": 0.5, "detect_threshold": 0.5, "min_area_px": 20
         }
+        # the tiny models' cards have no calibration: the probability column is the raw score, and says so
+        assert json.loads(meta[f"probability_calibration:{s}"])["method"] == "none"
     assert meta["created"].endswith("+00:00")
 
 
@@ -222,6 +224,9 @@ def test_gwas_files_and_dict_tsv(left):
     assert parquet.loc["eid", "TYPE"] == "int64" and parquet.loc["any_present", "TYPE"] == "Int8"
     assert parquet.loc[f"{A}_n_components", "TYPE"] == "Int16" and parquet.loc[f"{A}_n_components", "UNITS"] == ""
     assert parquet.loc[f"{A}_largest_area_mm2", "UNITS"] == "mm^2"
+    probability = parquet.loc[f"{A}_probability", "DESCRIPTION"]
+    assert "calibrated probability" in probability and "isotonic" in probability and "prevalence" in probability
+    assert probability.endswith("NA not measurable")
     for kind, table in (("bt", bt), ("qt", qt), ("covar", covar)):
         assert d.loc[d["FILES"] == kind, "FIELD"].tolist() == list(table.columns[2:]), kind
     assert (d["DESCRIPTION"] != "").all()

@@ -7,8 +7,9 @@ import numpy as np
 import pytest
 from tiny_patch_store import write_tiny_store
 
+from hipoa.calibration import Calibration, fit_calibration
 from hipoa.infer import SiteModel
-from hipoa.metrics import choose_min_area, predicted_area_px
+from hipoa.metrics import choose_min_area, predicted_area_px, presence_from_probability
 from hipoa.presence import choose_presence_rule
 from hipoa.splits import make_splits, open_site_patches, patch_indices
 
@@ -43,7 +44,8 @@ def test_presence_rule_follows_the_prevalence(tmp_path):
     # the reference: the previous NumPy path (model.predict, softmax channel 1, pixel counts)
     x = auto.image[np.sort(patch_indices(auto.rows, val))].compute().astype(np.float32)[..., None]
     order = np.argsort(np.argsort(patch_indices(auto.rows, val)))
-    count = predicted_area_px(model.predict(x, batch_size=16, verbose=0)[..., 1][order], 0.9)
+    prob = model.predict(x, batch_size=16, verbose=0)[..., 1][order]
+    count = predicted_area_px(prob, 0.9)
     truth = val["positive"].to_numpy(bool)
 
     kw = dict(stores=[store], splits=splits, site=SITE)
@@ -70,6 +72,21 @@ def test_presence_rule_follows_the_prevalence(tmp_path):
     true_prevalence = (outside[f"{SITE}_true_area_mm2"].fillna(0) > 0).mean()
     assert true_prevalence < 0.3
     assert auto_rule["prevalence"] == pytest.approx(true_prevalence, abs=0.1)
+    # the calibration: fitted on the validation images' raw scores at the chosen rule, for the
+    # estimated prevalence (a split this small has < 10 images of a class: Platt)
+    raw = presence_from_probability(prob, 0.5, auto_rule["min_area_px"], auto_rule["detect_threshold"])[3]
+    cal = Calibration.from_dict(auto_rule["calibration"])
+    assert cal == fit_calibration(raw, truth, target_prevalence=auto_rule["prevalence"])
+    assert cal.method == "platt" and cal.info["n"] == len(val) and cal.info["fitted_on"] == "val"
+    assert cal.val_prevalence == truth.mean() and cal.target_prevalence == auto_rule["prevalence"]
+    assert fixed["calibration"]["target_prevalence"] == 0.5 and rare["calibration"]["target_prevalence"] == 0.02
+    # an all-negative validation split: no calibration, said why
+    negative = splits.copy()
+    negative.loc[(negative["split"] == "val") & negative["positive"], "split"] = "train"
+    one_class, _ = choose_presence_rule(model, stores=[store], splits=negative, site=SITE, prevalence=0.3)
+    assert one_class["calibration"] == {"method": "none", "reason": "validation split all one class"}
+    with pytest.raises(ValueError, match="calibration"):
+        choose_presence_rule(model, **kw, calibration="beta")
     with pytest.raises(ValueError, match="prevalence"):
         choose_presence_rule(model, **kw, prevalence=1.5)
     with pytest.raises(ValueError, match="detect_threshold"):

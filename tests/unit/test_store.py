@@ -154,7 +154,7 @@ def make_cohort(root: Path, n: int = 10, seed: int = 0) -> pd.DataFrame:
     add("f-pts", pts=pts, img=img, mask=None, pts_text="version: 1\nn_points: 85\n{\n1 2\n}\n")
     add("f-nopts", pts=pts, img=img, mask=None, pts_path=str(root / "does_not_exist.pts"))
     edge = pts.copy()
-    edge[78] = [3.0, 5.0]  # the acetabulum patch hangs off the top-left corner
+    edge[78] = [12.0, 14.0]  # in view (3 mm in), but the acetabulum patch hangs off the top-left corner
     add("f-edge", pts=edge, img=img, mask=mask)
     add("f-preset", pts=pts, img=img, mask=mask, qc="no_hip_dicom")
     add("f-mask", pts=pts, img=img, mask=None, mask_img=np.zeros((10, 10), np.uint8))
@@ -231,7 +231,8 @@ def test_rows_columns_and_true_areas(shard0):
     out, _, rows_in = shard0
     rows = read_rows(out)
     expected = ["eid", "instance", "side", "qc_reason", "annotated", "reference_length_mm", "spacing_row_mm",
-                "spacing_col_mm", "rows", "cols"] + [f"{s.name}_true_area_mm2" for s in DEFAULT_SITES]
+                "spacing_col_mm", "rows", "cols", "implant_area_mm2", "motion_score"]
+    expected += [f"{s.name}_true_area_mm2" for s in DEFAULT_SITES]
     assert list(rows.columns) == expected
     assert rows["instance"].dtype == np.int16 and rows["rows"].dtype == np.int32
     assert rows["annotated"].dtype == bool

@@ -446,3 +446,44 @@ def test_curve_helpers_by_hand():
     # 2x bilinear upsampling: pixel centres of the half grid at 2i + 0.5
     up = anatomy._up2(np.array([[0.0, 4.0]], np.float32), axis=1)
     np.testing.assert_allclose(up, [[0.0, 1.0, 3.0, 4.0]])
+
+
+def test_second_scanner_and_two_annotators(tmp_path):
+    """The second scanner's hips are on a 0.30 mm grid with its own sizes and device serial; a
+    second annotator's masks differ from the true labels at the boundary; the truth keeps the true
+    areas."""
+    from hipoa.dicom import find_hip_member, read_image, read_image_header
+    from PIL import Image
+
+    truth = synth.make_cohort(tmp_path, participants=8, seed=4, annotated_fraction=1.0, second_scanner=0.5,
+                              annotators=2, annotate_sides="LR", workers=1)
+    assert (truth["scanner"] == "B").sum() == 8  # 4 participants, both hips
+    assert set(truth["annotator"]) == {1, 2}
+    for r in truth.itertuples(index=False):
+        z = tmp_path / "ukb" / "20158" / synth.zip_name(r.eid)
+        member = find_hip_member(z, r.side)
+        hip = read_image(z, member)
+        header = read_image_header(z, member)
+        want = 0.30 if r.scanner == "B" else 0.25
+        assert hip.spacing_mm == pytest.approx((want, want), abs=1e-3)
+        assert ((r.rows, r.cols) in synth.SECOND_SIZES) == (r.scanner == "B")
+        assert (header.device_serial == "SYNTH0001") == (r.scanner == "A")
+        mask = np.asarray(Image.open(tmp_path / "masks" / f"{synth.image_stem(r.eid, r.side)}.png"))
+        for name, label in synth.SITE_LABELS.items():
+            drawn = np.count_nonzero(mask == label) * want * want
+            if r.annotator == 1:
+                assert drawn == pytest.approx(getattr(r, f"{name}_area_mm2"))
+            elif getattr(r, f"{name}_present"):
+                assert drawn != pytest.approx(getattr(r, f"{name}_area_mm2"))
+
+
+def test_unfit_hips_are_left_hips_of_clean_unannotated_participants(tmp_path):
+    truth = synth.make_cohort(tmp_path, participants=20, seed=6, annotated_fraction=0.3, faults=4, unfit=6, workers=1)
+    unfit = truth[truth["unfit"]]
+    assert len(unfit) == 6 and set(unfit["side"]) == {"L"} and not unfit["annotated"].any()
+    assert (unfit["fault"].value_counts() == 2).all()
+    assert (unfit["expected_reason"] == unfit["fault"].map(synth.UNFIT)).all()
+    faulty = set(truth.loc[(truth["fault"] != "") & ~truth["unfit"], "eid"])
+    assert not faulty & set(unfit["eid"])
+    with pytest.raises(ValueError, match="unfit"):
+        synth.make_cohort(tmp_path, participants=4, seed=6, annotated_fraction=0.5, unfit=3, workers=1)

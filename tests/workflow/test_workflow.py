@@ -269,7 +269,7 @@ def test_config_yaml_holds_the_schema_defaults():
     assert "sites" not in shipped and "models" not in shipped and "augment" not in shipped["training"]
     assert sorted(defaults["sites"]) == sorted(SITES)
     assert defaults["training"]["augment"]["lateral_acetabulum"] == {
-        "n_augment": 19, "rotation": 0.1, "scale": 0.1, "displacement": 0.05}
+        "n_augment": 19, "rotation": 0.1, "scale": 0.1, "displacement": 0.05, "appearance": 1.0}
 
 
 @pytest.mark.parametrize(

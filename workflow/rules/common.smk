@@ -398,13 +398,15 @@ def train_unet_settings(wildcards):
         "precision",
         "prevalence",
         "detect_threshold",
+        "boundary_weight",
     )
     settings = {key: training[key] for key in keys}
     settings.update(augment(wildcards.site))
     return (
         "--epochs {epochs} --batch-size {batch_size} --depth {depth} --base-filters {base_filters} "
         "--dropout {dropout} --n-augment {n_augment} --rotation {rotation} --scale {scale} "
-        "--displacement {displacement} --seed {seed} --precision {precision} "
+        "--displacement {displacement} --appearance {appearance} "
+        "--boundary-weight {boundary_weight} --seed {seed} --precision {precision} "
         "--prevalence {prevalence} --detect-threshold {detect_threshold}"
     ).format(**settings)
 
@@ -521,6 +523,7 @@ REPORT_FIGURES = [
     "results/report/qc_counts.html",
     "results/report/areas.png",
     "results/report/prevalence.png",
+    "results/report/unfit.png",
 ]
 
 

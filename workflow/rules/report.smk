@@ -5,6 +5,7 @@ rule report_figures:
     input:
         phenotypes=expand("results/phenotypes/osteophytes_{side}.parquet", side=SIDES),
         scores=expand("results/evaluation/{site}.json", site=TRAINED_SITES),
+        manifests=expand("results/manifest/{side}.parquet", side=SIDES),
     output:
         evaluation=report(
             "results/report/evaluation.html",
@@ -30,6 +31,12 @@ rule report_figures:
             category="Phenotypes",
             labels={"figure": "prevalence"},
         ),
+        unfit=report(
+            "results/report/unfit.png",
+            caption="../report/unfit.rst",
+            category="Quality control",
+            labels={"figure": "images unfit to measure"},
+        ),
     log:
         "logs/report_figures.log",
     benchmark:
@@ -44,4 +51,4 @@ rule report_figures:
     shell:
         "python -m hipoa report-figures --phenotypes {input.phenotypes} --scores {input.scores} "
         "--evaluation {output.evaluation} --qc {output.qc} --areas {output.areas} "
-        "--prevalence {output.prevalence} 2> {log}"
+        "--prevalence {output.prevalence} --manifests {input.manifests} --unfit {output.unfit} 2> {log}"

@@ -1,0 +1,254 @@
+"""Image fitness: is a readable hip image fit to measure? Checked at crop, before any patch.
+
+The paper excluded 820 of 41,160 left hips by hand for poor image quality or image error. Three
+kinds of unfit image are found here, each with its own ``qc_reason`` (:mod:`hipoa.qc`) and a
+threshold in config ``qc`` (:class:`hipoa.qc.Limits`):
+
+``head_out_of_view``
+    The femoral head or the acetabulum is cut by the image edge: a point of the head's outline
+    (points 13-31) or of the acetabulum (59-78) lies within ``qc.edge_margin_mm`` of an edge, or
+    the circle fitted to the head's outline (16-29) leaves the image by more than that margin.
+    An automatic search keeps its points on the image, so a cut head shows as points on the edge.
+``implant``
+    A metal hip prosthesis (femoral stem, ball, acetabular cup): metal stops the beam, so its
+    pixels sit at the top of the pixel range. Flagged when the largest connected region of pixels
+    at or above ``qc.implant_level`` of the range's top (the largest value the DICOM's modality
+    LUT can give) covers at least ``qc.implant_min_area_mm2`` inside the hip's outline (the
+    femur's outline, points 0-44, and a disc of 1.5 head radii around the head for the cup).
+    Bone never saturates a DXA detector over hundreds of mm^2; a stem covers thousands.
+``motion``
+    The participant moved during the scan, so edges appear twice at a shift. The band-passed
+    image around the hip (0.5 mm grid, band 0.25-0.75 mm) is autocorrelated; a second copy shifted
+    by ``d`` makes a peak at ``d`` that a single image lacks. Straight edges make ridges, not
+    peaks: along a ridge the autocorrelation falls slowly and steadily with the shift, so the score
+    is ``max over 2.5 mm <= |d| <= 10 mm of acf(d) - max(acf(d / 2), acf(d -+ 1 mm along d), 0)``
+    (acf normalised to 1 at zero shift); flagged when it reaches ``qc.motion_score``.
+
+The outline-based checks need the 85-point hip outline of the contract; with another
+``n_points`` they are skipped (the implant and motion checks then use the points' bounding box).
+
+Cost: a few ms an image on one CPU core, mostly the motion check (benchmarks/fitness.py).
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import numpy as np
+from scipy import fft as sfft
+from scipy import ndimage as ndi
+
+from hipoa import qc
+
+log = logging.getLogger(__name__)
+
+HEAD_POINTS = np.arange(13, 32)
+"""The femoral head's outline and its neck junctions (sites 15 and 30 lie in it)."""
+HEAD_ARC = np.arange(16, 30)
+"""The head's circular arc, for the fitted circle."""
+ACETABULUM_POINTS = np.arange(59, 79)
+"""Acetabular fossa and roof, up to the lateral margin (site 78)."""
+FEMUR_POINTS = np.arange(0, 45)
+OUTLINE_POINTS = 85
+
+MOTION_GRID_MM = 0.5
+"""Grid of the motion check's autocorrelation."""
+MOTION_SHIFT_MM = (2.5, 10.0)
+"""Shifts the motion check looks at: nearer ones are the texture's own correlation."""
+MOTION_BAND = (0.5, 1.5)
+"""Difference-of-Gaussians band of the motion check, sigmas in grid pixels (0.25-0.75 mm)."""
+MOTION_PEAK_MM = 1.0
+"""A peak must stand above the autocorrelation this far nearer and farther along its shift."""
+
+
+@dataclass(frozen=True)
+class Fitness:
+    """The first unfit reason of an image ('' when fit) and what was measured (for the log)."""
+
+    reason: str
+    detail: str
+    implant_area_mm2: float
+    motion_score: float
+
+
+def check_image(pixels: np.ndarray, points: np.ndarray, spacing_mm: tuple[float, float], limits: qc.Limits,
+                max_value: float = float("nan")) -> Fitness:
+    """Run the fitness checks on one hip image in the order of :data:`hipoa.qc.REASONS`.
+
+    Args:
+        pixels: ``(rows, cols)`` float, modality LUT applied, bright = dense (as stored, not
+            mirrored: every check is symmetric).
+        points: ``(n, 2)`` automatic points (x, y) in pixels of the stored image.
+        spacing_mm: ``(row, column)`` spacing.
+        limits: Thresholds (``edge_margin_mm``, ``implant_level``, ``implant_min_area_mm2``,
+            ``motion_score``).
+        max_value: The top of the pixel range (the DICOM's largest modality-LUT output); NaN:
+            the image's own maximum.
+
+    Returns:
+        A :class:`Fitness`; ``reason`` is ``head_out_of_view``, ``implant``, ``motion`` or ''.
+    """
+    pts = np.asarray(points, dtype=np.float64)
+    outline = len(pts) == OUTLINE_POINTS
+    if outline:
+        problem = head_out_of_view(pts, pixels.shape, spacing_mm, limits.edge_margin_mm)
+        if problem:
+            return Fitness(qc.HEAD_OUT_OF_VIEW, problem, float("nan"), float("nan"))
+    area = implant_area_mm2(pixels, pts, spacing_mm, limits.implant_level, max_value, limits.implant_min_area_mm2)
+    if area >= limits.implant_min_area_mm2:
+        return Fitness(qc.IMPLANT, f"{area:.0f} mm^2 at >= {limits.implant_level:g} of the pixel range inside the "
+                       f"hip outline (qc.implant_min_area_mm2 {limits.implant_min_area_mm2:g})", area, float("nan"))
+    score, shift = motion_score(pixels, pts, spacing_mm)
+    if score >= limits.motion_score:
+        return Fitness(qc.MOTION, f"edges repeated at a shift of ({shift[0]:.1f}, {shift[1]:.1f}) mm (x, y), "
+                       f"score {score:.3f} >= qc.motion_score {limits.motion_score:g}", area, score)
+    return Fitness("", "", area, score)
+
+
+# ---------------------------------------------------------------------------------------------
+# Field of view
+# ---------------------------------------------------------------------------------------------
+
+
+def fit_circle(xy: np.ndarray) -> tuple[np.ndarray, float]:
+    """Least-squares circle through ``(k, 2)`` points (Kasa): centre ``(2,)`` and radius."""
+    x, y = xy[:, 0], xy[:, 1]
+    a = np.column_stack([x, y, np.ones_like(x)])
+    b = x * x + y * y
+    (cx2, cy2, c), *_ = np.linalg.lstsq(a, b, rcond=None)
+    centre = np.array([cx2 / 2.0, cy2 / 2.0])
+    return centre, float(np.sqrt(max(c + centre @ centre, 0.0)))
+
+
+def head_out_of_view(points: np.ndarray, shape: tuple[int, int], spacing_mm: tuple[float, float],
+                     margin_mm: float) -> str:
+    """What cuts the head or acetabulum off ('' when both are in view), for the log."""
+    rows, cols = shape
+    dy, dx = spacing_mm
+    mx, my = margin_mm / dx, margin_mm / dy
+    for name, idx in (("femoral head", HEAD_POINTS), ("acetabulum", ACETABULUM_POINTS)):
+        p = points[idx]
+        gap_x = np.minimum(p[:, 0], cols - 1 - p[:, 0])
+        gap_y = np.minimum(p[:, 1], rows - 1 - p[:, 1])
+        near = (gap_x < mx) | (gap_y < my)
+        if near.any():
+            j = int(idx[np.argmax(near)])
+            return (f"{name} outline point {j} at ({points[j, 0]:.1f}, {points[j, 1]:.1f}) px is within "
+                    f"qc.edge_margin_mm {margin_mm:g} of the image edge")
+    centre, radius = fit_circle(points[HEAD_ARC])
+    lo = centre - radius
+    hi = centre + radius
+    over = max(-lo[0] * dx, -lo[1] * dy, (hi[0] - (cols - 1)) * dx, (hi[1] - (rows - 1)) * dy)
+    if over > margin_mm:
+        return f"the circle fitted to the femoral head leaves the image by {over:.1f} mm"
+    return ""
+
+
+# ---------------------------------------------------------------------------------------------
+# Implant
+# ---------------------------------------------------------------------------------------------
+
+
+def _polygon_mask(poly: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
+    from skimage.draw import polygon
+
+    mask = np.zeros(shape, bool)
+    rr, cc = polygon(poly[:, 1], poly[:, 0], shape)
+    mask[rr, cc] = True
+    return mask
+
+
+def hip_region(points: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
+    """``shape`` bool: inside the femur's outline (points 0-44, closed) or within 1.5 head radii of
+    the head's fitted centre (where an acetabular cup sits)."""
+    region = _polygon_mask(points[FEMUR_POINTS], shape)
+    centre, radius = fit_circle(points[HEAD_ARC])
+    yy, xx = np.ogrid[0: shape[0], 0: shape[1]]
+    region |= (xx - centre[0]) ** 2 + (yy - centre[1]) ** 2 <= (1.5 * radius) ** 2
+    return region
+
+
+def _box_region(points: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
+    region = np.zeros(shape, bool)
+    lo = np.clip(np.floor(points.min(axis=0)).astype(int), 0, None)
+    hi = np.ceil(points.max(axis=0)).astype(int) + 1
+    region[lo[1]: hi[1], lo[0]: hi[0]] = True
+    return region
+
+
+def implant_area_mm2(pixels: np.ndarray, points: np.ndarray, spacing_mm: tuple[float, float], level: float,
+                     max_value: float = float("nan"), min_area_mm2: float = 0.0) -> float:
+    """Area (mm^2) of the largest 8-connected region of pixels >= ``level`` x the range's top
+    (``max_value``, or the image's maximum when NaN) inside the hip's outline (:func:`hip_region`,
+    or the points' bounding box when they are not the 85-point outline).
+
+    Images with fewer such pixels in all than ``min_area_mm2`` return that total at once (nearly
+    every image: no pixel of a normal hip reaches the top of the range), without the outline.
+    """
+    top = float(max_value) if np.isfinite(max_value) and max_value > 0 else float(np.max(pixels))
+    if not top > 0:
+        return 0.0
+    bright = pixels >= level * top
+    px_mm2 = float(spacing_mm[0]) * float(spacing_mm[1])
+    total = int(np.count_nonzero(bright)) * px_mm2
+    if total < min_area_mm2 or total == 0.0:
+        return total
+    region = hip_region(points, pixels.shape) if len(points) == OUTLINE_POINTS else _box_region(points, pixels.shape)
+    bright &= region
+    labels, n = ndi.label(bright, structure=np.ones((3, 3), bool))
+    largest = int(np.bincount(labels.ravel())[1:].max()) if n else 0
+    return largest * px_mm2
+
+
+# ---------------------------------------------------------------------------------------------
+# Motion
+# ---------------------------------------------------------------------------------------------
+
+
+def _block_mean(a: np.ndarray, f: int) -> np.ndarray:
+    r, c = (a.shape[0] // f) * f, (a.shape[1] // f) * f
+    return a[:r, :c].reshape(r // f, f, c // f, f).mean(axis=(1, 3))
+
+
+def motion_score(pixels: np.ndarray, points: np.ndarray, spacing_mm: tuple[float, float]) -> tuple[float, tuple[float, float]]:
+    """The motion score (module docstring) and the shift ``(x, y)`` in mm where it peaks."""
+    rows, cols = pixels.shape
+    dy, dx = (float(v) for v in spacing_mm)
+    pad = 5.0 / min(dy, dx)
+    lo = np.clip(np.floor(points.min(axis=0) - pad).astype(int), 0, None)
+    hi = np.minimum(np.ceil(points.max(axis=0) + pad).astype(int) + 1, [cols, rows])
+    crop = np.asarray(pixels[lo[1]: hi[1], lo[0]: hi[0]], dtype=np.float32)
+    f = max(1, int(round(MOTION_GRID_MM / min(dy, dx))))
+    small = _block_mean(crop, f)
+    if min(small.shape) < 16:
+        return 0.0, (0.0, 0.0)
+    band = ndi.gaussian_filter(small, MOTION_BAND[0]) - ndi.gaussian_filter(small, MOTION_BAND[1])
+    window = np.outer(np.hanning(band.shape[0]), np.hanning(band.shape[1])).astype(np.float32)
+    g = (band - band.mean()) * window
+    gy, gx = dy * f, dx * f  # mm per grid pixel
+    ry, rx = int(np.ceil(MOTION_SHIFT_MM[1] / gy)), int(np.ceil(MOTION_SHIFT_MM[1] / gx))
+    # zero padding by more than the largest shift (and the step beyond it) keeps those lags acyclic
+    size = (sfft.next_fast_len(g.shape[0] + 2 * ry + 8, real=True),
+            sfft.next_fast_len(g.shape[1] + 2 * rx + 8, real=True))
+    spec = sfft.rfft2(g, s=size)
+    acf = sfft.irfft2(spec * np.conj(spec), s=size)
+    c0 = (ry + 4, rx + 4)
+    acf = np.roll(acf, c0, axis=(0, 1))[: 2 * c0[0] + 1, : 2 * c0[1] + 1]
+    if not acf[c0] > 0:
+        return 0.0, (0.0, 0.0)
+    acf = acf / acf[c0]
+    sy, sx = (a.astype(np.float64) for a in np.mgrid[-ry: ry + 1, -rx: rx + 1])
+    dist = np.hypot(sy * gy, sx * gx)
+    use = (dist >= MOTION_SHIFT_MM[0]) & (dist <= MOTION_SHIFT_MM[1])
+    sy, sx, dist = sy[use], sx[use], dist[use]
+
+    def at(ky: np.ndarray, kx: np.ndarray) -> np.ndarray:
+        return ndi.map_coordinates(acf, [ky + c0[0], kx + c0[1]], order=1)
+
+    k = MOTION_PEAK_MM / dist  # one step along the shift, either way
+    ridge = np.maximum.reduce([at(sy / 2.0, sx / 2.0), at(sy * (1 - k), sx * (1 - k)), at(sy * (1 + k), sx * (1 + k)),
+                               np.zeros_like(dist)])
+    score = at(sy, sx) - ridge
+    j = int(np.argmax(score))
+    return float(score[j]), (float(sx[j] * gx), float(sy[j] * gy))
