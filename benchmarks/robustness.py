@@ -22,7 +22,8 @@ What it does (every step is hipoa's own code: synth, ingest, crop, splits, train
    loss; ``after_disp`` also displaces every site's centre by up to 0.05 of the patch in training.
 5. Every model is evaluated (:func:`hipoa.evaluate.evaluate_site`) on the test images measurable
    at each point error: all of them, and per scanner; with the points-plausibility flag applied
-   (sites whose ``points_z`` exceeds ``qc.points_max_z`` dropped) as the workflow does.
+   (sites whose local outline scores above ``qc.points_max_z`` against the unperturbed cohort
+   dropped, as the workflow would drop them in a shard of otherwise normal hips).
 
 Prints one table per site (rows: recipe x condition; columns: n, sensitivity, specificity, Dice
 over positives, ECE) and writes ``DIR/robustness.json`` and ``DIR/robustness.md``. Steps whose
@@ -44,7 +45,8 @@ import pandas as pd
 from hipoa import qc
 from hipoa.evaluate import evaluate_site
 from hipoa.ingest import build_manifest
-from hipoa.patches import crop_shard
+from hipoa.geometry import patch_affine
+from hipoa.patches import crop_shard, local_outline, points_scores
 from hipoa.points import read_pts, write_pts
 from hipoa.sites import DEFAULT_SITES
 from hipoa.splits import make_splits
@@ -130,9 +132,32 @@ def _train(root: Path, store: Path, recipe: str, args) -> dict[str, Path]:
     return models
 
 
-def _test_table(store: Path, site: str, scanners: pd.Series, limits: qc.Limits) -> pd.DataFrame:
+def _plausible(test: Path, points: Path, site, limits: qc.Limits) -> pd.Series:
+    """eid -> whether the site's perturbed points pass the plausibility check as the workflow
+    would see them in a shard of otherwise normal hips: each image's perturbed local outline is
+    scored against the unperturbed outlines of all the others (:func:`hipoa.patches.points_scores`).
+    (Scoring the perturbed store alone would judge every image against equally perturbed ones.)"""
+    truth = pd.read_parquet(test / "truth.parquet")
+    truth = truth[truth["side"] == "L"]
+
+    def window(folder: Path, r) -> np.ndarray:
+        pts = read_pts(folder / f"{image_stem(r.eid, r.side)}.pts")
+        sp = 0.30 if r.scanner == "B" else 0.25
+        return local_outline(pts, site.centre, patch_affine(pts, site, (sp, sp), r.cols, r.side))
+
+    rows = list(truth.itertuples(index=False))
+    base = np.stack([window(test / "points" / "auto", r) for r in rows])
+    out = {}
+    for j, r in enumerate(rows):
+        w = base.copy()
+        w[j] = window(points, r)
+        out[str(r.eid)] = not points_scores(w, limits.points_min_images)[j] > limits.points_max_z
+    return pd.Series(out)
+
+
+def _test_table(store: Path, site: str, scanners: pd.Series, plausible: pd.Series) -> pd.DataFrame:
     """The measurable annotated test rows of a store: eid, instance, side, positive, scanner, and
-    whether the site's points pass the plausibility check."""
+    whether the site's points pass the plausibility check (``plausible``, by eid)."""
     rows = open_patches([store], site, "auto").rows
     rows = rows[rows["qc_reason"].fillna("") == ""].copy()
     rows = rows[rows["annotated"].astype(bool)]
@@ -140,18 +165,18 @@ def _test_table(store: Path, site: str, scanners: pd.Series, limits: qc.Limits) 
         "eid": rows["eid"].astype(str).to_numpy(), "instance": rows["instance"].to_numpy(np.int16),
         "side": rows["side"].astype(str).to_numpy(), "split": "test",
         "positive": (rows[f"{site}_true_area_mm2"].to_numpy() > 0),
-        "plausible": ~(np.nan_to_num(rows["points_z"].to_numpy(np.float64), nan=0.0) > limits.points_max_z),
     })
+    table["plausible"] = table["eid"].map(plausible).fillna(True).to_numpy(bool)
     table["scanner"] = table["eid"].map(scanners).to_numpy()
     return table
 
 
 def _evaluate(root: Path, recipe: str, models: dict[str, Path], stores: dict[float, Path], scanners: pd.Series,
-              limits: qc.Limits) -> list[dict]:
+              plausible: dict) -> list[dict]:
     results = []
     for site, model in models.items():
         for d, store in stores.items():
-            table = _test_table(store, site, scanners, limits)
+            table = _test_table(store, site, scanners, plausible[site, d])
             conditions = {"all": table, "flag applied": table[table["plausible"]]}
             if d == 0:
                 conditions |= {f"scanner {s}": table[table["scanner"] == s] for s in ("A", "B")}
@@ -192,10 +217,12 @@ def main(argv: list[str] | None = None) -> int:
                         root / "stores" / f"test_d{d:g}.zarr") for d in errors}
     truth = pd.read_parquet(test / "truth.parquet")
     scanners = truth[truth["side"] == "L"].assign(eid=lambda t: t["eid"].astype(str)).set_index("eid")["scanner"]
+    points = {d: _perturbed_points(test, d, args.seed) if d else test / "points" / "auto" for d in errors}
+    plausible = {(site.name, d): _plausible(test, points[d], site, limits) for site in DEFAULT_SITES for d in errors}
     results = []
     for recipe in args.recipes.split(","):
         models = _train(root, train_store, recipe, args)
-        results += _evaluate(root, recipe, models, stores, scanners, limits)
+        results += _evaluate(root, recipe, models, stores, scanners, plausible)
     table = pd.DataFrame(results)
     (root / "robustness.json").write_text(json.dumps(results, indent=1) + "\n")
     lines = []

@@ -14,7 +14,11 @@ Processing order (:meth:`Calibration.apply`):
    isotonic regression by pool-adjacent-violators (:func:`pav`), its knots ``x``/``y``
    interpolated linearly (constant beyond the end knots), or, with fewer than
    :data:`MIN_CLASS_ISOTONIC` images of a class, Platt scaling, a logistic regression on
-   ``logit(score)`` (:func:`fit_platt`);
+   ``logit(score)`` (:func:`fit_platt`); with ``method="auto"`` the map is kept only if it
+   predicts the validation images better than the raw score does, left out one at a time
+   (leave-one-out Brier score, :func:`_loo_brier`), else the identity: on a handful of validation
+   images a fitted map mostly adds noise (the demo's 8-image splits made the test ECE 0.2-0.3
+   against 0.07-0.15 for the raw score);
 2. clipped to ``[eps, 1 - eps]`` with ``eps = 1 / (n + 2)`` for ``n`` validation images (the rule
    of succession's estimate for no event in ``n``): a handful of validation images never says 0 or 1;
 3. for the cohort (``prior="cohort"``), the prior shift from the validation split's prevalence
@@ -39,7 +43,7 @@ import numpy as np
 
 from hipoa.metrics import brier_score, expected_calibration_error
 
-METHODS = ("isotonic", "platt")
+METHODS = ("isotonic", "platt", "identity")
 """Calibration maps :func:`fit_calibration` fits; a card's ``method: "none"`` means uncalibrated."""
 MIN_CLASS_ISOTONIC = 10
 """Fewest validation images of each class for isotonic regression; below it, Platt scaling.
@@ -202,7 +206,8 @@ class Calibration:
     """A fitted map from the raw presence score to a probability of presence (see the module docstring).
 
     Attributes:
-        method: ``"isotonic"`` (knots ``x``, ``y``) or ``"platt"`` (``a``, ``b``).
+        method: ``"isotonic"`` (knots ``x``, ``y``), ``"platt"`` (``a``, ``b``) or ``"identity"``
+            (the raw score, clipped and prior-shifted).
         val_prevalence: Fraction positive of the validation images it was fitted on, in (0, 1).
         target_prevalence: The cohort's prevalence (the presence rule's), in (0, 1), or None: no
             prior shift.
@@ -239,7 +244,7 @@ class Calibration:
                 raise ValueError("calibration: isotonic knots must be finite numbers")
             if (np.diff(x) <= 0).any() or (np.diff(y) < 0).any() or y.min() < 0 or y.max() > 1:
                 raise ValueError("calibration: isotonic knots need x strictly increasing, y non-decreasing in [0, 1]")
-        else:
+        elif self.method == "platt":
             if self.a is None or self.b is None or not (math.isfinite(self.a) and math.isfinite(self.b)) or self.a < 0:
                 raise ValueError(f"calibration: platt needs finite a >= 0 and b, got a={self.a}, b={self.b}")
 
@@ -258,7 +263,9 @@ class Calibration:
         if prior not in ("cohort", "validation"):
             raise ValueError(f"calibration: prior must be 'cohort' or 'validation', got {prior!r}")
         s = np.asarray(score, dtype=np.float64)
-        if self.method == "isotonic":
+        if self.method == "identity":
+            p = s.copy()
+        elif self.method == "isotonic":
             p = np.interp(s, self.x, self.y)
         else:
             p = 1.0 / (1.0 + np.exp(-(self.a * _logit(s) + self.b)))
@@ -271,7 +278,7 @@ class Calibration:
         """The model card's ``presence.calibration`` (plain JSON types)."""
         params: dict[str, Any] = (
             {"x": [float(v) for v in self.x], "y": [float(v) for v in self.y], "interpolation": "linear"}
-            if self.method == "isotonic" else {"a": float(self.a), "b": float(self.b)}
+            if self.method == "isotonic" else {"a": float(self.a), "b": float(self.b)} if self.method == "platt" else {}
         )
         return {"method": self.method, **self.info, **params, "eps": float(self.eps),
                 "val_prevalence": float(self.val_prevalence),
@@ -329,12 +336,21 @@ def fit_calibration(
     n, n_pos = int(t.size), int(t.sum())
     if not 0 < n_pos < n:
         raise ValueError(f"fit_calibration needs positive and negative validation images, got {n_pos} positive of {n}")
+    choice = None
     if method == "auto":
         method = "isotonic" if min(n_pos, n - n_pos) >= MIN_CLASS_ISOTONIC else "platt"
+        loo, raw = _loo_brier(s, t, method), brier_score(s, t)
+        choice = {"rule": "the fitted map if its leave-one-out Brier score on val beats the raw score's, else identity",
+                  "candidate": method, "loo_brier": loo, "brier_raw": raw}
+        if not loo < raw:
+            method = "identity"
     if method not in METHODS:
         raise ValueError(f"fit_calibration: method must be 'auto' or one of {METHODS}, got {method!r}")
-    common = {"val_prevalence": n_pos / n, "target_prevalence": target_prevalence, "eps": 1.0 / (n + 2)}
-    if method == "isotonic":
+    eps = 0.0 if method == "identity" else 1.0 / (n + 2)
+    common = {"val_prevalence": n_pos / n, "target_prevalence": target_prevalence, "eps": eps}
+    if method == "identity":
+        cal = Calibration(method=method, **common)
+    elif method == "isotonic":
         x, y = fit_isotonic(s, t)
         cal = Calibration(method=method, x=tuple(x.tolist()), y=tuple(y.tolist()), **common)
     else:
@@ -348,7 +364,32 @@ def fit_calibration(
         "ece_val": expected_calibration_error(at_val, t, ECE_BINS), "brier_val": brier_score(at_val, t),
         "ece_val_raw": expected_calibration_error(s, t, ECE_BINS), "brier_val_raw": brier_score(s, t),
     }
+    if choice is not None:
+        info["choice"] = choice
     return replace(cal, info=info)
+
+
+def _loo_brier(score: np.ndarray, truth: np.ndarray, method: str) -> float:
+    """Brier score of ``method`` fitted on all validation images but one and applied to that one,
+    over every image (the map's out-of-sample error); ``inf`` when a class has one image only."""
+    n = len(score)
+    if min(int(truth.sum()), n - int(truth.sum())) < 2:
+        return float("inf")
+    pred = np.empty(n)
+    keep = np.ones(n, bool)
+    for i in range(n):
+        keep[i] = False
+        s, t = score[keep], truth[keep]
+        common = {"val_prevalence": float(t.mean()), "target_prevalence": None, "eps": 1.0 / (n + 1)}
+        if method == "isotonic":
+            x, y = fit_isotonic(s, t)
+            cal = Calibration(method=method, x=tuple(x.tolist()), y=tuple(y.tolist()), **common)
+        else:
+            a, b = fit_platt(s, t)
+            cal = Calibration(method=method, a=a, b=b, **common)
+        pred[i] = cal.apply(score[i: i + 1], prior="validation")[0]
+        keep[i] = True
+    return brier_score(pred, truth)
 
 
 UNCALIBRATED = "the model card has no calibration (a model trained before calibration was fitted)"

@@ -112,15 +112,32 @@ def test_platt_is_finite_on_separable_scores_and_constant_when_reversed():
 
 def test_auto_method_depends_on_the_class_counts():
     k = MIN_CLASS_ISOTONIC
-    s = np.linspace(0, 1, 2 * k)
-    assert fit_calibration(s, np.arange(2 * k) >= k, target_prevalence=None).method == "isotonic"
+    s = np.linspace(0.3, 0.7, 2 * k)  # ranks right, probabilities far off: a map helps
+    big = fit_calibration(s, np.arange(2 * k) >= k, target_prevalence=None)
+    assert big.method == "isotonic" and big.info["choice"]["candidate"] == "isotonic"
+    assert big.info["choice"]["loo_brier"] < big.info["choice"]["brier_raw"]
     small = fit_calibration(s, np.arange(2 * k) >= k + 1, target_prevalence=None)  # k - 1 positives
-    assert small.method == "platt" and small.a > 0
+    assert small.info["choice"]["candidate"] == "platt" and small.method == "platt" and small.a > 0
     assert (np.diff(small.apply(np.linspace(0, 1, 101))) >= 0).all()
     with pytest.raises(ValueError, match="positive and negative"):
         fit_calibration(s, np.ones(2 * k, bool), target_prevalence=0.2)
     with pytest.raises(ValueError, match="method"):
         fit_calibration(s, np.arange(2 * k) >= k, target_prevalence=0.2, method="beta")
+
+
+def test_a_raw_score_that_is_already_calibrated_is_kept():
+    """Eight confident, right validation images: no map beats the raw score left out one at a
+    time, so the identity is kept (a fitted map would pull 0.99 towards 0.8)."""
+    s = np.array([0.01, 0.02, 0.015, 0.03, 0.98, 0.99, 0.97, 0.995])
+    t = s > 0.5
+    cal = fit_calibration(s, t, target_prevalence=0.2)
+    assert cal.method == "identity" and cal.info["choice"]["candidate"] == "platt"
+    assert cal.info["choice"]["loo_brier"] >= cal.info["choice"]["brier_raw"]
+    np.testing.assert_allclose(cal.apply(s, prior="validation"), s)
+    shifted = cal.apply(s)  # to the cohort's 20 % from the split's 50 %
+    assert (shifted < s).all() and (np.diff(shifted[np.argsort(s)]) >= 0).all()
+    forced = fit_calibration(s, t, target_prevalence=0.2, method="platt")
+    assert forced.apply(np.array([0.995]), prior="validation")[0] < 0.95
 
 
 # ---- ECE, Brier, prior shift --------------------------------------------------------------------
@@ -183,8 +200,8 @@ def test_calibration_round_trips_through_the_model_card(tmp_path):
     rng = np.random.default_rng(4)
     s = rng.random(60).astype(np.float32)
     model = tmp_path / "unet.keras"
-    for t, method in ((rng.random(60) < s, "isotonic"), (np.arange(60) < 5, "platt")):
-        cal = fit_calibration(s, t, target_prevalence=0.2)
+    for t, method in ((rng.random(60) < s, "isotonic"), (np.arange(60) < 5, "platt"), (rng.random(60) < s, "identity")):
+        cal = fit_calibration(s, t, target_prevalence=0.2, method=method)
         assert cal.method == method
         write_model_card(model, _card(cal.to_dict()))
         back = read_model_card(model)
