@@ -155,6 +155,27 @@ def _plausible(test: Path, points: Path, site, limits: qc.Limits) -> pd.Series:
     return pd.Series(out)
 
 
+def _recalibrate(store: Path, models: dict[str, Path], seed: int) -> None:
+    """Refit the calibration of models whose card predates the leave-one-out choice of
+    :func:`hipoa.calibration.fit_calibration` (same splits and rule; only the card changes)."""
+    from hipoa.infer import SiteModel
+    from hipoa.presence import choose_presence_rule
+
+    for site, model in models.items():
+        card_path = model.with_suffix(".json")
+        card = json.loads(card_path.read_text())
+        if "choice" in card["presence"].get("calibration", {}):
+            continue
+        splits = make_splits(stores=[store], site=site, seed=seed, val_fraction=0.15, test_fraction=0.0)
+        presence, _ = choose_presence_rule(SiteModel.load(model), stores=[store], splits=splits, site=site,
+                                           prevalence=0.5)
+        if presence["min_area_px"] != card["presence"]["min_area_px"]:
+            raise RuntimeError(f"{model}: the presence rule changed on refitting; train it again")
+        card["presence"]["calibration"] = presence["calibration"]
+        card_path.write_text(json.dumps(card, indent=2) + "\n")
+        log.info("recalibrated %s: %s", model, presence["calibration"]["method"])
+
+
 def _test_table(store: Path, site: str, scanners: pd.Series, plausible: pd.Series) -> pd.DataFrame:
     """The measurable annotated test rows of a store: eid, instance, side, positive, scanner, and
     whether the site's points pass the plausibility check (``plausible``, by eid)."""
@@ -222,6 +243,7 @@ def main(argv: list[str] | None = None) -> int:
     results = []
     for recipe in args.recipes.split(","):
         models = _train(root, train_store, recipe, args)
+        _recalibrate(train_store, models, args.seed)
         results += _evaluate(root, recipe, models, stores, scanners, plausible)
     table = pd.DataFrame(results)
     (root / "robustness.json").write_text(json.dumps(results, indent=1) + "\n")

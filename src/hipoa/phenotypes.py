@@ -150,7 +150,8 @@ def _dictionary(sites: list[str]) -> list[tuple[str, str, str]]:
                 f"{s}: calibrated probability that an osteophyte is present: the presence rule's score (the "
                 "probability its min_area_px most confident pixels reach) mapped by isotonic regression fitted "
                 f"on the validation split (Platt scaling when it has fewer than {MIN_CLASS_ISOTONIC} images of a "
-                "class), shifted from the validation split's prevalence to the cohort's estimated prevalence; the "
+                "class; the raw score when that map does not beat it left out one image at a time), shifted from "
+                "the validation split's prevalence to the cohort's estimated prevalence; the "
                 "raw score for an uncalibrated model (see probability_calibration in the Parquet metadata); "
                 "NA not measurable",
                 "",
