@@ -346,16 +346,7 @@ def fit_calibration(
             method = "identity"
     if method not in METHODS:
         raise ValueError(f"fit_calibration: method must be 'auto' or one of {METHODS}, got {method!r}")
-    eps = 0.0 if method == "identity" else 1.0 / (n + 2)
-    common = {"val_prevalence": n_pos / n, "target_prevalence": target_prevalence, "eps": eps}
-    if method == "identity":
-        cal = Calibration(method=method, **common)
-    elif method == "isotonic":
-        x, y = fit_isotonic(s, t)
-        cal = Calibration(method=method, x=tuple(x.tolist()), y=tuple(y.tolist()), **common)
-    else:
-        a, b = fit_platt(s, t)
-        cal = Calibration(method=method, a=a, b=b, **common)
+    cal = _fit_map(method, s, t, target_prevalence, eps=0.0 if method == "identity" else 1.0 / (n + 2))
     at_val = cal.apply(s, prior="validation")
     info = {
         "fitted_on": "val", "n": n, "n_positive": n_pos, "score": SCORE,
@@ -369,6 +360,18 @@ def fit_calibration(
     return replace(cal, info=info)
 
 
+def _fit_map(method: str, s: np.ndarray, t: np.ndarray, target_prevalence: float | None, eps: float) -> Calibration:
+    """The :class:`Calibration` of ``method`` fitted on scores ``s`` and truth ``t`` (no ``info``)."""
+    common = {"val_prevalence": float(t.mean()), "target_prevalence": target_prevalence, "eps": eps}
+    if method == "identity":
+        return Calibration(method=method, **common)
+    if method == "isotonic":
+        x, y = fit_isotonic(s, t)
+        return Calibration(method=method, x=tuple(x.tolist()), y=tuple(y.tolist()), **common)
+    a, b = fit_platt(s, t)
+    return Calibration(method=method, a=a, b=b, **common)
+
+
 def _loo_brier(score: np.ndarray, truth: np.ndarray, method: str) -> float:
     """Brier score of ``method`` fitted on all validation images but one and applied to that one,
     over every image (the map's out-of-sample error); ``inf`` when a class has one image only."""
@@ -379,14 +382,7 @@ def _loo_brier(score: np.ndarray, truth: np.ndarray, method: str) -> float:
     keep = np.ones(n, bool)
     for i in range(n):
         keep[i] = False
-        s, t = score[keep], truth[keep]
-        common = {"val_prevalence": float(t.mean()), "target_prevalence": None, "eps": 1.0 / (n + 1)}
-        if method == "isotonic":
-            x, y = fit_isotonic(s, t)
-            cal = Calibration(method=method, x=tuple(x.tolist()), y=tuple(y.tolist()), **common)
-        else:
-            a, b = fit_platt(s, t)
-            cal = Calibration(method=method, a=a, b=b, **common)
+        cal = _fit_map(method, score[keep], truth[keep], None, eps=1.0 / (n + 1))
         pred[i] = cal.apply(score[i: i + 1], prior="validation")[0]
         keep[i] = True
     return brier_score(pred, truth)
