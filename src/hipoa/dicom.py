@@ -49,17 +49,21 @@ import warnings
 import zipfile
 import zlib
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
 import pydicom
 from pydicom.datadict import dictionary_description
-from pydicom.dataset import Dataset
+from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.multival import MultiValue
+from pydicom.encaps import generate_frames
 from pydicom.pixels import apply_modality_lut, get_decoder
+from pydicom.pixels.utils import get_j2k_parameters
 from pydicom.tag import Tag
+from pydicom.uid import JPEG2000TransferSyntaxes
 
+from hipoa.headerscan import HeaderCaps, HeaderTooLarge, scan, sniff
 from hipoa.qc import (
     AMBIGUOUS_HIP_DICOM,
     IMAGE_TOO_LARGE,
@@ -67,6 +71,8 @@ from hipoa.qc import (
     IMPLAUSIBLE_SPACING,
     NO_HIP_DICOM,
     NOT_A_FILE,
+    PIXEL_DATA_INCONSISTENT,
+    SPACING_INCONSISTENT,
     UNREADABLE_DICOM,
     UNREADABLE_ZIP,
     Limits,
@@ -79,6 +85,8 @@ SIDE_PROTOCOLS: dict[str, str] = {"L": "Left Femur", "R": "Right Femur"}
 
 DEFAULT_LIMITS = Limits()
 _HEADER_DEFER = 1 << 20  # header elements larger than this are skipped, not read into memory
+HEADER_CAPS = HeaderCaps()
+"""How much structure one DICOM may hold before pydicom parses it (:mod:`hipoa.headerscan`)."""
 
 _PROTOCOL_TAGS = (0x00181030, 0x00400254)  # ProtocolName, PerformedProcedureStepDescription
 _MONOCHROME = ("MONOCHROME1", "MONOCHROME2")
@@ -145,6 +153,7 @@ class ImageHeader:
         device_serial: ``(0018,1000) Device Serial Number``, ``""`` if absent.
         software_versions: ``(0018,1020) Software Versions``, its values joined by ``\\`` as
             DICOM encodes a multi-valued element, ``""`` if absent.
+        notes: Warnings for the log (:func:`probe_hip`: other members of the zip skipped).
     """
 
     rows: int
@@ -156,6 +165,7 @@ class ImageHeader:
     manufacturer_model: str = ""
     device_serial: str = ""
     software_versions: str = ""
+    notes: tuple[str, ...] = ()
 
 
 DEVICE_TAGS: dict[str, int] = {
@@ -306,35 +316,49 @@ def _read_member(zf: zipfile.ZipFile, zip_path: str | Path, member: str, limits:
         raise DicomError(f"{source}: cannot read from the zip: {exc}", UNREADABLE_ZIP) from None
 
 
-def _looks_like_dicom(head: bytes) -> bool:
-    """True for a Part 10 file (``DICM`` at byte 128) or a raw dataset starting at group 0002/0008."""
-    if len(head) >= _DICM_OFFSET + 4 and head[_DICM_OFFSET : _DICM_OFFSET + 4] == b"DICM":
-        return True
-    return len(head) >= 8 and head[:2] in (b"\x02\x00", b"\x08\x00") and head[3:4] == b"\x00"
+def _not_dicom(data: bytes, source: str) -> DicomError:
+    return DicomError(
+        f"{source}: not a DICOM file (no 'DICM' prefix at byte 128, and no file meta group or data set "
+        f"parses at byte 0 in Explicit VR Little / Big Endian or Implicit VR Little Endian; "
+        f"starts {data[:16]!r})"
+    )
 
 
-def _dcmread(fp, source: str, *, stop_before_pixels: bool) -> Dataset:
-    """``pydicom.dcmread`` with every failure turned into a :class:`DicomError` naming ``source``."""
-    head = fp.read(_DICM_OFFSET + 4)
-    fp.seek(0)
-    if not _looks_like_dicom(head):
-        raise DicomError(f"{source}: not a DICOM file (no 'DICM' prefix at byte 128, got {head[:16]!r}...)")
+def _dcmread(data: bytes, source: str, *, stop_before_pixels: bool) -> Dataset:
+    """``pydicom.dcmread`` of a file's bytes, after :func:`hipoa.headerscan.scan` bounds its structure.
+
+    Every failure becomes a :class:`DicomError` naming ``source``: ``image_too_large`` for a
+    header over :data:`HEADER_CAPS` (elements, sequence items, nesting), ``unreadable_dicom``
+    for anything pydicom cannot parse.
+    """
+    try:
+        counts = scan(data, HEADER_CAPS)
+    except HeaderTooLarge as exc:
+        raise DicomError(f"{source}: DICOM header is over the parse caps: {exc}; not parsed", IMAGE_TOO_LARGE) from None
+    if counts is None:
+        raise _not_dicom(data, source)
     try:
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
             ds = pydicom.dcmread(
-                fp,
+                io.BytesIO(data),
                 stop_before_pixels=stop_before_pixels,
                 force=True,
                 # a header scan never holds a huge element (e.g. a padded private tag) in memory
                 defer_size=_HEADER_DEFER if stop_before_pixels else None,
             )
-    except (zipfile.BadZipFile, zlib.error):
-        raise  # a damaged zip member, not a damaged DICOM: the caller reports unreadable_zip
     except Exception as exc:  # noqa: BLE001 - any parser failure makes the file unreadable
         raise DicomError(f"{source}: DICOM header cannot be parsed: {type(exc).__name__}: {exc}") from None
     for w in caught:
         log.debug("%s: pydicom: %s", source, w.message)
+    meta = ds.file_meta if hasattr(ds, "file_meta") else None
+    if meta is None or not meta.get("TransferSyntaxUID"):
+        # no file meta (a raw data set): the encoding pydicom read it in is its transfer syntax
+        implicit, little = ds.original_encoding
+        if meta is None:
+            ds.file_meta = meta = FileMetaDataset()
+        meta.TransferSyntaxUID = (pydicom.uid.ImplicitVRLittleEndian if implicit else
+                                  pydicom.uid.ExplicitVRLittleEndian if little else pydicom.uid.ExplicitVRBigEndian)
     if not stop_before_pixels and any("before delimiter" in str(w.message) for w in caught):
         raise DicomError(
             f"{source}: {tag_name(0x7FE00010)}: encapsulated pixel data ends before its "
@@ -360,55 +384,87 @@ def _read_bytes(image: str | Path, member: str | None, limits: Limits = DEFAULT_
 # Finding the hip in a zip
 
 
-def _scan_hips(zf: zipfile.ZipFile, zip_path: str | Path) -> tuple[dict[str, list[str]], list[str]]:
-    """One pass over the members: ``({side: [members]}, [unparsable DICOM members])``."""
-    found: dict[str, list[str]] = {}
-    broken: list[str] = []
+@dataclass
+class _Scan:
+    """What one pass over a zip's members found (:func:`_scan_hips`)."""
+
+    found: dict[str, list[str]]  # side -> members with that side's protocol
+    data: dict[str, bytes]  # hip members' bytes, read once
+    skipped: dict[str, tuple[str, str]]  # member -> (reason, why), members that cannot be read or parsed
+    not_dicom: list[str]  # members that are no DICOM (manifest.cvs, ...)
+
+
+def _scan_hips(zf: zipfile.ZipFile, zip_path: str | Path, limits: Limits = DEFAULT_LIMITS) -> _Scan:
+    """One pass over the members: each is read (under ``limits.max_member_mb``), recognised by
+    parsing (:func:`hipoa.headerscan.sniff`) and its header parsed under :data:`HEADER_CAPS`.
+
+    A member that cannot be read from the zip, is over a cap or whose header cannot be parsed is
+    recorded in ``skipped`` with its reason and the scan goes on: the side's hip is measured when
+    its own member is intact, whatever the others are.
+    """
+    scan_ = _Scan(found={}, data={}, skipped={}, not_dicom=[])
     for info in zf.infolist():
         if info.is_dir():
             continue
         source = source_name(zip_path, info.filename)
         try:
-            with zf.open(info) as fp:
-                head = fp.read(_DICM_OFFSET + 4)
-                if not _looks_like_dicom(head):
-                    log.debug("%s: not DICOM, skipped", source)
-                    continue
-                fp.seek(0)
-                ds = _dcmread(fp, source, stop_before_pixels=True)
+            data = _read_member(zf, zip_path, info.filename, limits)
+            if sniff(data) is None:
+                log.debug("%s: not DICOM, skipped", source)
+                scan_.not_dicom.append(info.filename)
+                continue
+            ds = _dcmread(data, source, stop_before_pixels=True)
+            side = side_of_protocol(protocol_of(ds))
         except DicomError as exc:
             log.debug("%s", exc)
-            broken.append(info.filename)
+            scan_.skipped[info.filename] = (exc.reason, str(exc))
             continue
-        except (zipfile.BadZipFile, zlib.error, EOFError, OSError, NotImplementedError, RuntimeError) as exc:
-            raise DicomError(f"{source}: cannot read from the zip: {exc}", UNREADABLE_ZIP) from None
-        side = side_of_protocol(protocol_of(ds))
         if side is not None:
-            found.setdefault(side, []).append(info.filename)
-    return found, broken
+            scan_.found.setdefault(side, []).append(info.filename)
+            scan_.data[info.filename] = data
+    return scan_
 
 
-def _missing_hip_error(zip_path: str | Path, side: str, broken: Sequence[str]) -> DicomError:
+def _skipped_text(scan_: _Scan) -> str:
+    """``"2 members skipped: 1 unreadable_zip (a.dcm), 1 unreadable_dicom (b.dcm)"``, or ``""``."""
+    by: dict[str, list[str]] = {}
+    for member, (reason, _why) in scan_.skipped.items():
+        by.setdefault(reason, []).append(member)
+    if scan_.not_dicom:
+        by["not DICOM"] = scan_.not_dicom
+    if not by:
+        return ""
+    n = sum(map(len, by.values()))
+    parts = [f"{len(m)} {reason} ({', '.join(m[:5])}{', ...' if len(m) > 5 else ''})" for reason, m in by.items()]
+    return f"{n} member(s) skipped: {'; '.join(parts)}"
+
+
+def _missing_hip_error(zip_path: str | Path, side: str, scan_: _Scan) -> DicomError:
+    """No member has ``side``'s protocol: the reason is that of the members that could not be
+    read (the hip may be among them: ``unreadable_zip``, then ``image_too_large``, then
+    ``unreadable_dicom``), else ``no_hip_dicom``; the message counts every skipped member."""
     want = SIDE_PROTOCOLS[side]
-    if broken:
-        # The hip may be among the members whose header could not be read.
-        return DicomError(
-            f"{zip_path}: no member with {tag_name(0x00181030)} {want!r}, and "
-            f"{len(broken)} DICOM member(s) cannot be parsed: {', '.join(broken)}",
-            UNREADABLE_DICOM,
-        )
+    reasons = {reason for reason, _why in scan_.skipped.values()}
+    skipped = _skipped_text(scan_)
+    for reason in (UNREADABLE_ZIP, IMAGE_TOO_LARGE, UNREADABLE_DICOM):
+        if reason in reasons:
+            first = next(why for r, why in scan_.skipped.values() if r == reason)
+            return DicomError(
+                f"{zip_path}: no member with {tag_name(0x00181030)} {want!r} can be read; {skipped}; first: {first}",
+                reason,
+            )
     return DicomError(
         f"{zip_path}: no_hip_dicom: no member with {tag_name(0x00181030)} (or "
-        f"{tag_name(0x00400254)}) {want!r}",
+        f"{tag_name(0x00400254)}) {want!r}" + (f"; {skipped}" if skipped else ""),
         NO_HIP_DICOM,
     )
 
 
-def _the_hip(found: dict[str, list[str]], broken: Sequence[str], zip_path: str | Path, side: str) -> str:
+def _the_hip(scan_: _Scan, zip_path: str | Path, side: str) -> str:
     """The one member of ``side``, or the DicomError saying why there is not exactly one."""
-    members = found.get(side, [])
+    members = scan_.found.get(side, [])
     if not members:
-        raise _missing_hip_error(zip_path, side, broken)
+        raise _missing_hip_error(zip_path, side, scan_)
     if len(members) > 1:
         raise DicomError(
             f"{zip_path}: {len(members)} members have {tag_name(0x00181030)} {SIDE_PROTOCOLS[side]!r}: "
@@ -430,14 +486,14 @@ def find_hip_member(zip_path: str | Path, side: str) -> str:
 
     Raises:
         DicomError: ``reason="no_hip_dicom"`` when no member carries that side's protocol,
-            ``"ambiguous_hip_dicom"`` when two or more do, ``"unreadable_dicom"`` when none does
-            but some DICOM member cannot be parsed, ``"unreadable_zip"`` when the zip cannot be
-            read, ``"not_a_file"`` / ``"image_too_large"`` before it is opened.
+            ``"ambiguous_hip_dicom"`` when two or more do; when none does but some member cannot
+            be read, that member's reason (``"unreadable_zip"``, ``"image_too_large"``,
+            ``"unreadable_dicom"``); ``"not_a_file"`` / ``"image_too_large"`` before it is opened.
     """
     key = _side_key(side)
     with _open_zip(zip_path) as zf:
-        found, broken = _scan_hips(zf, zip_path)
-    return _the_hip(found, broken, zip_path, key)
+        scan_ = _scan_hips(zf, zip_path)
+    return _the_hip(scan_, zip_path, key)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -474,33 +530,26 @@ def _int_tag(ds: Dataset, tag: int, source: str) -> int:
     return n
 
 
-def pixel_spacing(ds: Dataset, source: str) -> tuple[float, float]:
-    """Pixel spacing ``(row spacing dy, column spacing dx)`` in mm.
+def spacing_sources(ds: Dataset, source: str) -> dict[str, tuple[float, float]]:
+    """Every pixel spacing the header states, ``{tag name: (dy, dx)}`` in mm, in precedence order.
 
-    Precedence: ``(0028,0030) Pixel Spacing``, then ``(0018,1164) Imager Pixel Spacing`` (both
-    ``[row spacing, column spacing]``, PS3.3 10.7.1.3), then ``(0040,0303) Exposed Area``
-    ``[width_mm, height_mm]`` with ``(0028,0010) Rows`` and ``(0028,0011) Columns``, giving
+    ``(0028,0030) Pixel Spacing`` and ``(0018,1164) Imager Pixel Spacing`` are
+    ``[row spacing, column spacing]`` (PS3.3 10.7.1.3); ``(0040,0303) Exposed Area``
+    ``[width_mm, height_mm]`` over ``(0028,0010) Rows`` and ``(0028,0011) Columns`` gives
     ``(height_mm / Rows, width_mm / Columns)``: UKB's iDXA hips have ExposedArea ``[170, 150]`` over
     600 rows x 680 columns, 0.25 mm each way. An empty (Type 2) element counts as absent.
 
-    Args:
-        ds: The dataset (a header is enough).
-        source: Name of the file for error messages.
-
-    Returns:
-        ``(dy, dx)`` in mm, positive and finite.
-
     Raises:
-        DicomError: a spacing tag holds something other than two positive finite numbers, or no
-            spacing tag is present.
+        DicomError: a spacing tag holds something other than two positive finite numbers.
     """
+    out: dict[str, tuple[float, float]] = {}
     for tag in (0x00280030, 0x00181164):
         if _present(ds, tag):
             value = ds[tag].value
             pair = _positive_pair(value)
             if pair is None:
                 raise DicomError(f"{source}: {tag_name(tag)}: expected 2 positive numbers, got {value!r}")
-            return pair
+            out[tag_name(tag)] = pair
     if _present(ds, 0x00400303):
         value = ds[0x00400303].value
         pair = _positive_pair(value)
@@ -515,11 +564,51 @@ def pixel_spacing(ds: Dataset, source: str) -> tuple[float, float]:
             raise DicomError(
                 f"{source}: {tag_name(0x00280010)} x {tag_name(0x00280011)} must be positive, got {rows} x {cols}"
             )
-        return height_mm / rows, width_mm / cols
-    raise DicomError(
-        f"{source}: no pixel spacing: {tag_name(0x00280030)}, {tag_name(0x00181164)} and "
-        f"{tag_name(0x00400303)} are all missing or empty"
-    )
+        out[f"{tag_name(0x00400303)} / matrix"] = (height_mm / rows, width_mm / cols)
+    return out
+
+
+def pixel_spacing(ds: Dataset, source: str) -> tuple[float, float]:
+    """Pixel spacing ``(row spacing dy, column spacing dx)`` in mm: the first of
+    :func:`spacing_sources` (Pixel Spacing, then Imager Pixel Spacing, then Exposed Area over the
+    matrix). :func:`spacing_disagreement` checks that the others agree with it.
+
+    Args:
+        ds: The dataset (a header is enough).
+        source: Name of the file for error messages.
+
+    Returns:
+        ``(dy, dx)`` in mm, positive and finite.
+
+    Raises:
+        DicomError: a spacing tag holds something other than two positive finite numbers, or no
+            spacing tag is present.
+    """
+    sources = spacing_sources(ds, source)
+    if not sources:
+        raise DicomError(
+            f"{source}: no pixel spacing: {tag_name(0x00280030)}, {tag_name(0x00181164)} and "
+            f"{tag_name(0x00400303)} are all missing or empty"
+        )
+    return next(iter(sources.values()))
+
+
+def spacing_disagreement(sources: dict[str, tuple[float, float]], tolerance: float) -> str:
+    """``""`` when every spacing source agrees with the first within ``tolerance`` (relative,
+    each axis), else what differs (for the log and ``spacing_inconsistent``)."""
+    items = list(sources.items())
+    if len(items) < 2:
+        return ""
+    first_name, first = items[0]
+    for name, pair in items[1:]:
+        worst = max(abs(a - b) / min(a, b) for a, b in zip(first, pair))
+        if worst > tolerance:
+            return (
+                f"{first_name} gives (dy, dx) = ({first[0]:.6g}, {first[1]:.6g}) mm but {name} gives "
+                f"({pair[0]:.6g}, {pair[1]:.6g}) mm: {100 * worst:.1f} % apart (> qc.spacing_agreement "
+                f"{100 * tolerance:g} %); the areas would be wrong by the square of that"
+            )
+    return ""
 
 
 def _check_image_header(ds: Dataset, source: str, limits: Limits = DEFAULT_LIMITS) -> tuple[int, int]:
@@ -528,6 +617,7 @@ def _check_image_header(ds: Dataset, source: str, limits: Limits = DEFAULT_LIMIT
     Rows x Columns x Samples per Pixel over ``limits.max_image_pixels`` is ``image_too_large``,
     checked before any pixel is decoded (a small JPEG can declare a huge matrix).
     """
+    _check_sop_class(ds, source)
     rows = _int_tag(ds, 0x00280010, source)
     cols = _int_tag(ds, 0x00280011, source)
     if rows <= 0 or cols <= 0:
@@ -561,10 +651,62 @@ def _check_image_header(ds: Dataset, source: str, limits: Limits = DEFAULT_LIMIT
     allocated = _int_tag(ds, 0x00280100, source)
     if allocated not in (8, 16):
         raise DicomError(f"{source}: {tag_name(0x00280100)}: expected 8 or 16, got {allocated}")
-    stored = int(ds.get("BitsStored", allocated) or allocated)
+    stored = _int_tag(ds, 0x00280101, source) if _present(ds, 0x00280101) else allocated
     if not 1 <= stored <= allocated:
         raise DicomError(f"{source}: {tag_name(0x00280101)}: expected 1..{allocated}, got {stored}")
+    if _present(ds, 0x00280103) and _int_tag(ds, 0x00280103, source) not in (0, 1):
+        raise DicomError(f"{source}: {tag_name(0x00280103)}: expected 0 or 1, got {ds[0x00280103].value!r}")
+    _check_modality_lut(ds, source)
     return rows, cols
+
+
+def _check_sop_class(ds: Dataset, source: str) -> None:
+    """Refuse an object that is no image by what it is: ``(0008,0016) SOP Class UID`` (or the
+    file meta's ``(0002,0002) Media Storage SOP Class UID``) names a known class that stores no
+    image (a structured report, RT plan, waveform, DICOMDIR, ...). Unknown and private classes
+    go on to the image checks."""
+    meta = getattr(ds, "file_meta", None)
+    for tag, holder in ((0x00080016, ds), (0x00020002, meta)):
+        elem = holder.get(tag) if holder is not None else None
+        if elem is None or not elem.value:
+            continue
+        uid = pydicom.uid.UID(str(elem.value).strip("\0 "))
+        name = uid.name if uid.is_valid else ""
+        if name and name != str(uid) and "Image" not in name:
+            raise DicomError(f"{source}: {tag_name(tag)}: {name!r} ({uid}) is not an image object")
+
+
+def _check_modality_lut(ds: Dataset, source: str) -> None:
+    """A Modality LUT Sequence item holds what PS3.3 C.11.1 requires: LUT Descriptor (3 numbers,
+    entries >= 1, 8 or 16 bits) and LUT Data; a Rescale Slope / Intercept, when present, is a
+    finite number."""
+    if _present(ds, 0x00283000):
+        seq = ds[0x00283000].value
+        where = f"{tag_name(0x00283000)} item 1"
+        item = seq[0] if len(seq) else None
+        if item is None:
+            raise DicomError(f"{source}: {tag_name(0x00283000)} has no item")
+        if not _present(item, 0x00283002):
+            raise DicomError(f"{source}: {where}: {tag_name(0x00283002)} is missing")
+        if not _present(item, 0x00283006):
+            raise DicomError(f"{source}: {where}: {tag_name(0x00283006)} is missing")
+        desc = item[0x00283002].value
+        try:
+            entries, _first, bits = (int(v) for v in desc)
+        except (TypeError, ValueError):
+            raise DicomError(f"{source}: {where}: {tag_name(0x00283002)}: expected 3 numbers, got {desc!r}") from None
+        if bits not in (8, 16):
+            raise DicomError(f"{source}: {where}: {tag_name(0x00283002)}: expected 8 or 16 bits, got {bits}")
+        return
+    for tag in (0x00281053, 0x00281052):
+        if _present(ds, tag):
+            value = ds[tag].value
+            try:
+                number = float(value)
+            except (TypeError, ValueError):
+                raise DicomError(f"{source}: {tag_name(tag)} is not a number: {value!r}") from None
+            if not math.isfinite(number) or (tag == 0x00281053 and number == 0):
+                raise DicomError(f"{source}: {tag_name(tag)}: expected a finite{' non-zero' if tag == 0x00281053 else ''} number, got {value!r}")
 
 
 def _check_pixel_data(ds: Dataset, source: str, rows: int, cols: int) -> None:
@@ -591,6 +733,12 @@ def _check_pixel_data(ds: Dataset, source: str, rows: int, cols: int) -> None:
         raise DicomError(
             f"{source}: unreadable_dicom: {tag_name(0x7FE00010)} holds {len(data)} bytes, "
             f"{rows} x {cols} x {int(ds.BitsAllocated)} bits need {expected} (file truncated)"
+        )
+    if len(data) > expected + (expected % 2):  # one pad byte makes an odd length even (PS3.5 8.1.1)
+        raise DicomError(
+            f"{source}: {tag_name(0x7FE00010)} holds {len(data):,} bytes, {rows} x {cols} x "
+            f"{int(ds.BitsAllocated)} bits need {expected:,}: the matrix or Bits Allocated is wrong",
+            PIXEL_DATA_INCONSISTENT,
         )
 
 
@@ -666,7 +814,7 @@ def device_text(ds: Dataset, tag: int) -> str:
 
 def _parse_checked(data: bytes, source: str, limits: Limits | None) -> tuple[Dataset, int, int, tuple[float, float]]:
     """Parse a DICOM's bytes and run every check short of decoding; plausibility when ``limits``."""
-    ds = _dcmread(io.BytesIO(data), source, stop_before_pixels=False)
+    ds = _dcmread(data, source, stop_before_pixels=False)
     rows, cols = _check_image_header(ds, source, limits or DEFAULT_LIMITS)
     spacing = pixel_spacing(ds, source)
     _check_pixel_data(ds, source, rows, cols)
@@ -677,6 +825,9 @@ def _parse_checked(data: bytes, source: str, limits: Limits | None) -> tuple[Dat
         problem = limits.spacing_problem(spacing)
         if problem:
             raise DicomError(f"{source}: {problem} ({spacing_source(ds)})", IMPLAUSIBLE_SPACING)
+        problem = spacing_disagreement(spacing_sources(ds, source), limits.spacing_agreement)
+        if problem:
+            raise DicomError(f"{source}: {problem}", SPACING_INCONSISTENT)
     return ds, rows, cols, spacing
 
 
@@ -710,23 +861,22 @@ def probe_hip(zip_path: str | Path, side: str, limits: Limits | None = None) -> 
 
     Raises:
         DicomError: with a ``reason`` of :data:`hipoa.qc.REASONS` (``not_a_file`` to
-            ``implausible_spacing``); ``member`` names the hip member when it was found but
-            cannot be used.
+            ``spacing_inconsistent``); ``member`` names the hip member when it was found but
+            cannot be used. Other members that cannot be read are skipped: the header's
+            ``notes`` name them.
     """
     key = _side_key(side)
     with _open_zip(zip_path, limits or DEFAULT_LIMITS) as zf:
-        found, broken = _scan_hips(zf, zip_path)
-        member = _the_hip(found, broken, zip_path, key)
-        try:
-            data = _read_member(zf, zip_path, member, limits or DEFAULT_LIMITS)
-        except DicomError as exc:
-            exc.member = member
-            raise
+        scan_ = _scan_hips(zf, zip_path, limits or DEFAULT_LIMITS)
+    member = _the_hip(scan_, zip_path, key)
+    notes = tuple(f"{why} (a {reason} member, skipped: the hip member {member} is intact)"
+                  for _m, (reason, why) in scan_.skipped.items())
     try:
-        return member, read_image_header(zip_path, member, data=data, limits=limits)
+        header = read_image_header(zip_path, member, data=scan_.data[member], limits=limits)
     except DicomError as exc:
         exc.member = member
         raise
+    return member, replace(header, notes=notes)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -746,18 +896,96 @@ def _quiet_decoders():
         logger.setLevel(level)
 
 
-def _max_possible(ds: Dataset) -> float:
-    """Largest value the modality LUT can output for this header's stored-value range."""
+def _stored_range(ds: Dataset) -> tuple[int, int]:
+    """``(lo, hi)``: the stored values ``(0028,0101) Bits Stored`` and ``(0028,0103) Pixel
+    Representation`` allow (e.g. 0-4095 for unsigned 12-bit data)."""
     stored = int(ds.get("BitsStored", ds.BitsAllocated) or ds.BitsAllocated)
     if int(ds.get("PixelRepresentation", 0) or 0) == 1:
-        lo, hi = -(2 ** (stored - 1)), 2 ** (stored - 1) - 1
-    else:
-        lo, hi = 0, 2**stored - 1
+        return -(2 ** (stored - 1)), 2 ** (stored - 1) - 1
+    return 0, 2**stored - 1
+
+
+def _max_possible(ds: Dataset) -> float:
+    """Largest value the modality LUT can output for this header's stored-value range."""
+    lo, hi = _stored_range(ds)
     if "ModalityLUTSequence" in ds and len(ds.ModalityLUTSequence):
         values = np.arange(lo, hi + 1, dtype=np.int64)  # a LUT need not be monotonic
     else:
         values = np.array([lo, hi], dtype=np.int64)  # a rescale is linear: the ends suffice
     return float(np.max(apply_modality_lut(values, ds)))
+
+
+PINNED_FRACTION = 0.95
+"""An image with at least this fraction of its pixels at one stored value is
+``pixel_data_inconsistent`` (a decode that lost the image, or an empty export): a hip DXA's most
+common value holds under 5 % of its pixels (synthetic cohorts: under 1 %)."""
+
+
+def _j2k_sign_problem(ds: Dataset, ts: object) -> str:
+    """A JPEG 2000 codestream whose sign (SIZ ``Ssiz``) differs from ``(0028,0103) Pixel
+    Representation`` at full precision: pydicom, like GDCM and DCMTK, reinterprets the bits when
+    the codestream's precision is under Bits Allocated (the top bits carry the sign); at full
+    precision there is no spare bit, and the same word is a negative value or one 65,536 higher,
+    so the image is refused rather than guessed."""
+    if ts not in JPEG2000TransferSyntaxes:
+        return ""
+    try:
+        frame = next(generate_frames(ds.PixelData, number_of_frames=1))
+    except Exception:  # noqa: BLE001 - the decoder reports a broken stream with the tag
+        return ""
+    info = get_j2k_parameters(frame[:64])
+    if not info:
+        return ""
+    pixrep = int(ds.get("PixelRepresentation", 0) or 0)
+    if bool(info["is_signed"]) != bool(pixrep) and int(info["precision"]) >= int(ds.BitsAllocated):
+        return (
+            f"the JPEG 2000 codestream is {'signed' if info['is_signed'] else 'unsigned'} "
+            f"{info['precision']}-bit (SIZ Ssiz) but {tag_name(0x00280103)} is {pixrep}: at full precision "
+            "the sign cannot be resolved (values would be off by 65,536)"
+        )
+    return ""
+
+
+def _stored_values_problem(ds: Dataset, stored: np.ndarray, rows: int, cols: int) -> str:
+    """``""`` when the stored values are what the header promises, else what contradicts it.
+
+    Native data is checked on its raw words, before pydicom masks them to Bits Stored: a value
+    above ``2**BitsStored - 1`` (or, signed, bits above the sign that do not extend it) would
+    otherwise wrap silently. Decoded codestreams are checked on what they decode to: a JPEG 2000
+    stream signed under Pixel Representation 0 (or the reverse) decodes outside the range.
+    """
+    lo, hi = _stored_range(ds)
+    meta = getattr(ds, "file_meta", None)
+    ts = meta.get("TransferSyntaxUID") if meta is not None else None
+    problem = _j2k_sign_problem(ds, ts)
+    if problem:
+        return problem
+    what = "stored"
+    values = stored
+    if not (ts and ts.is_compressed):
+        allocated = int(ds.BitsAllocated)
+        little = ds.original_encoding[1] if ds.original_encoding[1] is not None else True
+        kind = "i" if lo < 0 else "u"
+        dtype = np.dtype(f"{'<' if little else '>'}{kind}{allocated // 8}")
+        values = np.frombuffer(ds.PixelData, dtype=dtype, count=rows * cols)
+        what = "raw"
+    vmin, vmax = int(values.min()), int(values.max())
+    if vmin < lo or vmax > hi:
+        n = int(np.count_nonzero((values < lo) | (values > hi)))
+        return (
+            f"{n:,} of {values.size:,} {what} pixel values lie outside [{lo}, {hi}], the range "
+            f"{tag_name(0x00280101)} {ds.get('BitsStored', ds.BitsAllocated)} and {tag_name(0x00280103)} "
+            f"{int(ds.get('PixelRepresentation', 0) or 0)} allow (found {vmin} to {vmax}; {transfer_syntax_name(ds)})"
+        )
+    if np.issubdtype(stored.dtype, np.integer) and vmax - vmin < 1 << 20:
+        counts = np.bincount((np.asarray(stored, np.int64) - vmin).ravel())
+        top = int(counts.argmax())
+        if counts[top] >= PINNED_FRACTION * stored.size:
+            return (
+                f"{100 * counts[top] / stored.size:.1f} % of the pixels hold the single stored value {top + vmin} "
+                f"(>= {100 * PINNED_FRACTION:g} %): no image"
+            )
+    return ""
 
 
 def read_image(image: str | Path, member: str | None = None, limits: Limits | None = None) -> HipImage:
@@ -803,10 +1031,17 @@ def read_image(image: str | Path, member: str | None = None, limits: Limits | No
         raise DicomError(
             f"{source}: {tag_name(0x7FE00010)} decodes to shape {stored.shape}, header says ({rows}, {cols})"
         )
+    problem = _stored_values_problem(ds, stored, rows, cols)
+    if problem:
+        raise DicomError(f"{source}: {tag_name(0x7FE00010)}: {problem}", PIXEL_DATA_INCONSISTENT)
     # No float64 copy of the whole image when there is no rescale (UKB's 8-bit data): converting
     # integers straight to float32 is exact and halves read time (benchmarks/crop.py).
-    values = np.asarray(apply_modality_lut(stored, ds))
-    top = _max_possible(ds)
+    try:
+        values = np.asarray(apply_modality_lut(stored, ds))
+        top = _max_possible(ds)
+    except Exception as exc:  # noqa: BLE001 - _check_modality_lut should have caught it: name the tags anyway
+        tags = tag_name(0x00283000) if _present(ds, 0x00283000) else f"{tag_name(0x00281053)} / {tag_name(0x00281052)}"
+        raise DicomError(f"{source}: {tags}: the modality LUT cannot be applied: {type(exc).__name__}: {exc}") from None
     if str(ds.PhotometricInterpretation).strip().upper() == "MONOCHROME1":
         values = top - values.astype(np.float64)
     return HipImage(

@@ -60,6 +60,7 @@ from hipoa.geometry import (
     reference_length_mm,
     sample_patch,
 )
+from hipoa.pixelcheck import check_pixels
 from hipoa.points import PointsError, read_pts
 from hipoa.progress import Progress
 from hipoa.sites import PATCH_SIZE, Site
@@ -386,6 +387,10 @@ def _crop_auto(
             points_path, qc.PATCH_OUTSIDE_IMAGE, sites[worst].name, fractions[worst], min_inside,
         )
         return qc.PATCH_OUTSIDE_IMAGE
+    sane = check_pixels(pixels, pts, spacing)
+    if sane.reason:
+        log.warning("%s: %s: %s", points_path, sane.reason, sane.detail)
+        return sane.reason
     if fit.reason:
         log.warning("%s: %s: %s", points_path, fit.reason, fit.detail)
         return fit.reason
@@ -651,8 +656,63 @@ def _crop_rows(
         reasons[reason] += 1
         progress.update()
     progress.close()
+    _check_reference_lengths(arrays, sites, reasons, limits, shard)
     _score_points(arrays, sites, arrays.rows["qc_reason"], limits, shard)
     return arrays, reasons
+
+
+def reference_length_z(lengths: np.ndarray, min_images: int) -> np.ndarray:
+    """Robust z of ``log(length)`` against the finite lengths given: ``(log L - median) / (1.4826 MAD)``.
+
+    NaN where the length is not finite, and everywhere when fewer than ``min_images`` lengths are
+    finite. The log makes a 2x error as far from the median as a 0.5x one; the MAD (scaled to a
+    standard deviation for a normal distribution) is not moved by the outliers it looks for. Its
+    floor, 1 % of the median length, keeps a cohort of near-identical hips from flagging normal ones.
+    """
+    lengths = np.asarray(lengths, float)
+    out = np.full(lengths.shape, np.nan)
+    ok = np.isfinite(lengths) & (lengths > 0)
+    if ok.sum() < max(int(min_images), 3):
+        return out
+    logs = np.log(lengths[ok])
+    med = float(np.median(logs))
+    scale = max(1.4826 * float(np.median(np.abs(logs - med))), 0.01)
+    out[ok] = (logs - med) / scale
+    return out
+
+
+def _check_reference_lengths(arrays: _Arrays, sites: list[Site], reasons: Counter[str], limits: qc.Limits,
+                             shard: int) -> None:
+    """Flag ``implausible_reference_length`` where a length passes the fixed range but stands out of
+    the shard's own distribution (:func:`reference_length_z` > ``qc.reference_length_max_z``): a
+    pixel spacing wrong by 2x whose length still lies in range. Rows already flagged by an earlier
+    check keep their reason; the shard's images are a random sample of the side (shards are by
+    eid hash), so its distribution is the side's."""
+    order = {r: k for k, r in enumerate(qc.REASONS)}
+    here = order[qc.IMPLAUSIBLE_REFERENCE_LENGTH]
+    lengths = np.asarray(arrays.rows["reference_length_mm"], float)
+    z = reference_length_z(lengths, limits.points_min_images)
+    if np.isfinite(lengths).any() and not np.isfinite(z).any():
+        log.warning("shard %d: %d images with a reference length, fewer than qc.points_min_images %d; the lengths "
+                    "are checked against qc.reference_length_mm only", shard, int(np.isfinite(lengths).sum()),
+                    limits.points_min_images)
+        return
+    med = float(np.exp(np.nanmedian(np.log(lengths[np.isfinite(z)])))) if np.isfinite(z).any() else float("nan")
+    for i in np.flatnonzero(np.nan_to_num(np.abs(z), nan=0.0) > limits.reference_length_max_z):
+        old = str(arrays.rows["qc_reason"][i])
+        if old and order.get(old, len(order)) <= here:
+            continue
+        log.warning("row %d (eid %s): %s: reference length %.1f mm is %.1f robust SDs from the shard's median "
+                    "%.1f mm (> qc.reference_length_max_z %g): is the pixel spacing right?", i, arrays.rows["eid"][i],
+                    qc.IMPLAUSIBLE_REFERENCE_LENGTH, lengths[i], abs(z[i]), med, limits.reference_length_max_z)
+        for site in sites:
+            arrays.auto[site.name]["image"][i] = 0
+            arrays.auto[site.name]["mask"][i] = 0
+        arrays.rows["qc_reason"][i] = qc.IMPLAUSIBLE_REFERENCE_LENGTH
+        reasons[old] -= 1
+        reasons[qc.IMPLAUSIBLE_REFERENCE_LENGTH] += 1
+    for k in [k for k, v in reasons.items() if v <= 0]:
+        del reasons[k]
 
 
 def _store_attrs(

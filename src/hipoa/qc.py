@@ -28,6 +28,8 @@ AMBIGUOUS_HIP_DICOM = "ambiguous_hip_dicom"
 UNREADABLE_DICOM = "unreadable_dicom"
 IMPLAUSIBLE_IMAGE_SIZE = "implausible_image_size"
 IMPLAUSIBLE_SPACING = "implausible_spacing"
+SPACING_INCONSISTENT = "spacing_inconsistent"
+PIXEL_DATA_INCONSISTENT = "pixel_data_inconsistent"
 POINTS_MISSING = "points_missing"
 POINTS_INVALID = "points_invalid"
 POINTS_OUTSIDE_IMAGE = "points_outside_image"
@@ -35,6 +37,7 @@ IMPLAUSIBLE_REFERENCE_LENGTH = "implausible_reference_length"
 DUPLICATE_IMAGE = "duplicate_image"
 HEAD_OUT_OF_VIEW = "head_out_of_view"
 PATCH_OUTSIDE_IMAGE = "patch_outside_image"
+IMPLAUSIBLE_PIXELS = "implausible_pixels"
 IMPLANT = "implant"
 MOTION = "motion"
 POINTS_IMPLAUSIBLE = "points_implausible"
@@ -51,14 +54,21 @@ REASONS: dict[str, str] = {
     UNREADABLE_DICOM: "the hip DICOM is missing, or its header or pixel data cannot be used (missing tags, colour, truncated, undecodable)",
     IMPLAUSIBLE_IMAGE_SIZE: "Rows or Columns outside qc.image_size_px",
     IMPLAUSIBLE_SPACING: "pixel spacing outside qc.spacing_mm, or row and column spacing differ by more than qc.max_spacing_anisotropy",
+    SPACING_INCONSISTENT: "the header's spacing sources (Pixel Spacing, Imager Pixel Spacing, Exposed Area over the matrix) "
+    "differ by more than qc.spacing_agreement",
+    PIXEL_DATA_INCONSISTENT: "the stored pixels contradict the header: Pixel Data longer than the matrix needs, "
+    "values outside the range Bits Stored and Pixel Representation allow, or nearly every pixel one value",
     POINTS_MISSING: "no automatic .pts file",
     POINTS_INVALID: "the automatic .pts file is malformed, not a regular file, or has the wrong number of points",
     POINTS_OUTSIDE_IMAGE: "an automatic point lies outside the image",
-    IMPLAUSIBLE_REFERENCE_LENGTH: "the reference length (mm, between the sites' reference points) is outside qc.reference_length_mm",
+    IMPLAUSIBLE_REFERENCE_LENGTH: "the reference length (mm, between the sites' reference points) is outside "
+    "qc.reference_length_mm, or more than qc.reference_length_max_z robust SDs from the shard's median (log scale)",
     DUPLICATE_IMAGE: "another image of the same (eid, instance, side) passed QC first and is kept",
     HEAD_OUT_OF_VIEW: "the femoral head or acetabulum is cut by the image edge: an outline point within "
     "qc.edge_margin_mm of it, or the head's fitted circle beyond it",
     PATCH_OUTSIDE_IMAGE: "a site's patch lies less than patches.min_inside_fraction inside the image",
+    IMPLAUSIBLE_PIXELS: "the decoded image is no hip DXA: bone not brighter than the soft tissue around the femur "
+    "outline (an inverted image), or a noise-like texture filling the pixel range",
     IMPLANT: "a metal hip prosthesis: at least qc.implant_min_area_mm2 of connected pixels at the top of the pixel "
     "range (>= qc.implant_level of it) inside the hip outline",
     MOTION: "patient motion: edges repeated at a 2.5-10 mm shift (autocorrelation score >= qc.motion_score)",
@@ -92,7 +102,14 @@ class Limits:
         spacing_mm: ``[low, high]`` pixel spacing in mm, each axis (DXA: about 0.1-0.5).
         max_spacing_anisotropy: Largest ``|dy - dx| / min(dy, dx)`` (DXA pixels are square).
         image_size_px: ``[low, high]`` for Rows and for Columns.
-        reference_length_mm: ``[low, high]`` of the reference length in mm (adult hips: ~45-80).
+        spacing_agreement: Largest relative difference ``|a - b| / min(a, b)`` between the spacing
+            sources a header carries (Pixel Spacing, Imager Pixel Spacing, Exposed Area over the
+            matrix), each axis; above it, ``spacing_inconsistent``.
+        reference_length_mm: ``[low, high]`` of the reference length in mm (adult hips: ~45-80;
+            the synthetic cohorts 55-70).
+        reference_length_max_z: Largest robust z of ``log(reference length)`` against the shard's
+            other images (median, 1.4826 x MAD); above it, ``implausible_reference_length``.
+            Checked when the shard has at least ``points_min_images`` images with a length.
         max_member_mb: Largest size of one DICOM (zip member, declared and inflated, or file) in MiB.
         max_image_pixels: Largest Rows x Columns x Samples per Pixel.
         max_zip_members: Most members one zip may hold (UKB's hold under 10).
@@ -105,7 +122,8 @@ class Limits:
         points_max_z: A site whose local outline (the 11 points around its centre, in the patch's
             frame) scores above this against the shard's other hips is ``points_implausible``
             (:func:`hipoa.patches.points_scores`: RMS robust z, about 1 for a typical hip).
-        points_min_images: Fewest measurable images a shard needs for that model; fewer: not checked.
+        points_min_images: Fewest measurable images a shard needs for that model and for the
+            reference-length outlier test; fewer: not checked.
         motion_score: Autocorrelation peak at a 2.5-10 mm shift above which an image is ``motion``
             (:func:`hipoa.fitness.motion_score`; under 0.06 for still synthetic hips, 0.11-0.38 for doubled ones).
     """
@@ -113,7 +131,9 @@ class Limits:
     spacing_mm: tuple[float, float] = (0.05, 1.0)
     max_spacing_anisotropy: float = 0.05
     image_size_px: tuple[int, int] = (32, 8192)
-    reference_length_mm: tuple[float, float] = (25.0, 150.0)
+    spacing_agreement: float = 0.10
+    reference_length_mm: tuple[float, float] = (40.0, 100.0)
+    reference_length_max_z: float = 5.0
     max_member_mb: float = 64.0
     max_image_pixels: int = 4096 * 4096
     max_zip_members: int = 64
@@ -134,7 +154,7 @@ class Limits:
             if not (math.isfinite(low) and math.isfinite(high) and 0 < low < high):
                 raise ValueError(f"qc.{name}: expected 0 < low < high, got {list(value)}")
             object.__setattr__(self, name, tuple(type(value[0])(v) for v in value))
-        for name in ("max_spacing_anisotropy", "max_member_mb", "max_image_pixels", "max_zip_members",
+        for name in ("max_spacing_anisotropy", "spacing_agreement", "reference_length_max_z", "max_member_mb", "max_image_pixels", "max_zip_members",
                      "edge_margin_mm", "implant_level", "implant_min_area_mm2", "motion_score", "points_max_z",
                      "points_min_images"):
             value = getattr(self, name)

@@ -144,6 +144,34 @@ def doubled(pixels):
     return 0.55 * pixels + 0.45 * ghost
 
 
+def negative_slope(ds):
+    """Rescale Slope -1, Intercept 255 over the stored values: the modality LUT gives ``255 - v``,
+    bone comes out dark (an inverted image, measured as is before the pixel sanity check)."""
+    ds.RescaleSlope = -1
+    ds.RescaleIntercept = 255
+
+
+def bits_stored_7(ds):
+    """Bits Stored 7 over 8-bit data whose values reach 255: the top bit would be masked away."""
+    ds.BitsStored, ds.HighBit = 7, 6
+
+
+def pixel_data_too_long(ds):
+    """Pixel Data 4 kB longer than Rows x Columns needs (a header whose matrix is wrong)."""
+    ds.PixelData = bytes(ds.PixelData) + bytes(4096)
+
+
+def spacing_sources_disagree(ds):
+    """Pixel Spacing says 0.5 mm, Exposed Area over the matrix 0.25 mm: areas would be 4x."""
+    ds.PixelSpacing = [0.5, 0.5]
+
+
+def spacing_1p6x(ds):
+    """Exposed Area (the only spacing source) 1.6x too large: the reference length (~96 mm) stays
+    under qc.reference_length_mm's top, but far outside the shard's own distribution."""
+    ds[0x00400303].value = [int(round(1.6 * v)) for v in ds[0x00400303].value]
+
+
 def huge_matrix(ds):
     ds.Rows, ds.Columns = 40000, 40000  # 1.6 gigapixels declared; the pixel data stays small
 
@@ -205,6 +233,11 @@ HOSTILE: dict[str, str] = {
     "doubled_image": qc.MOTION,
     # points 28-32 around the superior site 15 mm off the outline (a misplaced automatic search)
     "site_points_displaced": qc.POINTS_IMPLAUSIBLE,
+    "spacing_sources_disagree": qc.SPACING_INCONSISTENT,
+    "spacing_1p6x": qc.IMPLAUSIBLE_REFERENCE_LENGTH,
+    "bits_stored_7": qc.PIXEL_DATA_INCONSISTENT,
+    "pixel_data_too_long": qc.PIXEL_DATA_INCONSISTENT,
+    "negative_slope": qc.IMPLAUSIBLE_PIXELS,
 }
 MASKS: dict[str, str] = {
     # class -> the ingest.MASK_PROBLEMS key; the image is measured but not annotated
@@ -242,6 +275,11 @@ def _apply(kind: str, cohort: Path, eid: str) -> None:
         "centre_near_corner": lambda: edit_points(pts, lambda p: p.__setitem__(78, [12.0, 12.0])),
         "metal_ball": lambda: edit_hip(z, "L", metal_ball(pts)),
         "doubled_image": lambda: edit_hip(z, "L", pixels_edit(doubled)),
+        "spacing_sources_disagree": lambda: edit_hip(z, "L", spacing_sources_disagree),
+        "spacing_1p6x": lambda: edit_hip(z, "L", spacing_1p6x),
+        "bits_stored_7": lambda: edit_hip(z, "L", bits_stored_7),
+        "pixel_data_too_long": lambda: edit_hip(z, "L", pixel_data_too_long),
+        "negative_slope": lambda: edit_hip(z, "L", negative_slope),
         "site_points_displaced": lambda: edit_points(pts, lambda p: p.__setitem__(slice(28, 33), p[28:33] + [0, 60])),
         "mask_label_7": lambda: write_png(mask, with_block(mask, 7)),
         "mask_label_255": lambda: write_png(mask, with_block(mask, 255)),
@@ -258,7 +296,7 @@ def hostile(tmp_path_factory):
     """The hostile cohort, run through ingest (CLI), crop, predict and gather, left side."""
     root = tmp_path_factory.mktemp("hostile")
     cohort = root / "cohort"
-    truth = make_cohort(out=cohort, participants=44, seed=5, annotated_fraction=0.4, faults=6, workers=1)
+    truth = make_cohort(out=cohort, participants=52, seed=5, annotated_fraction=0.4, faults=6, workers=1)
     left = truth[truth["side"] == "L"]
     clean = left[(left["fault"] == "") & ~left["annotated"]]["eid"].astype(str).tolist()
     annotated = left[(left["fault"] == "") & left["annotated"]]["eid"].astype(str).tolist()
@@ -413,6 +451,8 @@ def test_messages_name_the_file_and_the_problem(hostile):
         "zip_bomb": "qc.max_member_mb",
         "huge_matrix": "qc.max_image_pixels",
         "many_members": "qc.max_zip_members",
+        "spacing_sources_disagree": "qc.spacing_agreement",
+        "pixel_data_too_long": "(7FE0,0010) Pixel Data holds",
     }
     for kind, text in expect.items():
         eid = kinds[kind]
