@@ -18,7 +18,20 @@ operations (DICOM PS3.4 N.2, the grayscale pipeline):
 Pixel spacing (row spacing dy, column spacing dx) in mm is ``(0028,0030) Pixel Spacing``, else
 ``(0018,1164) Imager Pixel Spacing``, else it is derived from ``(0040,0303) Exposed Area``
 ``[width_mm, height_mm]`` as ``(height_mm / Rows, width_mm / Columns)``: GE Lunar iDXA exports in
-UK Biobank carry no Pixel Spacing.
+UK Biobank carry no Pixel Spacing. Where a header carries more than one, they must agree within
+``qc.spacing_agreement`` (else ``spacing_inconsistent``).
+
+The stored values are checked against the header before anything is measured
+(``pixel_data_inconsistent``): native Pixel Data no longer than the matrix needs, raw words
+inside the range Bits Stored and Pixel Representation allow (before pydicom masks them), a JPEG
+2000 codestream's sign resolvable against Pixel Representation, and not nearly every pixel one
+value. Whether the image looks like a hip DXA (bone brighter than soft tissue, no noise filling
+the range) is :mod:`hipoa.pixelcheck`'s, at crop, where the outline is known.
+
+Members are recognised by parsing, not by their first bytes: a Part 10 file, a file meta group
+without its preamble, or a raw data set in Explicit VR Little / Big Endian or Implicit VR Little
+Endian (:func:`hipoa.headerscan.sniff`). Objects whose SOP Class stores no image (structured
+reports, RT plans, waveforms, DICOMDIR) are refused by name.
 
 The scanner is identified by the General Equipment Module (PS3.3 C.7.5.1): ``(0008,0070)
 Manufacturer``, ``(0008,1090) Manufacturer's Model Name``, ``(0018,1000) Device Serial Number`` and
@@ -32,9 +45,12 @@ Every :class:`DicomError` names the file (``path.zip::member`` for zip members),
 Hostile files cost no more than the caps of :class:`hipoa.qc.Limits`: paths that are not regular
 files are never opened (``not_a_file``); a zip with too many members, a member or file over
 ``max_member_mb`` (declared or inflated) and a header whose Rows x Columns x Samples exceed
-``max_image_pixels`` are ``image_too_large`` before anything is decoded; header scans skip
-elements over 1 MiB instead of reading them. Two members with the side's protocol are
-``ambiguous_hip_dicom``: none is picked.
+``max_image_pixels`` are ``image_too_large`` before anything is decoded; so is a header whose
+structure passes :data:`HEADER_CAPS` (elements, sequence items, nesting: counted by
+:func:`hipoa.headerscan.scan` before pydicom builds any object), in every member a scan touches,
+hip or not. Header scans skip elements over 1 MiB instead of reading them. Two members with the
+side's protocol are ``ambiguous_hip_dicom``: none is picked. A member that cannot be read or
+parsed is skipped and named in the log; the hip is measured when its own member is intact.
 """
 
 from __future__ import annotations
@@ -335,6 +351,8 @@ def _dcmread(data: bytes, source: str, *, stop_before_pixels: bool) -> Dataset:
         counts = scan(data, HEADER_CAPS)
     except HeaderTooLarge as exc:
         raise DicomError(f"{source}: DICOM header is over the parse caps: {exc}; not parsed", IMAGE_TOO_LARGE) from None
+    except Exception as exc:  # noqa: BLE001 - a structure the walk cannot follow is no DICOM it can bound
+        raise DicomError(f"{source}: DICOM structure cannot be walked: {type(exc).__name__}: {exc}") from None
     if counts is None:
         raise _not_dicom(data, source)
     try:
@@ -769,7 +787,8 @@ def read_image_header(
     source = source_name(image, member)
     if data is None:
         data = _read_bytes(image, member, limits or DEFAULT_LIMITS)
-    ds, rows, cols, spacing = _parse_checked(data, source, limits)
+    with _named(source):
+        ds, rows, cols, spacing = _parse_checked(data, source, limits)
     return ImageHeader(
         rows=rows,
         cols=cols,
@@ -778,6 +797,20 @@ def read_image_header(
         source=source,
         **{field: device_text(ds, tag) for field, tag in DEVICE_TAGS.items()},
     )
+
+
+@contextlib.contextmanager
+def _named(source: str):
+    """Turn any exception a check did not foresee into a one-line :class:`DicomError` naming the
+    file and member (every foreseen failure names its tag as well)."""
+    try:
+        yield
+    except DicomError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - the reader's promise: every failure names the file
+        detail = " | ".join(line.strip() for line in str(exc).splitlines() if line.strip())
+        raise DicomError(f"{source}: unexpected {type(exc).__name__} while checking the header or pixels: {detail} "
+                         "(please report it with the file's header, e.g. dcmdump)") from None
 
 
 def device_text(ds: Dataset, tag: int) -> str:
@@ -1014,6 +1047,12 @@ def read_image(image: str | Path, member: str | None = None, limits: Limits | No
     """
     source = source_name(image, member)
     data = _read_bytes(image, member, limits or DEFAULT_LIMITS)
+    with _named(source):
+        return _decode(data, source, limits)
+
+
+def _decode(data: bytes, source: str, limits: Limits | None) -> HipImage:
+    """:func:`read_image` on a file's bytes."""
     ds, rows, cols, spacing = _parse_checked(data, source, limits)
     try:
         with warnings.catch_warnings():

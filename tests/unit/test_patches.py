@@ -69,3 +69,16 @@ def test_normalise_patch_by_hand():
     assert out[1, 0] == 0
     np.testing.assert_array_equal(normalise_patch(np.full((3, 3), 7.0, np.float32), np.ones((3, 3), bool)), 0)
     np.testing.assert_array_equal(normalise_patch(p, np.zeros((2, 2), bool)), 0)
+
+
+def test_reference_length_outliers_are_robust_z_on_the_log():
+    from hipoa.patches import reference_length_z
+
+    rng = np.random.default_rng(0)
+    lengths = rng.uniform(55.0, 70.0, 60)
+    lengths[[3, 7]] = lengths[[3, 7]] * np.array([2.0, 0.5])  # a 2x and a 0.5x spacing error
+    lengths[10] = np.nan
+    z = reference_length_z(lengths, min_images=40)
+    assert np.isnan(z[10]) and abs(z[3]) > 5 and abs(z[7]) > 5  # qc.reference_length_max_z
+    assert np.nanmax(np.abs(np.delete(z, [3, 7]))) < 3
+    assert np.isnan(reference_length_z(lengths[:30], min_images=40)).all()  # too few: not checked

@@ -19,7 +19,8 @@ rule ingest:
         limits=qc_json(),
         labels=mask_labels(),
     threads: 4
-    # Measured peak: 348 MB for 19,900 images (docs/scale.md).
+    # Measured peak: 348 MB for 19,900 images (docs/scale.md); the worst header under the parse caps
+    # costs one worker 144 MB (benchmarks/header_rss.py), so 4 workers stay well inside the request.
     resources:
         mem_mb=2000,
         runtime=180,
