@@ -179,7 +179,10 @@ def _ingest(args: argparse.Namespace) -> int:
         print(f"  mask not used for training, {problem}: {n} ({MASK_PROBLEMS[problem]})")
     if withdrawn is not None:
         print(f"  withdrawn, removed before ingest (no row): {summary.get('withdrawn_participants', 0)} "
-              f"participants, {summary.get('withdrawn_images', 0)} images")
+              f"participants, {summary.get('withdrawn_images', 0)} images; "
+              f"{summary.get('withdrawn_unmatched_entries', 0)} of the list's {len(withdrawn)} entries match no "
+              f"{args.side} image" + (f"; {withdrawn.numeric} entries matched by their integer value (see the "
+                                      "warning)" if getattr(withdrawn, "numeric", 0) else ""))
     return 0
 
 

@@ -163,27 +163,84 @@ WITHDRAWN_HEADERS = frozenset({"eid", "f.eid", "n_eid", "iid"})
 look like eids; UK Biobank eids are numbers."""
 
 
-def read_withdrawn(path: str | Path) -> set[str]:
-    """The eids in a UK Biobank withdrawal file: participants who withdrew consent.
+class Withdrawals(frozenset):
+    """The withdrawn participants' keys (:func:`withdrawal_key`), as :func:`read_withdrawn` read them.
 
-    UKB sends one eid per line (plain text or a one-column CSV). Empty lines, whitespace around
-    an eid, Windows line endings and a UTF-8 byte-order mark are tolerated, and so is a header:
-    a first non-empty line that holds a letter and is not an :data:`EID_PATTERN` (e.g. ``f.eid,``),
-    or is one of the column names in :data:`WITHDRAWN_HEADERS` (``eid`` would pass as an eid), is
-    skipped. Quotes around an eid and a trailing comma (a one-column CSV) are dropped. eids are
-    kept exactly as written, as everywhere in ingest (``0123`` and ``123`` are two participants).
-    An empty file means no withdrawals.
+    Attributes:
+        numeric: Entries not written as canonical eids but equal to one as an integer
+            (``01751499``, ``1751499.0``, ``1.751499e6``): matched by that integer.
+    """
+
+    numeric: int = 0
+
+
+_DIGITS = re.compile(r"[0-9]+")
+_CANONICAL_INTEGER = re.compile(r"0|[1-9][0-9]*")
+_NUMBER = re.compile(r"\+?(?P<mantissa>[0-9]+(?:\.[0-9]*)?|\.[0-9]+)(?:[eE](?P<exponent>[+-]?[0-9]+))?")
+
+
+def withdrawal_key(eid: object) -> str:
+    """What a withdrawal entry and a participant's eid are compared by: an all-digit eid as its
+    integer (``01751499`` and ``1751499`` are one participant for withdrawal: a tool that drops
+    or adds leading zeros must not release anyone), any other eid as written."""
+    text = str(eid).strip()
+    return str(int(text)) if _DIGITS.fullmatch(text) else text
+
+
+def _numeric_entry(value: str) -> tuple[str | None, str]:
+    """``(key, "")`` for a number that is exactly one integer eid, ``(None, why)`` for a number that
+    is not, ``(None, "")`` for text that is no number."""
+    m = _NUMBER.fullmatch(value)
+    if m is None:
+        return None, ""
+    from decimal import Decimal, InvalidOperation
+
+    try:
+        number = Decimal(value)
+    except InvalidOperation:
+        return None, ""
+    if number != number.to_integral_value():
+        return None, "a number that is not an integer"
+    integer = str(int(number))
+    if m.group("exponent") is not None:
+        significant = m.group("mantissa").replace(".", "").lstrip("0")
+        if len(significant) < len(integer):
+            return None, (f"a number in exponent notation with {len(significant)} significant digits, which cannot "
+                          f"identify a {len(integer)}-digit eid (a spreadsheet's rounding?)")
+    return integer, ""
+
+
+def read_withdrawn(path: str | Path) -> Withdrawals:
+    """The participants in a UK Biobank withdrawal file: those who withdrew consent.
+
+    UKB sends one eid per line (plain text or a one-column CSV); spreadsheets and data frames
+    rewrite it. Read as written, each non-empty line (whitespace, Windows or old Mac line endings
+    and a UTF-8 byte-order mark tolerated; quotes around the value and a trailing comma dropped)
+    is one of:
+
+    - a canonical eid (``1751499``, or any :data:`EID_PATTERN` that is no number): matched exactly
+      (all-digit eids by their integer, :func:`withdrawal_key`);
+    - a number equal to exactly one integer but not written as one: leading zeros (``01751499``),
+      a decimal part of zeros (``1751499.0``), exponent notation with every digit
+      (``1.751499e6``): **matched by that integer, with a WARNING giving the count**;
+    - a header on the first line (one of :data:`WITHDRAWN_HEADERS`, e.g. ``eid``, ``f.eid``, or
+      any text with a letter that is neither an eid nor a number): skipped.
+
+    Anything else is **refused before any image is read**: a number that is not an integer
+    (``1751499.5``), exponent notation with fewer significant digits than the integer has
+    (``1.75e6``: a rounding that could be any of a thousand participants; export the column as
+    text), a negative number, or a line that is no eid. An empty file means no withdrawals.
 
     Args:
         path: The withdrawal file.
 
     Returns:
-        The set of withdrawn eids (strings).
+        The withdrawn participants' keys (:class:`Withdrawals`, a frozenset of strings).
 
     Raises:
-        ValueError: the path is not a regular file or not text, or a line after the first
-            non-empty one is not an eid; the message names the file and the line number, and
-            never repeats the line (it may hold a withdrawn participant's eid).
+        ValueError: the path is not a regular file or not text, or a line is refused; the
+            message names the file, the line number and why, and never repeats the line (it
+            may hold a withdrawn participant's eid).
     """
     problem = regular_file_problem(path)
     if problem:
@@ -194,30 +251,52 @@ def read_withdrawn(path: str | Path) -> set[str]:
         raise ValueError(
             f"withdrawal file {path}: not UTF-8 text (byte {exc.start}), expected one eid per line"
         ) from None
-    eids: set[str] = set()
+    keys: set[str] = set()
+    numeric = 0
     seen_first = False
     for number, line in enumerate(text.splitlines(), start=1):  # splitlines: \n, \r\n and \r
         value = line.strip()
         if not value:
             continue
         first, seen_first = not seen_first, True
-        value = value.strip('"').rstrip(",").strip().strip('"')  # a one-column CSV: "1234567" or 1234567,
+        value = value.strip('"').rstrip(",").strip().strip('"').strip()  # a one-column CSV: "1234567" or 1234567,
         if first and value.lower() in WITHDRAWN_HEADERS:
             continue
-        if EID_PATTERN.fullmatch(value):
-            eids.add(value)
+        if _CANONICAL_INTEGER.fullmatch(value):
+            keys.add(value)
+            continue
+        key, why = _numeric_entry(value)
+        if key is not None:
+            keys.add(key)
+            numeric += 1
+            continue
+        if why:
+            raise ValueError(
+                f"withdrawal file {path}: line {number} is {why}; nothing was read. Write the eids as "
+                "integers (e.g. export the column as text), then run again"
+            )
+        if EID_PATTERN.fullmatch(value):  # e.g. a negative placeholder eid, or a study's own ids
+            keys.add(value)
         elif not first or not re.search(r"[A-Za-z]", value):
             bad = next((i for i, c in enumerate(value) if not re.fullmatch(r"[A-Za-z0-9._-]", c)), 0)
             raise ValueError(
                 f"withdrawal file {path}: line {number} is not an eid (letters, digits, '.', '_', '-'; "
-                f"{len(value)} characters, the first unexpected one at column {bad + 1})"
+                f"{len(value)} characters, the first unexpected one at column {bad + 1}); nothing was read"
             )
-    return eids
+    if numeric:
+        log.warning(
+            "withdrawal file %s: %d entries are not written as canonical eids (leading zeros, a decimal part, "
+            "exponent notation) and are matched by their integer value", path, numeric,
+        )
+    out = Withdrawals(keys)
+    out.numeric = numeric
+    return out
 
 
 def _withdrawn_in(path: str, withdrawn: Collection[str]) -> str | None:
-    """The withdrawn eid that a run of letters and digits in ``path`` is, if any."""
-    return next((token for token in re.findall(r"[A-Za-z0-9]+", str(path)) if token in withdrawn), None)
+    """The withdrawn key that a run of letters and digits in ``path`` is, if any."""
+    return next((withdrawal_key(t) for t in re.findall(r"[A-Za-z0-9]+", str(path)) if withdrawal_key(t) in withdrawn),
+                None)
 
 
 def _withdrawn_set(withdrawn: Collection[str] | None) -> frozenset[str]:
@@ -227,7 +306,7 @@ def _withdrawn_set(withdrawn: Collection[str] | None) -> frozenset[str]:
         raise TypeError(
             f"withdrawn: expected a set of eids (read the file with read_withdrawn), got {type(withdrawn).__name__}"
         )
-    return frozenset(str(e) for e in withdrawn)
+    return frozenset(withdrawal_key(e) for e in withdrawn)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -348,6 +427,7 @@ def _ingest_one(job: _Job) -> tuple[dict[str, object], list[str]]:
         if job.image.lower().endswith(".zip") and not job.member:
             member, header = probe_hip(job.image, job.side, job.limits)
             row["member"] = member
+            notes.extend(f"{name}: {note}" for note in header.notes)
         else:
             header = read_image_header(job.image, job.member or None, limits=job.limits)
             side = side_of_protocol(header.protocol)
@@ -444,8 +524,8 @@ def _layout_jobs(
     removed: Counter[str] = Counter()
     for path in paths:
         m = regex.fullmatch(path)
-        if m is not None and m.group("eid") in withdrawn:  # before anything can log the path
-            removed[m.group("eid")] += 1
+        if m is not None and withdrawal_key(m.group("eid")) in withdrawn:  # before anything can log the path
+            removed[withdrawal_key(m.group("eid"))] += 1
             continue
         if m is None or not EID_PATTERN.fullmatch(m.group("eid")):
             named = _withdrawn_in(path, withdrawn) if withdrawn else None
@@ -539,9 +619,9 @@ def _manifest_jobs(
         row_side = _text(rec["side"]).upper()
         row_side = {"LEFT": "L", "RIGHT": "R"}.get(row_side, row_side)
         eid = _eid_text(rec["eid"])
-        if withdrawn and (eid in withdrawn or eid.strip() in withdrawn):
+        if withdrawn and withdrawal_key(eid) in withdrawn:
             if row_side == side:
-                removed[eid.strip()] += 1
+                removed[withdrawal_key(eid)] += 1
             continue
         if row_side not in SIDE_PROTOCOLS:
             raise ValueError(f"{line}: side must be L or R, got {rec['side']!r}")
@@ -703,10 +783,11 @@ def build_manifest(
         jobs, unmatched, removed = _layout_jobs(images, points_auto, points_manual, masks, side, int(n_points), gone)
     else:
         (jobs, removed), unmatched = _manifest_jobs(manifest, side, int(n_points), gone), []
+    unmatched_entries = len(gone - set(removed))
     if withdrawn is not None:
         log.info(
-            "withdrawn: %d participants (%d images) removed before ingest; %d eids listed",
-            len(removed), sum(removed.values()), len(gone),
+            "withdrawn: %d participants (%d images) removed before ingest; %d eids listed, %d of them match no "
+            "image of side %s", len(removed), sum(removed.values()), len(gone), unmatched_entries, side,
         )
     limits = limits if limits is not None else qc.Limits()
     labels = tuple(int(v) for v in labels)
@@ -719,6 +800,7 @@ def build_manifest(
         "mask_problems": dict(sorted(mask_problems.items())),
         "withdrawn_participants": len(removed),
         "withdrawn_images": sum(removed.values()),
+        "withdrawn_unmatched_entries": unmatched_entries,
     }
     if unmatched:
         log.warning("%d file(s) found by the glob but not parsed by the pattern have no row (listed above)", len(unmatched))
@@ -762,7 +844,8 @@ def _manifest_table(rows: list[dict[str, object]], side: str, n_shards: int) -> 
 def write_manifest(df: pd.DataFrame, path: str | Path) -> None:
     """Write a manifest as Parquet with :data:`MANIFEST_SCHEMA`'s explicit types.
 
-    Key-value metadata: ``hipoa_version``; ``withdrawn_participants`` and ``withdrawn_images``
+    Key-value metadata: ``hipoa_version``; ``withdrawn_participants``, ``withdrawn_images`` and
+    ``withdrawn_unmatched_entries`` (entries of the list that match no image of this side)
     (decimal strings, from ``df.attrs["ingest"]``; ``"0"`` when none were removed or no list
     was given).
 
@@ -778,7 +861,7 @@ def write_manifest(df: pd.DataFrame, path: str | Path) -> None:
     table = pa.Table.from_pandas(df, schema=MANIFEST_SCHEMA, preserve_index=False)
     meta = dict(table.schema.metadata or {})
     meta[b"hipoa_version"] = __version__.encode()
-    for key in ("withdrawn_participants", "withdrawn_images"):
+    for key in ("withdrawn_participants", "withdrawn_images", "withdrawn_unmatched_entries"):
         meta[key.encode()] = str(int(summary.get(key, 0))).encode()
     table = table.replace_schema_metadata(meta)
     from hipoa.atomic import atomic_path

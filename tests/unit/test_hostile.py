@@ -406,7 +406,7 @@ def test_no_impossible_number_is_written(hostile):
         # the largest patch a plausible hip can have: dp * 150 mm per pixel, 128 x 128 pixels
         dp = next(x.dp for x in DEFAULT_SITES if x.name == s)
         assert (area <= (dp * 150.0 * PATCH_SIZE) ** 2).all()
-    assert table["reference_length_mm"][table["qc_pass"]].between(25, 150).all()
+    assert table["reference_length_mm"][table["qc_pass"]].between(*qc.Limits().reference_length_mm).all()
 
 
 def test_masks_that_are_not_labels_are_not_used(hostile):

@@ -448,8 +448,8 @@ def test_read_withdrawn_tolerates_header_blanks_crlf_bom(tmp_path):
     assert read_withdrawn(path) == set()
     path.write_text("EID\n1000001\n")  # a column name that would pass as an eid is a header too
     assert read_withdrawn(path) == {"1000001"}
-    path.write_text("0123\n123\n")  # kept exactly as written: two participants
-    assert read_withdrawn(path) == {"0123", "123"}
+    path.write_text("0123\n123\n")  # one participant for withdrawal: equal as integers
+    assert read_withdrawn(path) == {"123"} and read_withdrawn(path).numeric == 1
 
 
 def test_read_withdrawn_bad_line_names_file_and_line(tmp_path):
@@ -478,7 +478,8 @@ def test_withdrawn_participants_vanish_from_table_and_log(layout, manifest_l, ca
     # 1000001: three zips (instance 2 arrays 0 and 1, instance 3); the others one each
     assert (summary["withdrawn_participants"], summary["withdrawn_images"]) == (4, 6)
     messages = [r.getMessage() for r in caplog.records]
-    assert "withdrawn: 4 participants (6 images) removed before ingest; 5 eids listed" in messages
+    assert ("withdrawn: 4 participants (6 images) removed before ingest; 5 eids listed, 1 of them match no image "
+            "of side L") in messages
     # the log does name the other participants' problems, down to DEBUG lines of hipoa.dicom ...
     assert any("1000008" in m and "points_outside_image" in m for m in messages)
     assert any("1000002" in m and "not DICOM, skipped" in m for m in messages)
@@ -491,6 +492,7 @@ def test_withdrawn_participants_vanish_from_table_and_log(layout, manifest_l, ca
     write_manifest(df, out)
     meta = pq.read_metadata(out).metadata
     assert (meta[b"withdrawn_participants"], meta[b"withdrawn_images"]) == (b"4", b"6")
+    assert meta[b"withdrawn_unmatched_entries"] == b"1"  # 9999999 has no images
 
 
 def test_without_the_list_the_same_log_names_them(layout, caplog):
@@ -591,3 +593,51 @@ def test_unparsed_file_naming_a_withdrawn_eid_is_counted_not_logged(tmp_path, ca
     text = caplog.text
     assert "1234567" not in text
     assert "7654321" in text  # the other unparsed file is still reported by name
+
+
+# As spreadsheets and data frames rewrite UKB's list: each spelling of 1000001 (three zips) removes
+# that participant, through the real command, leaving no trace in the manifest or the log.
+SPELLINGS = {
+    "leading_zeros": (b"01000001\n", True),
+    "decimal_zero": (b"1000001.0\n", True),
+    "exponent": (b"1.000001e6\n", True),
+    "exponent_upper_plus": (b"1.000001E+06\n", True),
+    "quotes": (b'"1000001"\n', False),
+    "spaces": (b"   1000001   \n", False),
+    "bom": ("\ufeff1000001\n".encode(), False),
+    "crlf": (b"1000001\r\n1000003\r\n", False),
+    "header_eid": (b"eid\n1000001\n", False),
+    "header_f_eid": (b'"f.eid"\n"1000001"\n', False),
+    "float_column_csv": (b"f.eid,\n1000001.0,\n", True),
+}
+
+
+@pytest.mark.parametrize("spelling", sorted(SPELLINGS))
+def test_every_spelling_of_a_withdrawal_removes_the_participant(layout, tmp_path, capsys, spelling):
+    text, numeric = SPELLINGS[spelling]
+    (tmp_path / "w.txt").write_bytes(text)
+    out = tmp_path / "L.parquet"
+    rc = main(["-v", "ingest", "--images", str(layout / IMAGES), "--points-auto", str(layout / AUTO), "--side", "L",
+               "--shards", "2", "--out", str(out), "--withdrawn", str(tmp_path / "w.txt")])
+    assert rc == 0
+    df = pd.read_parquet(out)
+    assert "1000001" not in set(df["eid"]) and len(df) > 0
+    meta = pq.read_metadata(out).metadata
+    assert int(meta[b"withdrawn_participants"]) >= 1 and meta[b"withdrawn_unmatched_entries"] == b"0"
+    captured = capsys.readouterr()
+    assert "1000001" not in captured.out + captured.err  # not even in the debug log
+    assert ("matched by their integer value" in captured.err) == numeric  # the WARNING, when matched numerically
+
+
+@pytest.mark.parametrize("text, why", [
+    (b"1000002\n1.75e6\n", "3 significant digits"),  # a spreadsheet's rounding: refused, not guessed
+    (b"1000002\n1000001.5\n", "not an integer"),
+])
+def test_a_withdrawal_that_cannot_be_one_eid_stops_ingest_before_any_image(layout, tmp_path, capsys, text, why):
+    (tmp_path / "w.txt").write_bytes(text)
+    out = tmp_path / "L.parquet"
+    rc = main(["ingest", "--images", str(layout / IMAGES), "--points-auto", str(layout / AUTO), "--side", "L",
+               "--shards", "2", "--out", str(out), "--withdrawn", str(tmp_path / "w.txt")])
+    err = capsys.readouterr().err
+    assert rc == 2 and not out.exists()
+    assert "line 2" in err and why in err and "1000001" not in err and "1000002" not in err
