@@ -205,12 +205,15 @@ def validate_manifest(path):
     withdrawn = config["inputs"]["withdrawn"]
     if withdrawn and Path(withdrawn).is_file() and "eid" in table.columns:
         # Withdrawn participants' rows are not checked (nor quoted in an error): ingest drops
-        # them unread. A loose read of the list is enough here; ingest reads it strictly.
-        listed = {
-            line.strip().strip('"').rstrip(",").strip()
-            for line in Path(withdrawn).read_text(errors="replace").splitlines()
-        }
-        table = table[~table["eid"].str.strip().isin(listed)]
+        # them unread. The list is read as ingest reads it (any spelling of an eid), and a list
+        # ingest would refuse stops the run here, before anything is submitted.
+        from hipoa.ingest import read_withdrawn, withdrawal_key
+
+        try:
+            listed = read_withdrawn(withdrawn)
+        except ValueError as exc:
+            raise ValueError(f"config inputs.withdrawn: {exc}") from None
+        table = table[~table["eid"].map(withdrawal_key).isin(listed)]
     errors = []
     for column in schema["required"]:
         if column not in table.columns:
