@@ -640,8 +640,20 @@ def main(argv: list[str] | None = None) -> int:
         return int(args.handler(args) or 0)
     except (ValueError, KeyError, OSError) as exc:  # OSError: FileNotFoundError, IsADirectoryError, ...
         # One line, no traceback: the message names the file and the problem.
-        log.error("%s", " ".join(str(exc).split()) or type(exc).__name__)
+        log.error("%s", error_line(exc))
         return 2
+
+
+def error_line(exc: BaseException) -> str:
+    """One line naming the file and the problem: an ``OSError`` as ``path: strerror`` (some
+    libraries raise ``FileNotFoundError(path)`` with the path alone, or a path of their own)."""
+    if isinstance(exc, OSError) and exc.filename and exc.strerror:
+        text = f"{exc.filename}: {exc.strerror}"
+    elif isinstance(exc, FileNotFoundError) and not exc.strerror:
+        text = f"{exc}: no such file or directory"
+    else:
+        text = str(exc)
+    return " ".join(text.split()) or type(exc).__name__
 
 
 if __name__ == "__main__":  # pragma: no cover

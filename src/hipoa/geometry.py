@@ -318,8 +318,8 @@ def sample_grid(images: np.ndarray, x: np.ndarray, y: np.ndarray, order: int = 1
         raise ValueError(f"coordinates {x.shape} / {y.shape} do not match {n} images")
     if x.size and (x.min() < 0 or x.max() > cols - 1 or y.min() < 0 or y.max() > rows - 1):
         raise ValueError(
-            f"transform reads outside the {rows} x {cols} px grid (x {x.min():.2f}..{x.max():.2f}, "
-            f"y {y.min():.2f}..{y.max():.2f}); see hipoa.augment.check_context"
+            f"transform reads outside the {rows} x {cols} px grid (x {x.min():.6g}..{x.max():.6g}, "
+            f"y {y.min():.6g}..{y.max():.6g}); see hipoa.augment.check_context"
         )
     base = (np.arange(n, dtype=np.intp) * (rows * cols)).reshape((n,) + (1,) * (x.ndim - 1))
     if order == 0:

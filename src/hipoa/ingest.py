@@ -395,7 +395,7 @@ def _check_points(path: str, n_points: int, rows: int, cols: int) -> tuple[str, 
         i = int(np.flatnonzero(~inside)[0])
         return qc.POINTS_OUTSIDE_IMAGE, (
             f"{path}: {int((~inside).sum())} point(s) outside the {rows} x {cols} image, "
-            f"first point {i} at ({pts[i, 0]:.3f}, {pts[i, 1]:.3f})"
+            f"first point {i} at ({pts[i, 0]:.7g}, {pts[i, 1]:.7g})"  # compact: 1e+308, not 309 digits
         )
     return "", ""
 
@@ -801,6 +801,7 @@ def build_manifest(
         "withdrawn_participants": len(removed),
         "withdrawn_images": sum(removed.values()),
         "withdrawn_unmatched_entries": unmatched_entries,
+        "shards": int(n_shards),
     }
     if unmatched:
         log.warning("%d file(s) found by the glob but not parsed by the pattern have no row (listed above)", len(unmatched))
@@ -845,8 +846,8 @@ def write_manifest(df: pd.DataFrame, path: str | Path) -> None:
     """Write a manifest as Parquet with :data:`MANIFEST_SCHEMA`'s explicit types.
 
     Key-value metadata: ``hipoa_version``; ``withdrawn_participants``, ``withdrawn_images`` and
-    ``withdrawn_unmatched_entries`` (entries of the list that match no image of this side)
-    (decimal strings, from ``df.attrs["ingest"]``; ``"0"`` when none were removed or no list
+    ``withdrawn_unmatched_entries`` (entries of the list that match no image of this side), and
+    ``shards`` (the shard count the rows were assigned with) (decimal strings, from ``df.attrs["ingest"]``; ``"0"`` when none were removed or no list
     was given).
 
     Args:
@@ -863,6 +864,8 @@ def write_manifest(df: pd.DataFrame, path: str | Path) -> None:
     meta[b"hipoa_version"] = __version__.encode()
     for key in ("withdrawn_participants", "withdrawn_images", "withdrawn_unmatched_entries"):
         meta[key.encode()] = str(int(summary.get(key, 0))).encode()
+    if "shards" in summary:  # crop refuses a shard index outside them
+        meta[b"shards"] = str(int(summary["shards"])).encode()
     table = table.replace_schema_metadata(meta)
     from hipoa.atomic import atomic_path
 

@@ -606,15 +606,29 @@ def _shard_rows(
         if top >= n_points:
             raise ValueError(f"site {s.name}: point {top} does not exist with n_points={n_points}")
 
+    n_shards = None
     if isinstance(manifest, pd.DataFrame):
         table = manifest
         source = "DataFrame"
+        n_shards = manifest.attrs.get("ingest", {}).get("shards")
     else:
+        from hipoa.dicom import regular_file_problem
+        import pyarrow.parquet as pq
+
+        problem = regular_file_problem(manifest)
+        if problem:
+            raise ValueError(f"manifest {manifest}: {problem}, expected the Parquet hipoa ingest writes")
         table = pd.read_parquet(manifest)
         source = str(manifest)
+        meta = pq.read_metadata(manifest).metadata or {}
+        n_shards = int(meta[b"shards"]) if b"shards" in meta else None
     missing = [c for c in REQUIRED_COLUMNS if c not in table.columns]
     if missing:
         raise ValueError(f"{source}: manifest lacks columns {missing}")
+    known = int(n_shards) if n_shards is not None else int(table["shard"].max()) + 1 if len(table) else 1
+    if not 0 <= int(shard) < known:
+        raise ValueError(f"{source}: --shard {shard} is outside the manifest's shards 0..{known - 1}"
+                         + ("" if n_shards is not None else " (the largest shard a row has)"))
     rows = table[table["shard"].astype("int64") == int(shard)].reset_index(drop=True)
     bad_side = sorted({_text(v) for v in rows["side"]} - {"L", "R"})
     if bad_side:

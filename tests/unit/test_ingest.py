@@ -641,3 +641,32 @@ def test_a_withdrawal_that_cannot_be_one_eid_stops_ingest_before_any_image(layou
     err = capsys.readouterr().err
     assert rc == 2 and not out.exists()
     assert "line 2" in err and why in err and "1000001" not in err and "1000002" not in err
+
+
+# ---------------------------------------------------------------------------------------------
+# Leftovers of the second hardening round: paths as given, shards, compact numbers
+
+
+def test_crop_names_a_missing_manifest_as_given_and_refuses_a_shard_outside_it(layout, tmp_path, capsys):
+    assert main(["crop-patches", "--manifest", "/nonexistent", "--shard", "0", "--out", str(tmp_path / "a.zarr")]) == 2
+    err = capsys.readouterr().err
+    assert "manifest /nonexistent: no such file" in err and "/nonexistent.parquet" not in err
+    out = tmp_path / "L.parquet"
+    assert main(["ingest", "--images", str(layout / IMAGES), "--points-auto", str(layout / AUTO), "--side", "L",
+                 "--shards", "1", "--out", str(out)]) == 0
+    assert pq.read_metadata(out).metadata[b"shards"] == b"1"
+    capsys.readouterr()
+    store = tmp_path / "shard-0005.zarr"
+    assert main(["crop-patches", "--manifest", str(out), "--shard", "5", "--out", str(store)]) == 2
+    assert "--shard 5 is outside the manifest's shards 0..0" in capsys.readouterr().err
+    assert not store.exists() and not Path(f"{store}.tmp").exists()
+
+
+def test_a_huge_coordinate_is_logged_compactly(tmp_path):
+    from hipoa.ingest import _check_points
+
+    pts = good_points(1)
+    pts[4] = [1e308, 3.0]
+    write_pts(tmp_path / "a.pts", pts)
+    reason, detail = _check_points(str(tmp_path / "a.pts"), 85, ROWS, COLS)
+    assert reason == "points_outside_image" and "first point 4 at (1e+308, 3)" in detail and len(detail) < 300

@@ -346,10 +346,20 @@ def test_open_patches_concatenates_shards_lazily(cohort, shard0):
 def test_empty_shard_writes_an_empty_store(cohort, tmp_path):
     _, manifest = cohort
     out = tmp_path / "empty.zarr"
+    manifest = manifest.copy()
+    manifest.attrs["ingest"] = {"shards": 8}  # as ingest --shards 8 records it: shard 7 exists, empty
     counts = crop_shard(manifest=manifest, shard=7, out=out, sites=list(DEFAULT_SITES), limits=ANISOTROPIC)
     assert counts["rows"] == 0
     ps = open_patches([out], "lateral_acetabulum", source="manual")
     assert ps.image.shape == (0, CONTEXT_SIZE, CONTEXT_SIZE) and len(ps.rows) == 0
+
+
+def test_a_shard_outside_the_manifest_is_refused_before_anything_is_written(cohort, tmp_path):
+    _, manifest = cohort
+    out = tmp_path / "s.zarr"
+    with pytest.raises(ValueError, match="--shard 7 is outside the manifest's shards"):
+        crop_shard(manifest=manifest, shard=7, out=out, sites=list(DEFAULT_SITES), limits=ANISOTROPIC)
+    assert not out.exists()
 
 
 def test_rerun_replaces_the_store(cohort, tmp_path):
