@@ -128,6 +128,9 @@ def measurable(
     return reason == "", reason
 
 
+_EVERY_CHUNK = {"write_empty_chunks": True}  # every chunk on disk: check_store can tell a lost one
+
+
 def _write_mask_store_header(masks_out: Path, rows: pd.DataFrame, attrs: dict[str, Any], store: Path):
     import zarr
 
@@ -146,11 +149,11 @@ def _write_mask_store_header(masks_out: Path, rows: pd.DataFrame, attrs: dict[st
     n = len(rows)
     g = root.create_group("rows")
     for col in ("eid", "side"):
-        a = g.create_array(col, shape=(n,), dtype=str)
+        a = g.create_array(col, shape=(n,), dtype=str, config=_EVERY_CHUNK)
         if n:
             a[:] = rows[col].astype(str).to_numpy()
     for col, dtype in (("instance", "int16"), ("rows", "int32"), ("cols", "int32")):
-        a = g.create_array(col, shape=(n,), dtype=dtype)
+        a = g.create_array(col, shape=(n,), dtype=dtype, config=_EVERY_CHUNK)
         if n:
             a[:] = rows[col].to_numpy(dtype=dtype)
     return root
@@ -317,9 +320,9 @@ def _write_site_masks(root, site: str, masks: np.ndarray, affine: np.ndarray, ok
     g = root.create_group(site)
     chunk = max(1, min(batch_size, n))
     g.create_array("mask", shape=(n, PATCH_SIZE, PATCH_SIZE), chunks=(chunk, PATCH_SIZE, PATCH_SIZE),
-                   dtype="uint8")[...] = masks
-    g.create_array("affine", shape=(n, 2, 3), dtype="float64")[...] = affine
-    g.create_array("measured", shape=(n,), dtype="bool")[...] = ok
+                   dtype="uint8", config=_EVERY_CHUNK)[...] = masks
+    g.create_array("affine", shape=(n, 2, 3), dtype="float64", config=_EVERY_CHUNK)[...] = affine
+    g.create_array("measured", shape=(n,), dtype="bool", config=_EVERY_CHUNK)[...] = ok
 
 
 def predict_shards(

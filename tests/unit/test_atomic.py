@@ -84,7 +84,9 @@ def test_sealed_store_lists_every_file(tmp_path):
     (store / ".snakemake_timestamp").write_text("")  # Snakemake adds this to directory outputs
     listed = json.loads((store / MARKER).read_text())["files"]
     files = {p.relative_to(store).as_posix(): p.stat().st_size for p in store.rglob("*") if p.is_file()}
-    assert listed == {k: v for k, v in files.items() if k not in (MARKER, ".snakemake_timestamp")}
+    assert {k: v[0] for k, v in listed.items()} == {k: v for k, v in files.items()
+                                                   if k not in (MARKER, ".snakemake_timestamp")}
+    assert all(len(v[1]) == 8 for v in listed.values())  # and a CRC-32 each
     assert check_store(store) == store
     assert len(open_patches([store], SITES[0])) == 6
 
@@ -105,6 +107,77 @@ def test_store_with_a_truncated_chunk_is_refused(tmp_path):
     chunk.write_bytes(chunk.read_bytes()[:-1])
     with pytest.raises(StoreError, match=r"truncated"):
         open_patches([store], SITES[1])
+
+
+def _rewrite_marker(store: Path, edit) -> None:
+    content = json.loads((store / MARKER).read_text())
+    edit(content["files"])
+    (store / MARKER).write_text(json.dumps(content))
+
+
+def _one_line_refusal(store: Path, rel: str, why: str) -> None:
+    """Every reader refuses the store in one line naming the store and the chunk."""
+    for read in (lambda: open_patches([store], SITES[0]), lambda: read_rows(store), lambda: store_attrs(store)):
+        with pytest.raises(StoreError) as info:
+            read()
+        msg = str(info.value)
+        assert "\n" not in msg and str(store) in msg and f"chunk {rel}" in msg and why in msg, msg
+
+
+def test_a_truncated_chunk_whose_marker_agrees_is_refused_not_a_segfault(tmp_path):
+    store, _, _ = example_shard(tmp_path)
+    chunk = _chunk_files(store / "auto" / SITES[0] / "image")[0]
+    rel = chunk.relative_to(store).as_posix()
+    chunk.write_bytes(chunk.read_bytes()[: chunk.stat().st_size // 2])
+    _rewrite_marker(store, lambda files: files[rel].__setitem__(0, chunk.stat().st_size))
+    _one_line_refusal(store, rel, "changed since it was written")
+
+
+@pytest.mark.parametrize("flip", ["64_bytes", "one_bit"])
+def test_flipped_bytes_in_a_chunk_are_refused(tmp_path, flip):
+    store, _, _ = example_shard(tmp_path)
+    chunk = _chunk_files(store / "auto" / SITES[0] / "image")[0]
+    data = bytearray(chunk.read_bytes())
+    if flip == "64_bytes":
+        data[40:104] = bytes(b ^ 0xFF for b in data[40:104])
+    else:
+        data[len(data) // 2] ^= 0x10
+    chunk.write_bytes(bytes(data))
+    _one_line_refusal(store, chunk.relative_to(store).as_posix(), "CRC-32")
+
+
+def test_a_chunk_deleted_from_disk_and_marker_is_refused_not_read_as_zeros(tmp_path):
+    store, _, _ = example_shard(tmp_path)
+    chunk = _chunk_files(store / "auto" / SITES[0] / "image")[0]
+    rel = chunk.relative_to(store).as_posix()
+    chunk.unlink()
+    _rewrite_marker(store, lambda files: files.pop(rel))
+    _one_line_refusal(store, rel, "it would read as zeros")
+
+
+def test_a_store_sealed_without_checksums_is_refused(tmp_path):
+    store, _, _ = example_shard(tmp_path)
+    content = json.loads((store / MARKER).read_text())
+    (store / MARKER).write_text(json.dumps({"hipoa_store_marker": 1,
+                                            "files": {k: v[0] for k, v in content["files"].items()}}))
+    with pytest.raises(StoreError, match="older hipoa .* no checksums"):
+        read_rows(store)
+
+
+def test_the_cli_names_the_damaged_chunk_in_one_line(tmp_path):
+    import subprocess
+    import sys
+
+    store, _, _ = example_shard(tmp_path)
+    chunk = _chunk_files(store / "auto" / SITES[0] / "image")[0]
+    data = bytearray(chunk.read_bytes())
+    data[-1] ^= 0x01
+    chunk.write_bytes(bytes(data))
+    proc = subprocess.run([sys.executable, "-m", "hipoa.cli", "show-patches", "--stores", str(store), "--out",
+                           str(tmp_path / "m.png")], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2
+    errors = [line for line in proc.stderr.splitlines() if "ERROR" in line]
+    assert len(errors) == 1 and chunk.relative_to(store).as_posix() in errors[0] and "Traceback" not in proc.stderr
 
 
 def test_store_without_marker_is_refused(tmp_path):

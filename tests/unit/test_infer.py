@@ -149,7 +149,9 @@ def test_same_masks_and_presence_as_the_previous_numpy_path(tmp_path):
         np.testing.assert_array_equal(got.present, present)
         np.testing.assert_array_equal(got.mask, mask)
         np.testing.assert_array_equal(got.area_px, area)
-        np.testing.assert_array_equal(got.probability, probability)
+        # within a float32 ulp: the engine pads the last batch to its fixed size, and oneDNN may pick another
+        # convolution kernel for a batch of 8 than for Keras' batch of 7 (AMD EPYC Zen 3: 1 ulp)
+        np.testing.assert_allclose(got.probability, probability, rtol=2e-7, atol=0)
         calls.append(present.mean())
     assert min(calls) < 1 and max(calls) > 0 and any(0 < c < 1 for c in calls), calls  # both calls seen
 

@@ -116,18 +116,21 @@ def make_store(
     }
     for s in DEFAULT_SITES:
         full[f"{s.name}_true_area_mm2"] = np.full(n, np.nan)
+    every = {"write_empty_chunks": True}  # as hipoa.store writes: every chunk on disk, so check_store sees a lost one
     g = root.create_group("rows")
     for name, values in full.items():
         dtype = str if values.dtype.kind == "U" else values.dtype  # variable-length, as hipoa.patches writes
-        a = g.create_array(name, shape=(n,), dtype=dtype)
+        a = g.create_array(name, shape=(n,), dtype=dtype, config=every)
         a[:] = values
     for site, image in patches.items():
         a = root.create_group(f"auto/{site}")
-        a.create_array("image", shape=image.shape, chunks=(4, PATCH_SIZE, PATCH_SIZE), dtype="float16")[...] = image
-        a.create_array("mask", shape=image.shape, chunks=(4, PATCH_SIZE, PATCH_SIZE), dtype="uint8")
-        a.create_array("affine", shape=(n, 2, 3), dtype="float64")[...] = affines[site]
+        a.create_array("image", shape=image.shape, chunks=(4, PATCH_SIZE, PATCH_SIZE), dtype="float16",
+                       config=every)[...] = image
+        a.create_array("mask", shape=image.shape, chunks=(4, PATCH_SIZE, PATCH_SIZE), dtype="uint8",
+                       config=every)[...] = 0
+        a.create_array("affine", shape=(n, 2, 3), dtype="float64", config=every)[...] = affines[site]
         ins = np.ones(n, np.float32) if inside is None or site not in inside else inside[site]
-        a.create_array("inside", shape=(n,), dtype="float32")[...] = ins
+        a.create_array("inside", shape=(n,), dtype="float32", config=every)[...] = ins
     seal_store(path)  # complete: readers refuse a store without the marker
     return path
 
