@@ -10,7 +10,8 @@ Parquet's name without ``.parquet``:
   inverse-normal transform (``_rint``, :func:`rank_inverse_normal`).
 - ``STEM.covar.tsv``: ``FID IID``, the imaging instance, reference lengths, pixel spacing, image
   size, the number of sides measured, and the scanner and software identifiers from the DICOM
-  header (device data, never a person's). Text values have their whitespace replaced by ``_``.
+  header (device data, never a person's). Text values have their whitespace replaced by ``_``;
+  these categorical columns are never ``NA``: an unknown value is ``NONE`` (:data:`MISSING_CATEGORY`).
 - ``STEM.remove.txt``: ``FID IID`` (no header) of the participants in a train or validation
   split, for ``--remove``: their phenotypes were seen by the models.
 - ``STEM.dict.tsv`` (participant table only; the per-side one is written by
@@ -19,7 +20,7 @@ Parquet's name without ``.parquet``:
 
 One line per participant (GWAS tools need unique IIDs), at the instance the policy chooses
 (:func:`choose_instances`), recorded in the covariates. FID = IID = eid. ``NA`` marks a missing
-value everywhere.
+value everywhere but in the categorical covariates (``NONE``).
 """
 
 from __future__ import annotations
@@ -119,12 +120,18 @@ def _write_tsv(table: pd.DataFrame, path: Path, *, header: bool = True) -> None:
     table.to_csv(path, sep="\t", index=False, header=header, na_rep="NA", lineterminator="\n")
 
 
+MISSING_CATEGORY = "NONE"
+"""The level of a categorical covariate whose value is unknown (no readable image, or the tag
+absent). Never ``NA``: plink2 refuses NA in a categorical column, and reads ``NONE`` as missing
+(its ``--missing-catname`` default); regenie takes it as one more level."""
+
+
 def _text_covariate(values: pd.Series, prefix: str = "") -> pd.Series:
-    """Text as one whitespace-free token after ``prefix`` (NA when missing or empty), so TSV
-    columns never shift and a categorical value never reads as a number."""
+    """Text as one whitespace-free token after ``prefix`` (:data:`MISSING_CATEGORY` when missing
+    or empty), so TSV columns never shift and a categorical value never reads as a number."""
     text = pd.Series(values, dtype="string").str.strip()
     text = text.str.replace(r"\s+", "_", regex=True)
-    return (prefix + text).mask(text.isna() | (text == ""))
+    return (prefix + text).mask(text.isna() | (text == ""), MISSING_CATEGORY)
 
 
 def gwas_tables(
@@ -406,6 +413,9 @@ def release_both_sides(
 # ---- dictionaries ------------------------------------------------------------------------------
 
 
+_CAT = f"categorical, {MISSING_CATEGORY} when unknown (plink2 reads {MISSING_CATEGORY} as missing)"
+
+
 def covariate_descriptions() -> dict[str, tuple[str, str]]:
     """Description and units of the covariates (without a side suffix)."""
     return {
@@ -415,12 +425,11 @@ def covariate_descriptions() -> dict[str, tuple[str, str]]:
         "spacing_mm": ("pixel spacing of the image (rows), from PixelSpacing, ImagerPixelSpacing or ExposedArea", "mm"),
         "rows": ("image rows (DICOM Rows)", "pixels"),
         "cols": ("image columns (DICOM Columns)", "pixels"),
-        "manufacturer": ("scanner manufacturer, DICOM (0008,0070), as maker_VALUE (whitespace as _): categorical", ""),
-        "manufacturer_model": ("scanner model, DICOM (0008,1090), as model_VALUE (whitespace as _): categorical", ""),
-        "device_serial": ("scanner serial number, DICOM (0018,1000), as serial_VALUE: a categorical scanner "
-                          "covariate", ""),
+        "manufacturer": (f"scanner manufacturer, DICOM (0008,0070), as maker_VALUE (whitespace as _): {_CAT}", ""),
+        "manufacturer_model": (f"scanner model, DICOM (0008,1090), as model_VALUE (whitespace as _): {_CAT}", ""),
+        "device_serial": (f"scanner serial number, DICOM (0018,1000), as serial_VALUE: {_CAT}", ""),
         "software_versions": ("scanner software versions, DICOM (0018,1020), values joined by \\, as "
-                              "software_VALUE (whitespace as _): categorical", ""),
+                              f"software_VALUE (whitespace as _): {_CAT}", ""),
     }
 
 
@@ -441,8 +450,16 @@ def _gwas_file_rows(gwas: dict[str, pd.DataFrame], describe) -> list[tuple[str, 
     ]
     for kind in ("bt", "qt", "covar"):
         for column in gwas[kind].columns[2:]:
-            rows.append((column, kind, str(gwas[kind][column].dtype), *describe(column)))
+            categorical = kind == "covar" and pd.api.types.is_string_dtype(gwas[kind][column].dtype)
+            rows.append((column, kind, "categorical" if categorical else str(gwas[kind][column].dtype),
+                         *describe(column)))
     return rows
+
+
+def categorical_covariates(covar: pd.DataFrame) -> list[str]:
+    """The covariate file's categorical columns (text; ``TYPE categorical`` in the ``.dict.tsv``):
+    the ones to pass to regenie's ``--catCovarList`` when the whole file is used."""
+    return [c for c in covar.columns[2:] if pd.api.types.is_string_dtype(covar[c].dtype)]
 
 
 def describe_gwas_column(column: str, parquet_descriptions: dict[str, tuple[str, str]]) -> tuple[str, str]:

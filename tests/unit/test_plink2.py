@@ -74,8 +74,11 @@ def test_glm_on_every_gwas_file(cohort, stem, kind, trait, covariate):
     assert sorted(removed["IID"]) == ["1000", "1001"]  # train and val participants; 2000 is test
     covariates = covariate.split(",")
     rows = traits.merge(covar[["IID", *covariates]], on="IID")
-    known = (rows[covariates] != "NA").all(axis=1)
-    used = rows[(rows[trait] != "NA") & known & ~rows["IID"].isin(removed["IID"])]
+    # NONE is plink2's missing category (--missing-catname): counted in the log's "main filters"
+    # line, left out of the regression (OBS_CT); an NA number is left out of both
+    kept = (rows[trait] != "NA") & ~rows["IID"].isin(removed["IID"]) & (rows[covariates] != "NA").all(axis=1)
+    filtered = rows[kept]
+    used = rows[kept & (rows[covariates] != "NONE").all(axis=1)]
     assert 3 <= len(used) < len(traits)  # some lines are NA or removed, so the count means something
     args = ["--pfile", "geno", "--pheno", f"{stem}.{kind}.tsv", "--pheno-name", trait,
             "--covar", f"{stem}.covar.tsv", "--covar-name", covariate, "--remove", f"{stem}.remove.txt",
@@ -88,7 +91,7 @@ def test_glm_on_every_gwas_file(cohort, stem, kind, trait, covariate):
     assert f"{n_genotyped} samples" in log
     assert re.search(rf"--remove: {n_genotyped - 2} samples remaining", log), log
     if kind == "bt":
-        cases, controls = int((used[trait] == "1").sum()), int((used[trait] == "0").sum())
+        cases, controls = int((filtered[trait] == "1").sum()), int((filtered[trait] == "0").sum())
         assert cases and controls
         assert f"{cases} cases and {controls} controls remaining after main filters" in log, log
         (result,) = tmp.glob(f"{stem}.{trait}.{len(covariates)}.{trait}.glm.logistic*")
@@ -96,3 +99,55 @@ def test_glm_on_every_gwas_file(cohort, stem, kind, trait, covariate):
         (result,) = tmp.glob(f"{stem}.{trait}.{len(covariates)}.{trait}.glm.linear")
     table = pd.read_csv(result, sep="\t")
     assert set(table.loc[table["TEST"] == "ADD", "OBS_CT"].astype(int)) == {len(used)}
+
+
+def _readme_commands(tool: str) -> list[str]:
+    """The README's ``tool`` commands of its geneticists' block, continuation lines joined."""
+    text = (Path(__file__).parents[2] / "README.md").read_text()
+    block = text.split("```bash\nP=results/phenotypes\n", 1)[1].split("```", 1)[0]
+    commands = block.replace("\\\n", " ").splitlines()
+    return [" ".join(c.split()) for c in commands if c.startswith(tool + " ")]
+
+
+def test_the_readme_plink2_commands_run_as_written(cohort):
+    """The README's plink2 lines, as an analyst pastes them (P set, the genotypes named ukb_imp),
+    on a release with a participant whose scanner is unknown (NONE) and one-hip participants; only
+    the site name differs (this cohort has two sites, the README's example is the acetabulum)."""
+    tmp, n_genotyped = cohort
+    for ext in ("pgen", "pvar", "psam"):
+        shutil.copyfile(tmp / f"geno.{ext}", tmp / f"ukb_imp.{ext}")
+    commands = _readme_commands("plink2")
+    assert len(commands) == 2
+    for command in commands:
+        command = command.replace("lateral_acetabulum", A)
+        proc = subprocess.run(["bash", "-c", f"P=. && {command}"], cwd=tmp, capture_output=True, text=True,
+                              timeout=120)
+        assert proc.returncode == 0, command + "\n" + proc.stdout + proc.stderr
+        assert "Error" not in proc.stdout, proc.stdout
+
+
+def test_the_readme_regenie_covariates_are_what_regenie_reads(cohort):
+    """regenie is not packaged: its covariate options in the README are checked against the file
+    with the strict reader, and so is the whole-file form (every categorical column named)."""
+    from test_release import read_regenie
+
+    from hipoa.release import DEVICE_COLUMNS, categorical_covariates
+
+    tmp, _ = cohort
+    covar = read_regenie(tmp / "osteophytes.covar.tsv")
+    for command in _readme_commands("regenie"):
+        words = command.split()
+        numeric = words[words.index("--covarColList") + 1].split(",")
+        categorical = words[words.index("--catCovarList") + 1].split(",")
+        assert set(numeric + categorical) <= set(covar.columns), command
+        assert covar[numeric].apply(lambda c: pd.to_numeric(c.replace("NA", None)).notna() | (c == "NA")).all(axis=None)
+        assert "NA" not in set(covar[categorical].to_numpy().ravel())
+    typed = pd.read_csv(tmp / "osteophytes.covar.tsv", sep="\t", dtype=str, keep_default_na=False)
+    assert categorical_covariates(typed.convert_dtypes()) != []
+    dictionary = pd.read_csv(tmp / "osteophytes.dict.tsv", sep="\t")
+    marked = dictionary[(dictionary["FILES"] == "covar") & (dictionary["TYPE"] == "categorical")]["FIELD"].tolist()
+    assert sorted(marked) == sorted(DEVICE_COLUMNS)
+    others = [c for c in covar.columns[2:] if c not in marked]  # the whole-file form: the rest are numbers
+    assert covar[others].apply(lambda c: pd.to_numeric(c.replace("NA", None)).notna() | (c == "NA")).all(axis=None)
+    readme = (Path(__file__).parents[2] / "README.md").read_text()
+    assert f"--catCovarList {','.join(DEVICE_COLUMNS)}" in readme

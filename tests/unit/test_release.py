@@ -48,8 +48,9 @@ def read_regenie(path: Path, binary: bool = False) -> pd.DataFrame:
         values = table[column]
         if binary:
             assert set(values) <= {"0", "1", "NA"}, (path, column, sorted(set(values)))
-        elif column in release.DEVICE_COLUMNS:  # categorical: a token that starts with a letter
-            assert values[values != "NA"].str.fullmatch(r"[A-Za-z]\S*").all(), (path, column)
+        elif column in release.DEVICE_COLUMNS:  # categorical: a token that starts with a letter, never NA
+            assert "NA" not in set(values), (path, column)  # plink2 refuses NA in a categorical column
+            assert values.str.fullmatch(r"[A-Za-z]\S*").all(), (path, column)
         else:
             numeric = values[values != "NA"]
             assert numeric.str.fullmatch(r"-?\d+(\.\d+)?([eE][-+]?\d+)?").all(), (path, column)
@@ -95,7 +96,8 @@ def test_text_covariates_are_categorical_tokens():
     values = pd.Series(["200123", "12.30.008\\enCORE 16", "", None, " Lunar  iDXA "], dtype="string")
     out = release._text_covariate(values, "serial_")
     assert out.tolist()[:2] == ["serial_200123", "serial_12.30.008\\enCORE_16"]
-    assert out.isna().tolist() == [False, False, True, True, False]
+    assert not out.isna().any()  # a categorical column is never NA: plink2 refuses it
+    assert (out == release.MISSING_CATEGORY).tolist() == [False, False, True, True, False]
     assert out.iloc[4] == "serial_Lunar_iDXA"
 
 
@@ -137,6 +139,9 @@ def test_participant_table_combines_sides_with_documented_na_rules():
 # ---- end to end: two sides through gather, then the participant release ------------------------
 
 
+UNREAD = "1003"  # the example shard's participant with its device fields NA in the manifest
+
+
 def release_cohort(tmp: Path) -> dict:
     """Both sides of the example shards (right hips: the left's mirror twins) through gather,
     with 1000 in train, 1001 in val and 2000 in test, then the participant release."""
@@ -152,6 +157,10 @@ def release_cohort(tmp: Path) -> dict:
         odd = rows["eid"].astype(str).str[-1].astype(int) % 2 == 1
         rows["device_serial"] = pd.array(np.where(odd, "200123", "200456"), dtype="string")
         rows["software_versions"] = pd.array(["12.30.008\\enCORE 16"] * len(rows), dtype="string")
+        # and a participant whose header was never read (an unreadable image): every device field NA
+        unread = rows["eid"].astype(str) == UNREAD
+        for column in ("device_serial", "software_versions"):  # the example manifests have no other device field
+            rows[column] = rows[column].astype("string").mask(unread)
         rows.to_parquet(manifest)
         out = tmp / "phenotypes" / f"osteophytes_{side}.parquet"
         phenotypes.gather(manifest=manifest, predictions=preds, models=models, side=side, out=out, splits=[splits])
@@ -196,7 +205,8 @@ def test_participant_gwas_files_in_regenie_format(released):
     assert f"{A}_present_any" in bt.columns and f"{A}_area_max_mm2_rint" in qt.columns
     assert {"instance", "n_sides_measured", "reference_length_mm", "reference_length_mm_L",
             "reference_length_mm_R", "device_serial"} <= set(covar.columns)
-    assert set(covar["device_serial"]) <= {"serial_200123", "serial_200456", "NA"} and "NA" not in set(covar["device_serial"])
+    assert set(covar["device_serial"]) == {"serial_200123", "serial_200456", release.MISSING_CATEGORY}
+    assert (covar.loc[covar["IID"] == UNREAD, list(release.DEVICE_COLUMNS)] == release.MISSING_CATEGORY).all(axis=None)
     removed = release.release_path(stem, "remove").read_text().splitlines()
     assert removed == ["1000\t1000", "1001\t1001"]
     d = pd.read_csv(release.release_path(stem, "dict"), sep="\t", keep_default_na=False)
