@@ -526,3 +526,76 @@ def test_montage_picks_positives_first_reading_only_annotated_masks(synth_shards
             positive = [i for i in range(len(ok)) if ok[i] and area[i] > 0]
             other = [i for i in range(len(ok)) if ok[i] and area[i] == 0]
             assert list(picked) == (positive + other)[:n], (site.name, source)
+
+
+# ------------------------------------------------------------------------------- damaged stores (issue 22, item 6)
+
+
+def _damaged_copy(shard0, tmp_path: Path, damage: str) -> tuple[Path, str]:
+    """A copy of the real crop_shard store with one chunk of ``auto/<site>/image`` damaged."""
+    import json
+    import shutil
+
+    src, _, _ = shard0
+    store = tmp_path / "shard-0000.zarr"
+    shutil.copytree(src, store)
+    site = DEFAULT_SITES[0].name
+    chunk = next(f for f in sorted((store / "auto" / site / "image").rglob("*"))
+                 if f.is_file() and f.name != "zarr.json")
+    rel = chunk.relative_to(store).as_posix()
+    data = bytearray(chunk.read_bytes())
+    marker = json.loads((store / MARKER).read_text())
+    if damage == "truncated":  # and the marker made to agree: once a segfault in blosc (rc 139)
+        chunk.write_bytes(bytes(data[: len(data) // 2]))
+        entry = marker["files"][rel]  # [size, crc32]; a bare size in a version-1 marker
+        marker["files"][rel] = [len(data) // 2, *entry[1:]] if isinstance(entry, list) else len(data) // 2
+    elif damage == "64_bytes":  # once a blosc traceback
+        data[16:80] = bytes(b ^ 0xFF for b in data[16:80])
+        chunk.write_bytes(bytes(data))
+    elif damage == "one_bit":  # once pixels changed silently
+        data[len(data) // 2] ^= 0x04
+        chunk.write_bytes(bytes(data))
+    elif damage == "deleted":  # from disk and marker: once read as zeros
+        chunk.unlink()
+        del marker["files"][rel]
+    (store / MARKER).write_text(json.dumps(marker))
+    return store, rel
+
+
+@pytest.mark.parametrize("damage", ["truncated", "64_bytes", "one_bit", "deleted"])
+def test_a_damaged_chunk_of_a_cropped_store_is_one_line_naming_store_and_chunk(shard0, tmp_path, damage):
+    from hipoa.store import StoreError
+
+    store, rel = _damaged_copy(shard0, tmp_path, damage)
+    why = {"truncated": "changed since it was written", "64_bytes": "CRC-32", "one_bit": "CRC-32",
+           "deleted": "would read as zeros"}[damage]
+    site = DEFAULT_SITES[0].name
+    for read in (lambda: open_patches([store], site), lambda: read_rows(store), lambda: store_attrs(store),
+                 lambda: check_store(store)):
+        with pytest.raises(StoreError) as info:
+            read()
+        msg = str(info.value)
+        assert "\n" not in msg and str(store) in msg and f"chunk {rel} " in msg and why in msg, msg
+
+
+def test_an_intact_copy_of_a_cropped_store_reads_as_the_original(shard0, tmp_path):
+    import shutil
+
+    src, _, _ = shard0
+    store = tmp_path / "copy.zarr"
+    shutil.copytree(src, store)
+    site = DEFAULT_SITES[0].name
+    a, b = open_patches([src], site), open_patches([store], site)
+    np.testing.assert_array_equal(a.image.compute(), b.image.compute())
+    np.testing.assert_array_equal(a.mask.compute(), b.mask.compute())
+    pd.testing.assert_frame_equal(read_rows(src), read_rows(store))
+
+
+def test_cli_show_patches_on_a_damaged_store_is_one_error_line(shard0, tmp_path, capsys):
+    store, rel = _damaged_copy(shard0, tmp_path, "one_bit")
+    rc = main(["show-patches", "--stores", str(store), "--out", str(tmp_path / "m.png")])
+    err = capsys.readouterr().err
+    errors = [line for line in err.splitlines() if "ERROR" in line]
+    assert rc == 2 and not (tmp_path / "m.png").exists()
+    assert len(errors) == 1 and "ERROR hipoa" in errors[0] and rel in errors[0] and str(store) in errors[0], err
+    assert "Traceback" not in err
