@@ -535,6 +535,22 @@ class Scanner:
         gamma: Response curve ``255 * (v / 255) ** gamma`` after the log-like detector response.
         soft: Soft-tissue thickness factor (on top of the participant's).
         contrast: Detector gain factor (on top of the participant's).
+        banding_mm: Correlation of the line offsets across lines (Gaussian sigma in mm; 0: each
+            line its own offset, as both shipped scanners).
+        stripes: Amplitude (8-bit units) of a periodic stripe pattern (a rounded square wave,
+            ``tanh(2 sin) / tanh(2)``: a line at the period and its odd harmonics), e.g. a
+            detector's element gain pattern or a grid; 0: none.
+        stripe_period_mm: ``(low, high)`` period of the stripes, drawn per image uniformly.
+        stripe_angle_deg: ``(low, high)`` direction of the stripes' wave vector from the x axis
+            (0: vertical stripes, the value varying along x; 90: horizontal, along y), drawn per
+            image.
+        grain: Standard deviation (8-bit units) of a correlated noise on top of ``noise``: a
+            coarser grain (a detector with larger effective elements, or noise filtered by the
+            scanner's software); 0: none.
+        grain_mm: Correlation of that noise (Gaussian sigma in mm).
+
+    The texture fields (``banding_mm`` to ``grain_mm``) draw from the image's generator only when
+    they are set, so a scanner without them renders the same bytes as before they existed.
     """
 
     name: str = "A"
@@ -545,12 +561,36 @@ class Scanner:
     gamma: float = 1.0
     soft: float = 1.0
     contrast: float = 1.0
+    banding_mm: float = 0.0
+    stripes: float = 0.0
+    stripe_period_mm: tuple[float, float] = (4.0, 4.0)
+    stripe_angle_deg: tuple[float, float] = (0.0, 0.0)
+    grain: float = 0.0
+    grain_mm: float = 0.5
 
 
 FIRST_SCANNER = Scanner()
 SECOND_SCANNER = Scanner(name="B", spacing_mm=0.30, noise=3.5, banding=2.2, blur_mm=0.34, gamma=0.8, soft=1.3,
                          contrast=0.9)
 """The synthetic "second scanner" (``hipoa synth --second-scanner``): 0.30 mm pixels, noisier."""
+
+TEST_SCANNERS: tuple[Scanner, ...] = (
+    FIRST_SCANNER,
+    SECOND_SCANNER,
+    Scanner(name="C-banding", noise=2.5, banding=5.0),
+    Scanner(name="D-smooth-banding", spacing_mm=0.30, noise=3.0, banding=4.0, banding_mm=0.8, blur_mm=0.30),
+    Scanner(name="E-stripes-3mm", stripes=4.0, stripe_period_mm=(3.0, 3.0)),
+    Scanner(name="F-stripes-7mm-oblique", spacing_mm=0.30, noise=3.0, banding=1.5, stripes=4.0,
+            stripe_period_mm=(7.0, 7.0), stripe_angle_deg=(30.0, 30.0)),
+    Scanner(name="G-stripes-any", stripes=5.0, stripe_period_mm=(1.5, 12.0), stripe_angle_deg=(0.0, 180.0)),
+    Scanner(name="H-grain", noise=2.0, grain=4.0, grain_mm=0.5),
+    Scanner(name="I-coarse-grain", spacing_mm=0.30, noise=3.5, banding=2.2, grain=5.0, grain_mm=1.0, gamma=0.8,
+            soft=1.3, contrast=0.9),
+)
+"""Scanner textures the image-fitness benchmark renders hips with (benchmarks/fitness.py): the two
+shipped scanners, strong line banding (independent lines, and correlated over ~1 mm), periodic
+stripes at 3 mm, at 7 mm oblique and at any period (1.5-12 mm) and direction, and correlated noise
+grain (0.5 and 1 mm). None is used by ``hipoa synth``."""
 
 
 @dataclass
@@ -652,15 +692,21 @@ def _blob(xx: np.ndarray, yy: np.ndarray, c: np.ndarray, r: float) -> np.ndarray
 
 
 def render_hip(rng: np.random.Generator, who: Participant, geo: HipGeometry,
-               spurs: list[Osteophyte], scanner: Scanner = FIRST_SCANNER) -> HipRender:
+               spurs: list[Osteophyte], scanner: Scanner = FIRST_SCANNER, noise: bool = True) -> HipRender:
     """Render a left hip: image and osteophyte label mask with the same spur pixels.
 
     Shapes are filled at full resolution (the label mask is exact), the smooth projected density
     is computed on a half-resolution grid from the 2x2 coverage of those shapes (anti-aliased,
     4x cheaper) and brought back to full size before the detector blur and noise.
 
+    Args:
+        noise: False: stop before the scanner's noise, banding and textures (:func:`scan_noise`
+            adds them later, e.g. after :func:`double_image`: a patient who moves doubles the
+            anatomy, not the detector's noise).
+
     Returns:
-        :class:`HipRender` with ``image`` (rows, cols) uint8 and ``labels`` (rows, cols) uint8.
+        :class:`HipRender` with ``image`` (rows, cols) uint8 (float32 in 8-bit units, unrounded,
+        when ``noise`` is False) and ``labels`` (rows, cols) uint8.
     """
     rows, cols, sp = geo.rows, geo.cols, geo.spacing_mm
     shape = (rows, cols)
@@ -762,11 +808,40 @@ def render_hip(rng: np.random.Generator, who: Participant, geo: HipGeometry,
         img = 255.0 * (img * (1.0 / 255.0)) ** scanner.gamma
     img = _blur(img, scanner.blur_mm * s)  # detector blur, ~0.3 mm with the upsampling below
     img = _up2(_up2(img, axis=0), axis=1)
-    # Scan noise, and the DXA fan beam's faint line-to-line banding.
-    img += scanner.noise * rng.standard_normal(shape, dtype=np.float32)
-    img += scanner.banding * rng.standard_normal((rows, 1), dtype=np.float32)
-    image = np.clip(np.rint(img), 0, 255).astype(np.uint8)
+    image = scan_noise(rng, img, scanner) if noise else img
     return HipRender(image=image, labels=labels, points=geo.points.copy(), spacing_mm=sp)
+
+
+def scan_noise(rng: np.random.Generator, img: np.ndarray, scanner: Scanner) -> np.ndarray:
+    """The detector's part of an image: scan noise, the DXA fan beam's line-to-line banding and
+    the scanner's optional textures on ``(rows, cols)`` float32 (8-bit units), rounded to uint8."""
+    rows = img.shape[0]
+    img = img + scanner.noise * rng.standard_normal(img.shape, dtype=np.float32)
+    img += scanner.banding * rng.standard_normal((rows, 1), dtype=np.float32)
+    img = _texture(rng, img, scanner)
+    return np.clip(np.rint(img), 0, 255).astype(np.uint8)
+
+
+def _texture(rng: np.random.Generator, img: np.ndarray, scanner: Scanner) -> np.ndarray:
+    """Add the scanner's optional textures (:class:`Scanner` ``banding_mm`` to ``grain_mm``) to a
+    full-resolution image ``(rows, cols)`` float32 in 8-bit units; unchanged (no draw) without them."""
+    rows, cols = img.shape
+    sp = scanner.spacing_mm
+    if scanner.banding_mm > 0.0:
+        lines = ndi.gaussian_filter1d(rng.standard_normal(rows), scanner.banding_mm / sp)
+        img = img + (scanner.banding / (lines.std() + 1e-9) * lines).astype(np.float32)[:, None]
+    if scanner.stripes > 0.0:
+        period = rng.uniform(*scanner.stripe_period_mm) / sp
+        ang = np.deg2rad(rng.uniform(*scanner.stripe_angle_deg))
+        phase = rng.uniform(0.0, 2.0 * np.pi)
+        yy = np.arange(rows, dtype=np.float32)[:, None]
+        xx = np.arange(cols, dtype=np.float32)[None, :]
+        wave = np.sin((2.0 * np.pi / period) * (xx * np.cos(ang) + yy * np.sin(ang)) + phase)
+        img = img + (scanner.stripes / np.tanh(2.0)) * np.tanh(2.0 * wave)
+    if scanner.grain > 0.0:
+        g = ndi.gaussian_filter(rng.standard_normal((rows, cols), dtype=np.float32), scanner.grain_mm / sp)
+        img = img + (scanner.grain / (g.std() + 1e-9)) * g
+    return img.astype(np.float32, copy=False)
 
 
 def mirror_hip(h: HipRender) -> HipRender:
@@ -858,17 +933,27 @@ def crop_view(rng: np.random.Generator, hip: HipRender, geo: HipGeometry) -> Hip
                      spacing_mm=hip.spacing_mm)
 
 
-def add_motion(rng: np.random.Generator, hip: HipRender) -> HipRender:
+def add_motion(rng: np.random.Generator, hip: HipRender, shift_mm: tuple[float, float] = (3.0, 8.0),
+               weight: tuple[float, float] = (0.3, 0.5)) -> HipRender:
     """Patient motion during the scan: a second, fainter copy of the image shifted by 3-8 mm.
 
-    ``(1 - a) * image + a * shifted`` with ``a`` in [0.3, 0.5], in a random direction, then
-    fresh scan noise. Labels and points are those of the first copy.
+    ``(1 - a) * image + a * shifted`` with ``a`` in ``weight`` ([0.3, 0.5]), shifted by a distance
+    drawn in ``shift_mm`` in a random direction, then fresh scan noise. Labels and points are
+    those of the first copy.
     """
-    d = rng.uniform(3.0, 8.0) / hip.spacing_mm
-    ang = rng.uniform(0.0, 2.0 * np.pi)
-    a = rng.uniform(0.3, 0.5)
-    img = hip.image.astype(np.float32)
-    ghost = ndi.shift(img, (d * np.sin(ang), d * np.cos(ang)), order=1, mode="nearest")
-    img = (1.0 - a) * img + a * ghost + 1.5 * rng.standard_normal(img.shape, dtype=np.float32)
+    img = double_image(rng, hip.image.astype(np.float32), hip.spacing_mm, shift_mm, weight)
+    img += 1.5 * rng.standard_normal(img.shape, dtype=np.float32)
     image = np.clip(np.rint(img), 0, 255).astype(np.uint8)
     return HipRender(image=image, labels=hip.labels, points=hip.points, spacing_mm=hip.spacing_mm)
+
+
+def double_image(rng: np.random.Generator, img: np.ndarray, spacing_mm: float,
+                 shift_mm: tuple[float, float] = (3.0, 8.0), weight: tuple[float, float] = (0.3, 0.5)) -> np.ndarray:
+    """``(1 - a) * img + a * shifted`` (float32, ``(rows, cols)``): the second copy of
+    :func:`add_motion`, with ``a`` drawn in ``weight`` and a shift drawn in ``shift_mm`` (mm) in a
+    random direction."""
+    d = rng.uniform(*shift_mm) / spacing_mm
+    ang = rng.uniform(0.0, 2.0 * np.pi)
+    a = rng.uniform(*weight)
+    ghost = ndi.shift(img, (d * np.sin(ang), d * np.cos(ang)), order=1, mode="nearest")
+    return (1.0 - a) * img + a * ghost

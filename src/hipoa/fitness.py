@@ -11,23 +11,34 @@ threshold in config ``qc`` (:class:`hipoa.qc.Limits`):
     An automatic search keeps its points on the image, so a cut head shows as points on the edge.
 ``implant``
     A metal hip prosthesis (femoral stem, ball, acetabular cup): metal stops the beam, so its
-    pixels sit at the top of the pixel range. Flagged when the largest connected region of pixels
-    at or above ``qc.implant_level`` of the range's top (the largest value the DICOM's modality
-    LUT can give) covers at least ``qc.implant_min_area_mm2`` inside the hip's outline (the
-    femur's outline, points 0-44, and a disc of 1.5 head radii around the head for the cup).
-    Bone never saturates a DXA detector over hundreds of mm^2; a stem covers thousands.
+    pixels form a plateau at the top of the image's own range. The level is set from the image,
+    not from Bits Stored (an export may scale the values, store 12 bits in 16-bit words, or window
+    them so that the metal, or the metal and the brightest bone, clip together): inside the hip's
+    outline (the femur's outline, points 0-44, and a disc of 1.5 head radii around the head for
+    the cup) the floor is the 5th percentile (soft tissue) and the top the brightest 1 mm square;
+    pixels at or above ``qc.implant_level`` of the way from floor to top are metal candidates
+    (:func:`metal_level`). The candidates are opened by a 1.5 mm disc (a prosthesis is 10 mm
+    thick or more; noise, the cortex and bone clipped by a window are thinner) and flagged when
+    their largest connected region covers at least ``qc.implant_min_area_mm2``.
 ``motion``
-    The participant moved during the scan, so edges appear twice at a shift. The band-passed
-    image around the hip (0.5 mm grid, band 0.25-0.75 mm) is autocorrelated; a second copy shifted
-    by ``d`` makes a peak at ``d`` that a single image lacks. Straight edges make ridges, not
-    peaks: along a ridge the autocorrelation falls slowly and steadily with the shift, so the score
-    is ``max over 2.5 mm <= |d| <= 10 mm of acf(d) - max(acf(d / 2), acf(d -+ 1 mm along d), 0)``
-    (acf normalised to 1 at zero shift); flagged when it reaches ``qc.motion_score``.
+    The participant moved during the scan, so the image appears twice at a shift ``d``. The image
+    around the hip (whole pixels near 0.5 mm, its smooth background off) is autocorrelated through
+    a whitened power spectrum: each frequency's power divided by the median of its ring of
+    ``|f|`` and clipped at 4 (:data:`MOTION_CLIP`), and each ring weighted by its part above the
+    noise floor of the outer rings. A doubled image modulates the whole spectrum with fringes
+    (``cos(2 pi f.d)``) that survive this; a scanner's periodic texture (stripes of any period
+    and direction, their harmonics) or line banding (the ``f_x = 0`` column) is a few spectral
+    lines far above their ring, clipped, and noise grain is flattened. Straight edges make ridges,
+    not peaks, so the peak's prominence is ``acf(d) - max(acf(d / 2), mean(acf(d -+ 1 mm along
+    d)), 0)`` (acf normalised to 1 at zero shift), and the score is its largest value over
+    ``2.5 mm <= |d| <= 10 mm`` in robust standard deviations (1.4826 MAD) of the acf over those
+    shifts; flagged when it reaches ``qc.motion_score``.
 
 The outline-based checks need the 85-point hip outline of the contract; with another
 ``n_points`` they are skipped (the implant and motion checks then use the points' bounding box).
 
-Cost: a few ms an image on one CPU core, mostly the motion check (benchmarks/fitness.py).
+Cost: tens of ms an image on one CPU core, the implant check's region and the motion check's
+spectrum (benchmarks/fitness.py).
 """
 
 from __future__ import annotations
@@ -52,12 +63,25 @@ ACETABULUM_POINTS = np.arange(59, 79)
 FEMUR_POINTS = np.arange(0, 45)
 OUTLINE_POINTS = 85
 
+IMPLANT_FLOOR_PERCENTILE = 5.0
+"""Percentile of the hip region's pixels taken as its soft tissue (the implant check's floor)."""
+IMPLANT_TOP_MM = 1.0
+"""Side of the square whose brightest mean in the hip region is the implant check's top (a few
+noisy or hot pixels do not set it)."""
+IMPLANT_OPEN_MM = 1.5
+"""Radius of the disc that opens the metal mask: thinner bright structures are not metal."""
+
 MOTION_GRID_MM = 0.5
-"""Grid of the motion check's autocorrelation."""
+"""Coarsest grid of the motion check's autocorrelation (whole pixels: 0.5 mm at 0.25 mm, 0.3 mm
+at 0.3 mm)."""
+MOTION_DETREND_MM = 4.0
+"""Gaussian sigma (mm) of the smooth background taken off before the autocorrelation."""
+MOTION_RINGS = 64
+"""Rings of |frequency| over which the power spectrum is whitened."""
+MOTION_CLIP = 4.0
+"""Largest whitened power kept: a periodic texture's spectral lines stand far above their ring."""
 MOTION_SHIFT_MM = (2.5, 10.0)
 """Shifts the motion check looks at: nearer ones are the texture's own correlation."""
-MOTION_BAND = (0.5, 1.5)
-"""Difference-of-Gaussians band of the motion check, sigmas in grid pixels (0.25-0.75 mm)."""
 MOTION_PEAK_MM = 1.0
 """A peak must stand above the autocorrelation this far nearer and farther along its shift."""
 
@@ -83,8 +107,8 @@ def check_image(pixels: np.ndarray, points: np.ndarray, spacing_mm: tuple[float,
         spacing_mm: ``(row, column)`` spacing.
         limits: Thresholds (``edge_margin_mm``, ``implant_level``, ``implant_min_area_mm2``,
             ``motion_score``).
-        max_value: The top of the pixel range (the DICOM's largest modality-LUT output); NaN:
-            the image's own maximum.
+        max_value: The top of the DICOM's pixel range; accepted and not used (the implant
+            level is the image's own, :func:`metal_level`).
 
     Returns:
         A :class:`Fitness`; ``reason`` is ``head_out_of_view``, ``implant``, ``motion`` or ''.
@@ -97,12 +121,13 @@ def check_image(pixels: np.ndarray, points: np.ndarray, spacing_mm: tuple[float,
             return Fitness(qc.HEAD_OUT_OF_VIEW, problem, float("nan"), float("nan"))
     area = implant_area_mm2(pixels, pts, spacing_mm, limits.implant_level, max_value, limits.implant_min_area_mm2)
     if area >= limits.implant_min_area_mm2:
-        return Fitness(qc.IMPLANT, f"{area:.0f} mm^2 at >= {limits.implant_level:g} of the pixel range inside the "
-                       f"hip outline (qc.implant_min_area_mm2 {limits.implant_min_area_mm2:g})", area, float("nan"))
+        return Fitness(qc.IMPLANT, f"{area:.0f} mm^2 at >= {limits.implant_level:g} of the way from soft tissue to "
+                       f"the brightest mm^2 inside the hip outline (qc.implant_min_area_mm2 "
+                       f"{limits.implant_min_area_mm2:g})", area, float("nan"))
     score, shift = motion_score(pixels, pts, spacing_mm)
     if score >= limits.motion_score:
         return Fitness(qc.MOTION, f"edges repeated at a shift of ({shift[0]:.1f}, {shift[1]:.1f}) mm (x, y), "
-                       f"score {score:.3f} >= qc.motion_score {limits.motion_score:g}", area, score)
+                       f"score {score:.2f} >= qc.motion_score {limits.motion_score:g}", area, score)
     return Fitness("", "", area, score)
 
 
@@ -177,26 +202,67 @@ def _box_region(points: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
     return region
 
 
+def _disc(radius_px: float) -> np.ndarray:
+    r = int(np.floor(radius_px))
+    yy, xx = np.mgrid[-r: r + 1, -r: r + 1]
+    return xx * xx + yy * yy <= radius_px * radius_px
+
+
+def metal_level(pixels: np.ndarray, region: np.ndarray, spacing_mm: tuple[float, float],
+                level: float) -> tuple[float, float, float]:
+    """The implant check's metal level from the image's own intensities inside ``region``.
+
+    Returns:
+        ``(threshold, floor, top)``: ``floor`` is the region's :data:`IMPLANT_FLOOR_PERCENTILE`
+        percentile (soft tissue), ``top`` its brightest :data:`IMPLANT_TOP_MM` square (mean), and
+        ``threshold = floor + level * (top - floor)``. NaN threshold when the region is empty or flat.
+    """
+    nan = float("nan")
+    if not region.any():
+        return nan, nan, nan
+    ys, xs = np.nonzero(np.any(region, axis=1))[0], np.nonzero(np.any(region, axis=0))[0]
+    box = (slice(ys[0], ys[-1] + 1), slice(xs[0], xs[-1] + 1))
+    sub = np.asarray(pixels[box], dtype=np.float32)
+    inside = region[box]
+    k = max(1, int(round(IMPLANT_TOP_MM / min(float(v) for v in spacing_mm))))
+    top = float(ndi.uniform_filter(sub, k, mode="nearest")[inside].max())
+    floor = float(np.percentile(sub[inside], IMPLANT_FLOOR_PERCENTILE))
+    if not (np.isfinite(top) and np.isfinite(floor) and top > floor):
+        return nan, floor, top
+    return floor + level * (top - floor), floor, top
+
+
 def implant_area_mm2(pixels: np.ndarray, points: np.ndarray, spacing_mm: tuple[float, float], level: float,
                      max_value: float = float("nan"), min_area_mm2: float = 0.0) -> float:
-    """Area (mm^2) of the largest 8-connected region of pixels >= ``level`` x the range's top
-    (``max_value``, or the image's maximum when NaN) inside the hip's outline (:func:`hip_region`,
-    or the points' bounding box when they are not the 85-point outline).
+    """Area (mm^2) of the largest 8-connected metal region inside the hip's outline
+    (:func:`hip_region`, or the points' bounding box when they are not the 85-point outline).
 
-    Images with fewer such pixels in all than ``min_area_mm2`` return that total at once (nearly
-    every image: no pixel of a normal hip reaches the top of the range), without the outline.
+    Metal: pixels at or above :func:`metal_level` (``level`` of the way from the region's soft
+    tissue to its brightest mm^2, the image's own intensities: any export's scale, bit depth or
+    window), after a morphological opening by a disc of :data:`IMPLANT_OPEN_MM` radius (a
+    prosthesis is 10 mm thick or more; the few bone or noise pixels near the top of a normal
+    hip's range, even where a window clips the brightest bone with the metal, are thinner).
+    Images with fewer pixels at the level in all than ``min_area_mm2`` return that total at once.
+
+    ``max_value`` (the top of the DICOM's range) is accepted for callers and not used: a level
+    from Bits Stored misses metal that an export scaled, windowed or stored in wider words.
     """
-    top = float(max_value) if np.isfinite(max_value) and max_value > 0 else float(np.max(pixels))
-    if not top > 0:
+    del max_value
+    region = hip_region(points, pixels.shape) if len(points) == OUTLINE_POINTS else _box_region(points, pixels.shape)
+    threshold, _, _ = metal_level(pixels, region, spacing_mm, level)
+    if not np.isfinite(threshold):
         return 0.0
-    bright = pixels >= level * top
+    bright = (pixels >= threshold) & region
     px_mm2 = float(spacing_mm[0]) * float(spacing_mm[1])
     total = int(np.count_nonzero(bright)) * px_mm2
     if total < min_area_mm2 or total == 0.0:
         return total
-    region = hip_region(points, pixels.shape) if len(points) == OUTLINE_POINTS else _box_region(points, pixels.shape)
-    bright &= region
-    labels, n = ndi.label(bright, structure=np.ones((3, 3), bool))
+    disc = _disc(IMPLANT_OPEN_MM / min(float(v) for v in spacing_mm))
+    ys, xs = np.nonzero(np.any(bright, axis=1))[0], np.nonzero(np.any(bright, axis=0))[0]
+    r = disc.shape[0]
+    sub = bright[max(ys[0] - r, 0): ys[-1] + r + 1, max(xs[0] - r, 0): xs[-1] + r + 1]
+    sub = ndi.binary_opening(sub, structure=disc)
+    labels, n = ndi.label(sub, structure=np.ones((3, 3), bool))
     largest = int(np.bincount(labels.ravel())[1:].max()) if n else 0
     return largest * px_mm2
 
@@ -219,20 +285,32 @@ def motion_score(pixels: np.ndarray, points: np.ndarray, spacing_mm: tuple[float
     lo = np.clip(np.floor(points.min(axis=0) - pad).astype(int), 0, None)
     hi = np.minimum(np.ceil(points.max(axis=0) + pad).astype(int) + 1, [cols, rows])
     crop = np.asarray(pixels[lo[1]: hi[1], lo[0]: hi[0]], dtype=np.float32)
-    f = max(1, int(round(MOTION_GRID_MM / min(dy, dx))))
+    f = max(1, int(np.floor(MOTION_GRID_MM / min(dy, dx) + 1e-6)))
     small = _block_mean(crop, f)
     if min(small.shape) < 16:
         return 0.0, (0.0, 0.0)
-    band = ndi.gaussian_filter(small, MOTION_BAND[0]) - ndi.gaussian_filter(small, MOTION_BAND[1])
-    window = np.outer(np.hanning(band.shape[0]), np.hanning(band.shape[1])).astype(np.float32)
-    g = (band - band.mean()) * window
     gy, gx = dy * f, dx * f  # mm per grid pixel
+    small = small - ndi.gaussian_filter(small, MOTION_DETREND_MM / min(gy, gx))
+    window = np.outer(np.hanning(small.shape[0]), np.hanning(small.shape[1])).astype(np.float32)
+    g = (small - small.mean()) * window
     ry, rx = int(np.ceil(MOTION_SHIFT_MM[1] / gy)), int(np.ceil(MOTION_SHIFT_MM[1] / gx))
     # zero padding by more than the largest shift (and the step beyond it) keeps those lags acyclic
     size = (sfft.next_fast_len(g.shape[0] + 2 * ry + 8, real=True),
             sfft.next_fast_len(g.shape[1] + 2 * rx + 8, real=True))
-    spec = sfft.rfft2(g, s=size)
-    acf = sfft.irfft2(spec * np.conj(spec), s=size)
+    power = np.abs(sfft.rfft2(g, s=size)) ** 2
+    # whiten by the power's median over each ring of |frequency|, clip what stands out of its ring
+    # (a periodic texture's lines, line banding's kx = 0 column), weight each ring by its part
+    # above the noise floor (the outer rings)
+    fy = sfft.fftfreq(size[0], gy)[:, None]
+    fx = sfft.rfftfreq(size[1], gx)[None, :]
+    radius = np.hypot(fy, fx)
+    ring = np.minimum((radius * (MOTION_RINGS / radius.max())).astype(np.int32), MOTION_RINGS - 1)
+    med = np.asarray(ndi.median(power, labels=ring + 1, index=np.arange(1, MOTION_RINGS + 1)), dtype=np.float64)
+    med = np.where(np.isfinite(med), med, 0.0)
+    floor = float(np.median(med[int(0.75 * MOTION_RINGS):]))
+    ring_power = med[ring] + 1e-30
+    weight = np.minimum(power / ring_power, MOTION_CLIP) * np.clip(1.0 - floor / ring_power, 0.0, None)
+    acf = sfft.irfft2(weight, s=size)
     c0 = (ry + 4, rx + 4)
     acf = np.roll(acf, c0, axis=(0, 1))[: 2 * c0[0] + 1, : 2 * c0[1] + 1]
     if not acf[c0] > 0:
@@ -247,8 +325,13 @@ def motion_score(pixels: np.ndarray, points: np.ndarray, spacing_mm: tuple[float
         return ndi.map_coordinates(acf, [ky + c0[0], kx + c0[1]], order=1)
 
     k = MOTION_PEAK_MM / dist  # one step along the shift, either way
-    ridge = np.maximum.reduce([at(sy / 2.0, sx / 2.0), at(sy * (1 - k), sx * (1 - k)), at(sy * (1 + k), sx * (1 + k)),
+    here = at(sy, sx)
+    ridge = np.maximum.reduce([at(sy / 2.0, sx / 2.0),
+                               0.5 * (at(sy * (1 - k), sx * (1 - k)) + at(sy * (1 + k), sx * (1 + k))),
                                np.zeros_like(dist)])
-    score = at(sy, sx) - ridge
+    spread = 1.4826 * float(np.median(np.abs(here - np.median(here))))
+    if not spread > 0:
+        return 0.0, (0.0, 0.0)
+    score = (here - ridge) / spread
     j = int(np.argmax(score))
     return float(score[j]), (float(sx[j] * gx), float(sy[j] * gy))

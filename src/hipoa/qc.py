@@ -69,9 +69,9 @@ REASONS: dict[str, str] = {
     PATCH_OUTSIDE_IMAGE: "a site's patch lies less than patches.min_inside_fraction inside the image",
     IMPLAUSIBLE_PIXELS: "the decoded image is no hip DXA: bone not brighter than the soft tissue around the femur "
     "outline (an inverted image), or a noise-like texture filling the pixel range",
-    IMPLANT: "a metal hip prosthesis: at least qc.implant_min_area_mm2 of connected pixels at the top of the pixel "
-    "range (>= qc.implant_level of it) inside the hip outline",
-    MOTION: "patient motion: edges repeated at a 2.5-10 mm shift (autocorrelation score >= qc.motion_score)",
+    IMPLANT: "a metal hip prosthesis: at least qc.implant_min_area_mm2 of connected pixels at the top of the image's "
+    "own range (>= qc.implant_level of the way from soft tissue to the brightest mm^2) inside the hip outline",
+    MOTION: "patient motion: the image repeated at a 2.5-10 mm shift (whitened autocorrelation peak >= qc.motion_score)",
     POINTS_IMPLAUSIBLE: "a site's automatic points are far from the local outline shape of the shard's other hips "
     "(robust Mahalanobis score > qc.points_max_z); that site is NA, the others are measured",
     PIXEL_SPACING_UNKNOWN: "the patch store has no pixel spacing for the image, so no area can be computed",
@@ -115,8 +115,9 @@ class Limits:
         max_zip_members: Most members one zip may hold (UKB's hold under 10).
         edge_margin_mm: A head or acetabulum outline point nearer the image edge than this is
             ``head_out_of_view`` (an automatic search keeps cut-off points on the edge).
-        implant_level: Fraction of the top of the pixel range at and above which a pixel counts
-            as metal (implant check).
+        implant_level: Fraction of the way from the hip region's soft tissue (its 5th
+            percentile) to its brightest mm^2 at and above which a pixel counts as metal (implant
+            check, :func:`hipoa.fitness.metal_level`: the image's own intensities, not Bits Stored).
         implant_min_area_mm2: Smallest connected metal area inside the hip outline that is an
             ``implant`` (a femoral stem covers thousands of mm^2).
         points_max_z: A site whose local outline (the 11 points around its centre, in the patch's
@@ -124,8 +125,10 @@ class Limits:
             (:func:`hipoa.patches.points_scores`: RMS robust z, about 1 for a typical hip).
         points_min_images: Fewest measurable images a shard needs for that model and for the
             reference-length outlier test; fewer: not checked.
-        motion_score: Autocorrelation peak at a 2.5-10 mm shift above which an image is ``motion``
-            (:func:`hipoa.fitness.motion_score`; under 0.06 for still synthetic hips, 0.11-0.38 for doubled ones).
+        motion_score: Peak of the whitened autocorrelation at a 2.5-10 mm shift, in robust
+            standard deviations of that autocorrelation, above which an image is ``motion``
+            (:func:`hipoa.fitness.motion_score`; under 4.6 for still synthetic hips on every test
+            scanner texture, mostly 5-12 for doubled ones; benchmarks/fitness.py).
     """
 
     spacing_mm: tuple[float, float] = (0.05, 1.0)
@@ -140,7 +143,7 @@ class Limits:
     edge_margin_mm: float = 1.5
     implant_level: float = 0.97
     implant_min_area_mm2: float = 100.0
-    motion_score: float = 0.085
+    motion_score: float = 5.0
     points_max_z: float = 2.5
     points_min_images: int = 40
 

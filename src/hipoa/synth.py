@@ -31,7 +31,7 @@ import logging
 import multiprocessing as mp
 import zipfile
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -134,11 +134,12 @@ def image_stem(eid: int | str, side: str) -> str:
 
 def dicom_bytes(pixels: np.ndarray, protocol: str, *, sop_uid: str, study_uid: str, series_uid: str,
                 patient_id: str, study_date: str, series_number: int, spacing_mm: float = SPACING_MM,
-                scanner: str = "A") -> bytes:
+                scanner: str = "A", bits_stored: int = 8) -> bytes:
     """Encode an 8-bit image as a UKB-iDXA-like CR DICOM file (Implicit VR Little Endian).
 
     Args:
-        pixels: (rows, cols) uint8, MONOCHROME2 (bright = bone).
+        pixels: (rows, cols) uint8, MONOCHROME2 (bright = bone); uint16 when ``bits_stored`` is
+            over 8 (another export, :func:`export_pixels`).
         protocol: ``(0018,1030) Protocol Name``, also written to ``(0040,0254)``.
         sop_uid, study_uid, series_uid: UIDs.
         patient_id: Placeholder ``(0010,0020) Patient ID`` (never the eid).
@@ -146,12 +147,18 @@ def dicom_bytes(pixels: np.ndarray, protocol: str, *, sop_uid: str, study_uid: s
         series_number: ``(0020,0011)``.
         spacing_mm: Pixel size; written only as ``(0040,0303) Exposed Area`` = [width, height] mm.
         scanner: ``"A"`` (the first scanner) or another name: device serial and software differ.
+        bits_stored: ``(0028,0101) Bits Stored``: 8 (UKB's exports: Bits Allocated 8), or 9-16
+            (Bits Allocated 16, High Bit ``bits_stored - 1``).
 
     Returns:
         The DICOM Part 10 file (preamble, ``DICM``, file meta, data set).
     """
-    if pixels.dtype != np.uint8 or pixels.ndim != 2:
-        raise ValueError(f"{protocol}: pixels must be 2-D uint8, got {pixels.dtype} {pixels.shape}")
+    dtype = np.uint8 if bits_stored == 8 else np.uint16
+    if not 8 <= bits_stored <= 16 or pixels.dtype != dtype or pixels.ndim != 2:
+        raise ValueError(f"{protocol}: pixels must be 2-D uint8 (Bits Stored 8) or uint16 (9-16), got "
+                         f"{pixels.dtype} {pixels.shape} with Bits Stored {bits_stored}")
+    if bits_stored > 8 and int(pixels.max(initial=0)) >= 2 ** bits_stored:
+        raise ValueError(f"{protocol}: a pixel value {int(pixels.max())} does not fit Bits Stored {bits_stored}")
     rows, cols = pixels.shape
     meta = FileMetaDataset()
     meta.MediaStorageSOPClassUID = CR_IMAGE_STORAGE
@@ -199,13 +206,13 @@ def dicom_bytes(pixels: np.ndarray, protocol: str, *, sop_uid: str, study_uid: s
     ds.PhotometricInterpretation = "MONOCHROME2"
     ds.Rows = rows
     ds.Columns = cols
-    ds.BitsAllocated = 8
-    ds.BitsStored = 8
-    ds.HighBit = 7
+    ds.BitsAllocated = 8 if bits_stored == 8 else 16
+    ds.BitsStored = bits_stored
+    ds.HighBit = bits_stored - 1
     ds.PixelRepresentation = 0
     ds.PerformedProcedureStepDescription = protocol
     ds.ExposedArea = [int(round(cols * spacing_mm)), int(round(rows * spacing_mm))]
-    ds.PixelData = np.ascontiguousarray(pixels).tobytes()
+    ds.PixelData = np.ascontiguousarray(pixels, dtype=pixels.dtype.newbyteorder("<")).tobytes()
     buf = io.BytesIO()
     pydicom.dcmwrite(buf, ds, enforce_file_format=True)
     return buf.getvalue()
@@ -284,6 +291,16 @@ def auto_points(rng: np.random.Generator, true: np.ndarray, rows: int, cols: int
 def _hip(rng: np.random.Generator, who: anatomy.Participant, rows: int, cols: int,
          present: dict[int, bool], side: str, scanner: anatomy.Scanner = anatomy.FIRST_SCANNER,
          unfit: str = "") -> anatomy.HipRender:
+    hip, geo = _normal_hip(rng, who, rows, cols, present, scanner)
+    hip = _make_unfit(rng, hip, geo, unfit)
+    return anatomy.mirror_hip(hip) if side == "R" else hip
+
+
+def _normal_hip(rng: np.random.Generator, who: anatomy.Participant, rows: int, cols: int,
+                present: dict[int, bool], scanner: anatomy.Scanner,
+                noise: bool = True) -> tuple[anatomy.HipRender, anatomy.HipGeometry]:
+    """A left hip as the scanner renders it (``noise`` as :func:`hipoa.anatomy.render_hip`), and its
+    geometry."""
     # Redraw the rare geometry whose reference length (points 12-39) leaves ~55-70 mm or whose
     # outline comes within 4 mm of the image edge.
     sp = scanner.spacing_mm
@@ -296,14 +313,18 @@ def _hip(rng: np.random.Generator, who: anatomy.Participant, rows: int, cols: in
                 and x.max() <= cols - 1 - margin and y.max() <= rows - 1 - margin):
             break
     spurs = anatomy.draw_osteophytes(rng, geo, present)
-    hip = anatomy.render_hip(rng, who, geo, spurs, scanner)
+    return anatomy.render_hip(rng, who, geo, spurs, scanner, noise=noise), geo
+
+
+def _make_unfit(rng: np.random.Generator, hip: anatomy.HipRender, geo: anatomy.HipGeometry, unfit: str,
+                motion_shift_mm: tuple[float, float] = (3.0, 8.0)) -> anatomy.HipRender:
     if unfit == "implant":
-        hip = anatomy.add_implant(rng, hip, geo)
-    elif unfit == "cropped_view":
-        hip = anatomy.crop_view(rng, hip, geo)
-    elif unfit == "motion":
-        hip = anatomy.add_motion(rng, hip)
-    return anatomy.mirror_hip(hip) if side == "R" else hip
+        return anatomy.add_implant(rng, hip, geo)
+    if unfit == "cropped_view":
+        return anatomy.crop_view(rng, hip, geo)
+    if unfit == "motion":
+        return anatomy.add_motion(rng, hip, shift_mm=motion_shift_mm)
+    return hip
 
 
 def second_annotator(rng: np.random.Generator, labels: np.ndarray, spacing_mm: float) -> np.ndarray:
@@ -319,6 +340,109 @@ def second_annotator(rng: np.random.Generator, labels: np.ndarray, spacing_mm: f
         grown = ndi.binary_dilation(region) if rng.random() < 0.5 else ndi.binary_erosion(region)
         out[grown & ((labels == 0) | region)] = label
     return out
+
+
+# ---------------------------------------------------------------------------------------------
+# Other exports and scanner textures (the image-fitness benchmark and tests; not hipoa synth)
+# ---------------------------------------------------------------------------------------------
+
+
+EXPORTS: dict[str, str] = {
+    "": "as UKB exports it: 8 bits, metal at 251-255",
+    "scaled": "8 bits, every value multiplied by 0.76-0.84 (metal at ~80 % of 255)",
+    "12in16": "12-bit data (0-4095) in 16-bit words, Bits Stored 16 or 12 (even odds)",
+    "windowed": "8 bits through a window whose top lies between the brightest bone and the metal "
+                "(the metal clipped at the top)",
+    "windowed_bone": "8 bits through a window whose top lies at the 98th-99.8th percentile of the femur's "
+                     "pixels (bone and metal clipped together at the top)",
+}
+"""Ways another site or software version may export the same hip (:func:`export_pixels`)."""
+
+
+def export_pixels(rng: np.random.Generator, image: np.ndarray, kind: str,
+                  bone: np.ndarray) -> tuple[np.ndarray, int]:
+    """The pixels of ``image`` as the export ``kind`` (:data:`EXPORTS`) would store them.
+
+    Args:
+        image: ``(rows, cols)`` uint8 as rendered (MONOCHROME2).
+        kind: A key of :data:`EXPORTS`.
+        bone: The femur's pixel values in the same image without any implant (for the windows).
+
+    Returns:
+        The stored pixels (uint8, or uint16 for ``12in16``) and their Bits Stored.
+    """
+    v = image.astype(np.float64)
+    if kind == "":
+        return image, 8
+    if kind == "scaled":
+        return np.rint(v * rng.uniform(0.76, 0.84)).astype(np.uint8), 8
+    if kind == "12in16":
+        # dithered, so that the 12-bit histogram has no 8-bit comb
+        out = np.clip(np.rint(v * (4095.0 / 255.0) + rng.uniform(-8.0, 8.0, v.shape)), 0, 4095).astype(np.uint16)
+        return out, int(rng.choice([12, 16]))
+    if kind in ("windowed", "windowed_bone"):
+        if kind == "windowed":
+            top = rng.uniform(float(bone.max()) + 3.0, 248.0)
+        else:
+            top = rng.uniform(*np.percentile(bone, [98.0, 99.8]))
+        low = rng.uniform(0.0, 40.0)
+        return np.rint(np.clip((v - low) / (top - low), 0.0, 1.0) * 255.0).astype(np.uint8), 8
+    raise ValueError(f"export: expected one of {sorted(EXPORTS)}, got {kind!r}")
+
+
+@dataclass(frozen=True)
+class FitnessHip:
+    """One synthetic hip for the image-fitness benchmark (:func:`fitness_hip`)."""
+
+    dicom: bytes  # a Left Femur / Right Femur DICOM file, as :func:`dicom_bytes` writes it
+    points: np.ndarray  # (85, 2) float64 px, automatic outline of the stored image
+    side: str
+    scanner: str
+    unfit: str
+    export: str
+
+
+def fitness_hip(seed: int, index: int, scanner: anatomy.Scanner = anatomy.FIRST_SCANNER, unfit: str = "",
+                export: str = "", motion_shift_mm: tuple[float, float] = (2.5, 10.0)) -> FitnessHip:
+    """A single hip on any scanner (:data:`hipoa.anatomy.TEST_SCANNERS`), normal or unfit, in any
+    export (:data:`EXPORTS`), deterministic by ``(seed, index)``.
+
+    Args:
+        seed, index: Everything follows from them (and the other arguments).
+        scanner: How the hip is rendered; the matrix covers about 150 x 170 mm at its spacing.
+        unfit: ``""`` or a key of :data:`UNFIT`.
+        export: A key of :data:`EXPORTS`.
+        motion_shift_mm: Range of the second copy's shift for ``unfit="motion"`` (the whole range
+            the motion check looks at; ``hipoa synth`` draws 3-8 mm). The anatomy is doubled
+            (:func:`hipoa.anatomy.double_image`, weight 0.3-0.5) before the scanner's noise and
+            texture are added, which a doubled image does not repeat.
+    """
+    if unfit and unfit not in UNFIT:
+        raise ValueError(f"unfit: expected '' or one of {sorted(UNFIT)}, got {unfit!r}")
+    rng = np.random.default_rng([seed, 0xF17, index])
+    who = anatomy.draw_participant(rng)
+    sp = scanner.spacing_mm
+    rows, cols = (int(round(mm / sp / 4.0)) * 4 for mm in rng.choice([[150.0, 170.0], [152.0, 168.0],
+                                                                      [156.0, 176.0], [160.0, 170.0]]))
+    present = {label: bool(rng.random() < 0.15) for label in (1, 2, 3)}
+    hip, geo = _normal_hip(rng, who, rows, cols, present, scanner, noise=unfit != "motion")
+    if unfit == "motion":
+        # the patient moves, the detector does not: the anatomy is doubled, then the scanner's
+        # noise, banding and texture are added once (hipoa synth doubles them too)
+        doubled = anatomy.double_image(rng, hip.image, sp, motion_shift_mm)
+        hip = replace(hip, image=anatomy.scan_noise(rng, doubled, scanner))
+    bone = hip.image[anatomy._fill((rows, cols), geo.femur_poly)]
+    hip = _make_unfit(rng, hip, geo, unfit if unfit != "motion" else "")
+    side = "L" if rng.random() < 0.5 else "R"
+    if side == "R":
+        hip = anatomy.mirror_hip(hip)
+    pixels, bits = export_pixels(rng, hip.image, export, bone)
+    auto = auto_points(rng, hip.points, rows, cols, spacing_mm=sp)
+    ent = [str(seed), "fitness", str(index)]
+    data = dicom_bytes(pixels, PROTOCOLS[side], sop_uid=generate_uid(UID_PREFIX, ent), study_uid=generate_uid(
+        UID_PREFIX, ent + ["study"]), series_uid=generate_uid(UID_PREFIX, ent + ["series"]), patient_id="SYNFITNESS",
+        study_date="20160101", series_number=1, spacing_mm=sp, scanner=scanner.name, bits_stored=bits)
+    return FitnessHip(dicom=data, points=auto, side=side, scanner=scanner.name, unfit=unfit, export=export)
 
 
 def _participant(task: _Task, cfg: _Settings) -> list[dict]:

@@ -72,8 +72,15 @@ def test_implant_area_counts_connected_metal_inside_the_outline():
     image[(xx - 400) ** 2 + (yy - 280) ** 2 <= 40 ** 2] = 255.0  # a 28 mm ball on the head
     area = fitness.implant_area_mm2(image, pts, SP, 0.97, 255.0, 100.0)
     assert area == pytest.approx(np.pi * 40 ** 2 * 0.0625, rel=0.02)
-    # below the level: no metal; scattered bright pixels: too little to look at
-    assert fitness.implant_area_mm2(image * 0.9, pts, SP, 0.97, 255.0, 100.0) == 0.0
+    # the level is the image's own: an export that scales the values, or stores 12 bits in 16, or
+    # says nothing of its range, finds the same metal (Bits Stored's top is not used)
+    for scaled, top in ((image * 0.8, 255.0), (image * 16.0, 65535.0), (image, float("nan"))):
+        assert fitness.implant_area_mm2(scaled, pts, SP, 0.97, top, 100.0) == pytest.approx(area)
+    # the brightest bone is not metal: a plateau thinner than the opening's disc (a 2 mm cortex)
+    cortex = np.full((600, 680), 120.0, np.float32)
+    cortex[(np.abs(np.hypot(xx - 400, yy - 280) - 60) <= 4)] = 255.0
+    assert fitness.implant_area_mm2(cortex, pts, SP, 0.97, 255.0, 100.0) < 100.0
+    # scattered bright pixels: too little to look at
     speckle = np.full((600, 680), 120.0, np.float32)
     speckle[::50, ::50] = 255.0
     assert fitness.implant_area_mm2(speckle, pts, SP, 0.97, 255.0, 100.0) < 100.0
@@ -100,6 +107,47 @@ def test_motion_score_finds_a_doubled_image_and_its_shift():
     moved, shift = fitness.motion_score(0.6 * image + 0.4 * ghost, pts, SP)
     assert still < qc.Limits().motion_score < moved
     assert abs(abs(shift[0]) - 6.0) <= 0.5 and abs(shift[1]) <= 0.5
+
+
+def _decoded(h):
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "hip.dcm"
+        path.write_bytes(h.dicom)
+        return read_image(path)
+
+
+@pytest.mark.parametrize("export", ["", "scaled", "12in16", "windowed", "windowed_bone"])
+def test_implant_caught_in_every_export_and_normal_hips_not(export):
+    """Metal that does not reach the top of Bits Stored (scaled 8-bit, 12 bits in 16) or that a
+    window clips together with the brightest bone is still metal; the same exports of normal hips
+    are not flagged."""
+    from hipoa.anatomy import FIRST_SCANNER, SECOND_SCANNER
+    from hipoa.synth import fitness_hip
+
+    limits = qc.Limits()
+    for i, scanner in enumerate((FIRST_SCANNER, SECOND_SCANNER)):
+        for unfit in ("implant", ""):
+            h = fitness_hip(3, 2 * i + (unfit == ""), scanner, unfit, export)
+            img = _decoded(h)
+            got = fitness.check_image(img.pixels, h.points, img.spacing_mm, limits, img.max_value)
+            assert got.reason == (qc.IMPLANT if unfit else ""), (export, scanner.name, unfit, got.detail)
+
+
+def test_motion_caught_and_scanner_textures_not_flagged():
+    """On every test scanner texture (line banding, periodic stripes at 1.5-12 mm in any direction,
+    coarse noise grain): a still hip is fit, the same anatomy doubled at 2.5-10 mm is motion."""
+    from hipoa.anatomy import TEST_SCANNERS
+    from hipoa.synth import fitness_hip
+
+    limits = qc.Limits()
+    for j, scanner in enumerate(TEST_SCANNERS):
+        for unfit in ("", "motion"):
+            h = fitness_hip(4, 2 * j + (unfit == "motion"), scanner, unfit)
+            img = _decoded(h)
+            got = fitness.check_image(img.pixels, h.points, img.spacing_mm, limits, img.max_value)
+            assert got.reason == (qc.MOTION if unfit else ""), (scanner.name, unfit, got.motion_score)
 
 
 def test_check_image_reports_the_first_reason():
