@@ -38,6 +38,36 @@ def fill_pattern(pattern: str, **values: object) -> str:
     return _WILDCARD.sub(lambda m: str(values[m.group(1)]), pattern)
 
 
+def check_image_patterns(images: str, per_image: dict[str, str], sides: list[str] | tuple[str, ...]) -> None:
+    """Refuse a per-image pattern (automatic or manual points, masks) that cannot tell images apart.
+
+    Each must hold ``{eid}``; ``{side}`` when more than one side runs (else a left and a right hip
+    share one file); ``{instance}`` when the image pattern has it (else two visits share one);
+    otherwise one file would serve many images and every one of them be measured with it.
+
+    Args:
+        images: The image pattern (``inputs.images`` / ``--images``).
+        per_image: ``{key as the user wrote it: pattern}``, empty patterns skipped (not given).
+        sides: The sides this run processes.
+
+    Raises:
+        ValueError: naming the key, its pattern and the wildcard it lacks.
+    """
+    needed = ["eid"] + (["side"] if len(set(sides)) > 1 else []) + (["instance"] if "instance" in wildcards(images) else [])
+    for key, pattern in per_image.items():
+        if not pattern:
+            continue
+        have = set(wildcards(pattern))
+        lacking = [name for name in needed if name not in have]
+        if lacking:
+            why = {"eid": "every participant", "side": f"both sides ({', '.join(sides)})",
+                   "instance": "every visit of a participant (the image pattern has {instance})"}
+            raise ValueError(
+                f"{key} {pattern!r} lacks {', '.join('{' + n + '}' for n in lacking)}: one file would serve "
+                f"{' and '.join(why[n] for n in lacking)}, and every such image be measured with it"
+            )
+
+
 def pattern_to_glob(pattern: str) -> tuple[str, re.Pattern[str]]:
     """Turn an image pattern into a glob and a regex that parses its wildcards back.
 

@@ -168,6 +168,14 @@ def test_loaded_models_skip_training_and_evaluation(tmp_path):
         ({"training": {"epochs": "many"}},
          "config training.epochs: 'many' is not of type 'integer' (config/README.md describes the key)"),
         ({"training": {"augment": {"knee": {"n_augment": 1}}}}, "config training.augment: unknown sites ['knee']"),
+        # a per-image pattern that cannot tell images apart: one file would serve many
+        ({"inputs": {"points_auto": "resources/demo/points/auto/one.pts"}},
+         "config inputs.points_auto 'resources/demo/points/auto/one.pts' lacks {eid}"),
+        ({"inputs": {"masks": "resources/demo/masks/{eid}_{instance}.png"}},
+         "config inputs.masks 'resources/demo/masks/{eid}_{instance}.png' lacks {side}: one file would serve both "
+         "sides (L, R)"),
+        ({"inputs": {"points_manual": "resources/demo/points/manual/{eid}_{side}.pts"}},
+         "lacks {instance}: one file would serve every visit"),
     ],
 )
 def test_bad_config_is_refused_with_the_key(tmp_path, override, message):

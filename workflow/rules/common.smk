@@ -14,7 +14,7 @@ import yaml
 
 # The checkout's hipoa, as the rules run it (only its light modules are imported here).
 sys.path.insert(0, str(Path(workflow.basedir) / "src"))
-from hipoa.patterns import count_images
+from hipoa.patterns import check_image_patterns, count_images
 
 
 wildcard_constraints:
@@ -98,6 +98,12 @@ def check_config():
         raise ValueError(
             f"config training.side: {config['training']['side']!r} is not among sides {SIDES}; "
             "the trained sites learn from that side's patches"
+        )
+    if not inputs["manifest"]:
+        check_image_patterns(
+            inputs["images"],
+            {f"config inputs.{key}": inputs[key] or "" for key in ("points_auto", "points_manual", "masks")},
+            SIDES,
         )
     if inputs["manifest"] and Path(inputs["manifest"]).exists():
         validate_manifest(inputs["manifest"])
