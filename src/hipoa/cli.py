@@ -345,6 +345,7 @@ def _train_unet_args(p: argparse.ArgumentParser) -> None:
 def _train_unet(args: argparse.Namespace) -> int:
     from pathlib import Path
 
+    _need_files(("--load", args.load), ("--splits", args.splits))  # before TensorFlow is imported
     from hipoa.modelio import install_model
     from hipoa.train import train_site
 
@@ -399,6 +400,7 @@ def _evaluate_args(p: argparse.ArgumentParser) -> None:
 def _evaluate(args: argparse.Namespace) -> int:
     from pathlib import Path
 
+    _need_files(("--model", args.model), ("--splits", args.splits))  # before TensorFlow is imported
     from hipoa.evaluate import evaluate_site
 
     r = evaluate_site(
@@ -438,6 +440,24 @@ def _site_models(values: list[str]) -> dict:
     return models
 
 
+def _need_files(*named: tuple[str, object]) -> None:
+    """Refuse an input file that does not exist before any work, naming the option and the path
+    as the user gave it (``--phenotypes /x: no such file``), not a path a library derived from it
+    (``/x.json`` beside a model, ``/x.parquet``) or a library's own wording. A path that exists
+    but is no file (a directory, a FIFO) is left to the reader's own, more specific message.
+    ``named``: ``(option, path or paths)``; None and empty lists (an optional input not given)
+    are skipped; ``"--model SITE="`` options are written without a space."""
+    import os
+
+    for option, paths in named:
+        if paths is None:
+            continue
+        for path in paths if isinstance(paths, (list, tuple)) else [paths]:
+            if not os.path.exists(path):
+                sep = "" if option.endswith("=") else " "
+                raise ValueError(f"{option}{sep}{path}: no such file")
+
+
 def _predict_args(p: argparse.ArgumentParser) -> None:
     from pathlib import Path
 
@@ -455,11 +475,13 @@ def _predict_args(p: argparse.ArgumentParser) -> None:
 
 @subcommand("predict-masks", "predict osteophyte presence and area per site for one or more shards", _predict_args)
 def _predict_masks(args: argparse.Namespace) -> int:
+    models = _site_models(args.model)
+    _need_files(*((f"--model {site}=", path) for site, path in models.items()))  # before TensorFlow
     from hipoa.predict import predict_shards
 
     predict_shards(
         stores=args.stores,
-        models=_site_models(args.model),
+        models=models,
         outs=args.out,
         masks_outs=args.masks_out,
         batch_size=args.batch_size,
@@ -544,6 +566,7 @@ def _release(args: argparse.Namespace) -> int:
     from hipoa.release import parse_instance_policy, release_both_sides
 
     policy = parse_instance_policy(args.instance)
+    _need_files(("--phenotypes", args.phenotypes), ("--manifests", args.manifests))
     tables = {_side_of(p, "phenotype table"): p for p in args.phenotypes}
     manifests = {_side_of(p, "manifest"): p for p in args.manifests}
     if len(tables) != len(args.phenotypes) or len(manifests) != len(args.manifests):
@@ -575,6 +598,7 @@ def _report_arguments(p: argparse.ArgumentParser) -> None:
 
 @subcommand("report-figures", "tables and figures for the workflow report", _report_arguments)
 def _report_figures(args: argparse.Namespace) -> int:
+    _need_files(("--phenotypes", args.phenotypes), ("--scores", args.scores), ("--manifests", args.manifests))
     from hipoa.report import write_report_figures
 
     write_report_figures(

@@ -468,7 +468,7 @@ def _score_points(arrays: _Arrays, sites: list[Site], reasons: np.ndarray, limit
         if bad.size:
             log.warning("shard %d: %s: %d of %d images with implausible points (score > qc.points_max_z %g): %s",
                         shard, site.name, bad.size, int(fine.sum()), limits.points_max_z,
-                        ", ".join(f"row {j} (eid {arrays.rows['eid'][j]}, {z[j]:.1f})" for j in bad[:10]))
+                        ", ".join(f"row {j} (eid {arrays.rows['eid'][j]}, {z[j]:.3g})" for j in bad[:10]))
 
 
 def _crop_manual(

@@ -28,6 +28,12 @@ class PointsError(ValueError):
     """A ``.pts`` file that cannot be used; the message names the file, the line and the value."""
 
 
+def _shown(text: str, limit: int = 60) -> str:
+    """``text`` quoted as in a message, cut after ``limit`` characters: a coordinate written with
+    400 digits or a binary line is not echoed whole."""
+    return repr(text) if len(text) <= limit else f"{text[:limit]!r}... ({len(text):,} characters)"
+
+
 def _read_header(lines: list[str], path: Path) -> tuple[int, int, int]:
     """``(n_points declared, its line number, index of the line after '{')`` of a ``.pts`` header."""
     declared: int | None = None
@@ -42,20 +48,20 @@ def _read_header(lines: list[str], path: Path) -> tuple[int, int, int]:
             break
         key, sep, value = line.partition(":")
         if not sep:
-            raise PointsError(f"{path}: line {i}: expected 'key: value' or '{{', got {line!r}")
+            raise PointsError(f"{path}: line {i}: expected 'key: value' or '{{', got {_shown(line)}")
         key = key.strip().lower()
         if key == "version":
             if value.strip() != "1":
-                raise PointsError(f"{path}: line {i}: unsupported version {value.strip()!r} (expected 1)")
+                raise PointsError(f"{path}: line {i}: unsupported version {_shown(value.strip())} (expected 1)")
         elif key == "n_points":
             try:
                 declared = int(value.strip())
                 declared_line = i
             except ValueError:
-                raise PointsError(f"{path}: line {i}: n_points is not an integer: {value.strip()!r}") from None
+                raise PointsError(f"{path}: line {i}: n_points is not an integer: {_shown(value.strip())}") from None
     else:
         last = lines[-1].strip() if lines else ""
-        raise PointsError(f"{path}: line {len(lines)}: no '{{' opening the point list (last line {last!r})")
+        raise PointsError(f"{path}: line {len(lines)}: no '{{' opening the point list (last line {_shown(last)})")
     if declared is None:
         raise PointsError(f"{path}: line {i}: '{{' before any 'n_points:' header line")
     return declared, declared_line, i
@@ -74,14 +80,16 @@ def _read_coords(lines: list[str], i: int, path: Path) -> tuple[list[tuple[float
             return coords, line_numbers
         parts = line.split()
         if len(parts) != 2:
-            raise PointsError(f"{path}: line {i}: expected 'x y', got {line!r}")
+            raise PointsError(f"{path}: line {i}: expected 'x y', got {_shown(line)}")
         try:
             coords.append((float(parts[0]), float(parts[1])))
         except ValueError:
-            raise PointsError(f"{path}: line {i}: coordinates are not numbers: {line!r}") from None
+            raise PointsError(f"{path}: line {i}: coordinates are not numbers: {_shown(line)}") from None
         line_numbers.append(i)
     last = lines[-1].strip() if lines else ""
-    raise PointsError(f"{path}: line {len(lines)}: point list not closed with '}}' (file truncated?), last line {last!r}")
+    raise PointsError(
+        f"{path}: line {len(lines)}: point list not closed with '}}' (file truncated?), last line {_shown(last)}"
+    )
 
 
 def read_pts(path: str | Path, n_points: int | None = N_POINTS) -> np.ndarray:
@@ -112,7 +120,7 @@ def read_pts(path: str | Path, n_points: int | None = N_POINTS) -> np.ndarray:
     bad = np.flatnonzero(~np.isfinite(pts).all(axis=1))
     if bad.size:
         k = line_numbers[bad[0]]
-        raise PointsError(f"{path}: line {k}: non-finite coordinate {lines[k - 1].strip()!r}")
+        raise PointsError(f"{path}: line {k}: non-finite coordinate {_shown(lines[k - 1].strip())}")
     if len(coords) != declared:
         raise PointsError(
             f"{path}: line {declared_line}: header says n_points: {declared}, but the list has {len(coords)} points"

@@ -587,60 +587,16 @@ def test_unparsed_file_naming_a_withdrawn_eid_is_counted_not_logged(tmp_path, ca
     (root / "1234567_20158_2_0 (1).zip").write_bytes(b"")
     (root / "7654321_20158_2_0 (1).zip").write_bytes(b"")
     with caplog.at_level(logging.DEBUG):
-        df = build_manifest(images=str(root / "{eid}_20158_{instance}_{array}.zip"), points_auto="p/{eid}.pts",
-                            side="L", n_shards=1, withdrawn={"1234567"})
+        df = build_manifest(images=str(root / "{eid}_20158_{instance}_{array}.zip"),
+                            points_auto="p/{eid}_{instance}_{side}.pts", side="L", n_shards=1, withdrawn={"1234567"})
     assert len(df) == 0 and df.attrs["ingest"]["withdrawn_participants"] == 1
     text = caplog.text
     assert "1234567" not in text
     assert "7654321" in text  # the other unparsed file is still reported by name
 
 
-# As spreadsheets and data frames rewrite UKB's list: each spelling of 1000001 (three zips) removes
-# that participant, through the real command, leaving no trace in the manifest or the log.
-SPELLINGS = {
-    "leading_zeros": (b"01000001\n", True),
-    "decimal_zero": (b"1000001.0\n", True),
-    "exponent": (b"1.000001e6\n", True),
-    "exponent_upper_plus": (b"1.000001E+06\n", True),
-    "quotes": (b'"1000001"\n', False),
-    "spaces": (b"   1000001   \n", False),
-    "bom": ("\ufeff1000001\n".encode(), False),
-    "crlf": (b"1000001\r\n1000003\r\n", False),
-    "header_eid": (b"eid\n1000001\n", False),
-    "header_f_eid": (b'"f.eid"\n"1000001"\n', False),
-    "float_column_csv": (b"f.eid,\n1000001.0,\n", True),
-}
-
-
-@pytest.mark.parametrize("spelling", sorted(SPELLINGS))
-def test_every_spelling_of_a_withdrawal_removes_the_participant(layout, tmp_path, capsys, spelling):
-    text, numeric = SPELLINGS[spelling]
-    (tmp_path / "w.txt").write_bytes(text)
-    out = tmp_path / "L.parquet"
-    rc = main(["-v", "ingest", "--images", str(layout / IMAGES), "--points-auto", str(layout / AUTO), "--side", "L",
-               "--shards", "2", "--out", str(out), "--withdrawn", str(tmp_path / "w.txt")])
-    assert rc == 0
-    df = pd.read_parquet(out)
-    assert "1000001" not in set(df["eid"]) and len(df) > 0
-    meta = pq.read_metadata(out).metadata
-    assert int(meta[b"withdrawn_participants"]) >= 1 and meta[b"withdrawn_unmatched_entries"] == b"0"
-    captured = capsys.readouterr()
-    assert "1000001" not in captured.out + captured.err  # not even in the debug log
-    assert ("matched by their integer value" in captured.err) == numeric  # the WARNING, when matched numerically
-
-
-@pytest.mark.parametrize("text, why", [
-    (b"1000002\n1.75e6\n", "3 significant digits"),  # a spreadsheet's rounding: refused, not guessed
-    (b"1000002\n1000001.5\n", "not an integer"),
-])
-def test_a_withdrawal_that_cannot_be_one_eid_stops_ingest_before_any_image(layout, tmp_path, capsys, text, why):
-    (tmp_path / "w.txt").write_bytes(text)
-    out = tmp_path / "L.parquet"
-    rc = main(["ingest", "--images", str(layout / IMAGES), "--points-auto", str(layout / AUTO), "--side", "L",
-               "--shards", "2", "--out", str(out), "--withdrawn", str(tmp_path / "w.txt")])
-    err = capsys.readouterr().err
-    assert rc == 2 and not out.exists()
-    assert "line 2" in err and why in err and "1000001" not in err and "1000002" not in err
+# Each spelling of a withdrawal (leading zeros, .0, exponent, quotes, BOM, ...) through hipoa ingest,
+# and the entries refused before any image is read: test_withdrawals.py.
 
 
 # ---------------------------------------------------------------------------------------------
