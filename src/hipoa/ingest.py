@@ -59,7 +59,7 @@ from hipoa.dicom import (
     side_of_protocol,
 )
 from hipoa.geometry import inside_image
-from hipoa.patterns import fill_pattern, pattern_to_glob, wildcards
+from hipoa.patterns import check_image_patterns, fill_pattern, pattern_to_glob, wildcards
 from hipoa.points import N_POINTS, PointsError, read_pts
 from hipoa.progress import Progress
 from hipoa.sites import DEFAULT_SITES
@@ -175,8 +175,10 @@ class Withdrawals(frozenset):
 
 
 _DIGITS = re.compile(r"[0-9]+")
-_CANONICAL_INTEGER = re.compile(r"0|[1-9][0-9]*")
-_NUMBER = re.compile(r"\+?(?P<mantissa>[0-9]+(?:\.[0-9]*)?|\.[0-9]+)(?:[eE](?P<exponent>[+-]?[0-9]+))?")
+_CANONICAL_INTEGER = re.compile(r"-?(?:0|[1-9][0-9]*)")
+_MAX_EID_DIGITS = 30
+"""More digits than any eid has: such a number is refused, not converted."""
+_NUMBER = re.compile(r"[+-]?(?P<mantissa>[0-9]+(?:\.[0-9]*)?|\.[0-9]+)(?:[eE](?P<exponent>[+-]?[0-9]+))?")
 
 
 def withdrawal_key(eid: object) -> str:
@@ -199,6 +201,8 @@ def _numeric_entry(value: str) -> tuple[str | None, str]:
         number = Decimal(value)
     except InvalidOperation:
         return None, ""
+    if number.adjusted() >= _MAX_EID_DIGITS:  # before int(): 1e999999999 is a billion digits
+        return None, f"a number of more than {_MAX_EID_DIGITS} digits, too large to be an eid"
     if number != number.to_integral_value():
         return None, "a number that is not an integer"
     integer = str(int(number))
@@ -210,26 +214,47 @@ def _numeric_entry(value: str) -> tuple[str | None, str]:
     return integer, ""
 
 
+def _written(value: str) -> str:
+    """How a refused entry is named in the error: its shape with every digit written ``#``
+    (``1.75e6`` as ``'#.##e#'``, at most 40 characters), so the line is recognised but no eid in it
+    reaches a log."""
+    shape = re.sub(r"[0-9]", "#", value)
+    return ascii(shape if len(shape) <= 40 else shape[:39] + "~")
+
+
 def read_withdrawn(path: str | Path) -> Withdrawals:
     """The participants in a UK Biobank withdrawal file: those who withdrew consent.
 
     UKB sends one eid per line (plain text or a one-column CSV); spreadsheets and data frames
-    rewrite it. Read as written, each non-empty line (whitespace, Windows or old Mac line endings
-    and a UTF-8 byte-order mark tolerated; quotes around the value and a trailing comma dropped)
-    is one of:
+    rewrite it. Read as written, each non-empty line (surrounding whitespace, Windows or old Mac
+    line endings, blank lines and a UTF-8 byte-order mark tolerated; double quotes around the
+    value and one trailing comma dropped) is one of:
 
-    - a canonical eid (``1751499``, or any :data:`EID_PATTERN` that is no number): matched exactly
-      (all-digit eids by their integer, :func:`withdrawal_key`);
-    - a number equal to exactly one integer but not written as one: leading zeros (``01751499``),
-      a decimal part of zeros (``1751499.0``), exponent notation with every digit
-      (``1.751499e6``): **matched by that integer, with a WARNING giving the count**;
+    - a canonical eid: an integer without leading zeros (``1751499``), or any other
+      :data:`EID_PATTERN` that is no number (a negative UKB placeholder ``-3``, a study's own
+      id): matched exactly;
+    - a number equal to exactly one integer but not written as one: leading zeros
+      (``01751499``), a sign (``+1751499``), a decimal part of zeros (``1751499.0``), exponent
+      notation that writes every digit of the integer (``1.751499e6``, ``1.751499E+06``):
+      **matched by that integer, with one WARNING giving how many entries were**;
     - a header on the first line (one of :data:`WITHDRAWN_HEADERS`, e.g. ``eid``, ``f.eid``, or
-      any text with a letter that is neither an eid nor a number): skipped.
+      any text with a letter and no run of six digits that is neither an eid nor a number):
+      skipped.
 
-    Anything else is **refused before any image is read**: a number that is not an integer
-    (``1751499.5``), exponent notation with fewer significant digits than the integer has
-    (``1.75e6``: a rounding that could be any of a thousand participants; export the column as
-    text), a negative number, or a line that is no eid. An empty file means no withdrawals.
+    Anything else is **refused before any image is read**, with one error naming the file, the
+    line number and the entry's shape (digits written ``#``: no eid reaches the log):
+
+    - a number that is not an integer (``1751499.5``);
+    - exponent notation whose mantissa has fewer significant digits (leading zeros not counted)
+      than the integer it denotes (``1.75e6`` = 1750000 from 3 digits: a spreadsheet's rounding
+      of any of a thousand participants; ``1.75149e6`` too, though 1751490 is a possible eid:
+      write ``1.751490e6`` or, better, export the column as text);
+    - a number of more than :data:`_MAX_EID_DIGITS` digits;
+    - a line that is no eid (a space, ``;`` or a second column inside it, other characters),
+      the first line included when it holds six digits in a row (``1751499,withdrawn``).
+
+    An empty file means no withdrawals. Entries that match no image are not an error: ingest
+    counts them (``withdrawn_unmatched_entries``).
 
     Args:
         path: The withdrawal file.
@@ -239,8 +264,7 @@ def read_withdrawn(path: str | Path) -> Withdrawals:
 
     Raises:
         ValueError: the path is not a regular file or not text, or a line is refused; the
-            message names the file, the line number and why, and never repeats the line (it
-            may hold a withdrawn participant's eid).
+            message names the file, the line number, the entry's shape and why, never an eid.
     """
     problem = regular_file_problem(path)
     if problem:
@@ -272,21 +296,22 @@ def read_withdrawn(path: str | Path) -> Withdrawals:
             continue
         if why:
             raise ValueError(
-                f"withdrawal file {path}: line {number} is {why}; nothing was read. Write the eids as "
-                "integers (e.g. export the column as text), then run again"
+                f"withdrawal file {path}: line {number}, written {_written(value)}, is {why}; nothing was read. "
+                "Write the eids as integers (e.g. export the column as text), then run again"
             )
         if EID_PATTERN.fullmatch(value):  # e.g. a negative placeholder eid, or a study's own ids
             keys.add(value)
-        elif not first or not re.search(r"[A-Za-z]", value):
+        elif not first or not re.search(r"[A-Za-z]", value) or re.search(r"[0-9]{6}", value):
+            # a header holds a letter and no run of six digits: "1751499,withdrawn" is an eid, refused
             bad = next((i for i, c in enumerate(value) if not re.fullmatch(r"[A-Za-z0-9._-]", c)), 0)
             raise ValueError(
-                f"withdrawal file {path}: line {number} is not an eid (letters, digits, '.', '_', '-'; "
-                f"{len(value)} characters, the first unexpected one at column {bad + 1}); nothing was read"
+                f"withdrawal file {path}: line {number}, written {_written(value)}, is not an eid (letters, digits, "
+                f"'.', '_', '-'; the first unexpected character at column {bad + 1}); nothing was read"
             )
     if numeric:
         log.warning(
-            "withdrawal file %s: %d entries are not written as canonical eids (leading zeros, a decimal part, "
-            "exponent notation) and are matched by their integer value", path, numeric,
+            "withdrawal file %s: %d entries are not written as canonical eids (leading zeros, a sign, a decimal "
+            "part, exponent notation) and are matched by their integer value", path, numeric,
         )
     out = Withdrawals(keys)
     out.numeric = numeric
@@ -518,6 +543,8 @@ def _layout_jobs(
     for p in (points_auto, points_manual, masks):
         if p:
             wildcards(p)
+    check_image_patterns(images, {"--points-auto": points_auto or "", "--points-manual": points_manual or "",
+                                  "--masks": masks or ""}, [side])
     paths = sorted(glob.glob(glob_pattern))
     jobs: list[_Job] = []
     unmatched: list[str] = []
@@ -562,6 +589,23 @@ def _layout_jobs(
             + (f"; {len(unmatched)} file(s) found by the glob do not parse, e.g. {unmatched[0]!r})" if unmatched else ")")
         )
     return jobs, unmatched, removed
+
+
+def _refuse_shared_files(jobs: list[_Job], keys: dict[str, str]) -> None:
+    """Refuse when one points or mask file is looked up for two different images (a pattern or a
+    manifest column that cannot tell them apart): every such image would be measured with it."""
+    for field, key in keys.items():
+        owner: dict[str, tuple[str, int]] = {}
+        for job in jobs:
+            path = getattr(job, field)
+            if not path:
+                continue
+            image = (job.eid, job.instance)
+            first = owner.setdefault(path, image)
+            if first != image:
+                n = sum(1 for j in jobs if getattr(j, field) == path)
+                raise ValueError(f"{key}: one file, {path}, is looked up for {n} images (of different participants "
+                                 "or visits); each image needs its own (a pattern with {eid} and {instance})")
 
 
 def _read_table(path: Path) -> pd.DataFrame:
@@ -783,6 +827,9 @@ def build_manifest(
         jobs, unmatched, removed = _layout_jobs(images, points_auto, points_manual, masks, side, int(n_points), gone)
     else:
         (jobs, removed), unmatched = _manifest_jobs(manifest, side, int(n_points), gone), []
+    names = ({"points_auto": "--points-auto", "points_manual": "--points-manual", "mask": "--masks"} if images is not None
+             else {"points_auto": "column points_auto", "points_manual": "column points_manual", "mask": "column mask"})
+    _refuse_shared_files(jobs, names)
     unmatched_entries = len(gone - set(removed))
     if withdrawn is not None:
         log.info(

@@ -311,13 +311,14 @@ def test_manifest_with_plain_dicoms(tmp_path):
     (tmp_path / "dcm" / "b.dcm").write_bytes(hip_dicom("Left Femur", seed=2)[:-300])
     write_pts(tmp_path / "a.pts", good_points(1))
     write_pts(tmp_path / "b.pts", good_points(2))
+    write_pts(tmp_path / "c.pts", good_points(1))  # each image its own points file (one for two is refused)
     pd.DataFrame(
         {
             "eid": ["11", "12", "13", "11"],
             "instance": [2, 2, 2, 2],
             "side": ["L", "L", "L", "R"],
             "image": ["dcm/a.dcm", "dcm/b.dcm", "dcm/missing.dcm", "dcm/a.dcm"],
-            "points_auto": ["a.pts", "b.pts", "a.pts", ""],
+            "points_auto": ["a.pts", "b.pts", "c.pts", ""],
             "points_manual": ["", "", "", ""],
             "mask": ["", "", "", ""],
         }
