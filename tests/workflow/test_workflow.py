@@ -202,6 +202,10 @@ def _stub_cohort(root: Path, n: int, sides=("L", "R")) -> dict:
     (root / "ukb" / "20158").mkdir(parents=True, exist_ok=True)
     for k in range(n):
         (root / "ukb" / "20158" / f"{1000001 + k}_20158_2_0.zip").write_bytes(b"")
+    for side in sides:  # one annotated image per side: training has something to plan from
+        for folder, ext in (("manual", "pts"), ("masks", "png")):
+            (root / "ukb" / folder).mkdir(parents=True, exist_ok=True)
+            (root / "ukb" / folder / f"1000001_2_{side}.{ext}").write_bytes(b"")
     return {"images": "ukb/20158/{eid}_20158_{instance}_{array}.zip",
             "points_auto": "ukb/points/{eid}_{instance}_{side}.pts",
             "points_manual": "ukb/manual/{eid}_{instance}_{side}.pts",
@@ -318,6 +322,20 @@ def test_command_line_config_of_the_wrong_shape_says_how_to_pass_it(tmp_path, co
     assert message in output
     assert "--config 'training={epochs: 20}' 'sides=[L, R]'" in output
     assert "rule " not in done.stdout
+
+
+def test_a_partial_inputs_block_without_annotations_is_refused_before_planning(tmp_path):
+    """The user's inputs give images and points only: masks and manual points keep the shipped
+    ukb/... patterns, which find nothing; refused while parsing, naming the key and its origin."""
+    run = tmp_path / "run"
+    inputs = _stub_cohort(run, 3)
+    partial = {"images": inputs["images"], "points_auto": inputs["points_auto"]}
+    done = snakemake(run, {"inputs": partial, "patches": {"shards": 2}}, "--dry-run", demo=False, check=False)
+    out = done.stdout + done.stderr
+    assert done.returncode != 0 and "rule " not in done.stdout
+    # the stub's masks happen to lie where the shipped pattern looks; its manual points do not
+    assert ("config inputs.points_manual: 'ukb/points/manual/{eid}_{instance}_{side}.pts' (inherited from config.yaml: "
+            "your inputs block does not set it) finds no file of side L, but sites") in out
 
 
 def test_fewer_image_files_than_shards_are_refused(tmp_path):

@@ -113,6 +113,35 @@ def check_config():
             "resolved against the working directory)"
         )
     check_shards()
+    check_annotations()
+
+
+def check_annotations():
+    """Training needs annotated images: when a site is trained from an image layout (not the
+    synthetic cohort, not a manifest), its side must have at least one manual mask and one
+    manual points file, counted before anything is planned. A user's `inputs` block is merged
+    over config/config.yaml, so a key it leaves out keeps the shipped `ukb/...` pattern; the
+    error says so instead of failing at split_data after ingest and every crop."""
+    inputs = config["inputs"]
+    if not TRAINED_SITES or inputs["manifest"] or config["cohort"]["synthesize"]:
+        return
+    side = config["training"]["side"]
+    shipped_path = Path(workflow.basedir) / "config" / "config.yaml"
+    shipped = (yaml.safe_load(shipped_path.read_text()) or {}).get("inputs", {})
+    for key in ("masks", "points_manual"):
+        pattern = inputs[key]
+        origin = (
+            f" (inherited from {shipped_path.name}: your inputs block does not set it)"
+            if pattern and pattern == shipped.get(key)
+            else ""
+        )
+        found = count_images(pattern, [side], 1)[side] if pattern else 0
+        if not found:
+            raise ValueError(
+                f"config inputs.{key}: {pattern!r}{origin} finds no file of side {side}, but sites "
+                f"{TRAINED_SITES} are trained from annotated images; set inputs.masks and "
+                "inputs.points_manual to your annotations, or load trained models (models.<site>.load)"
+            )
 
 
 def check_shards():
