@@ -441,8 +441,11 @@ def test_profile_slurm_by_name_gets_hipoas_workflow_settings(tmp_path, case):
     if case == "generic-profile":
         generic = config_home / "snakemake" / "slurm" / "config.yaml"
         generic.parent.mkdir(parents=True)
+        # with set-resources of its own: kept, merged with the GPU rules' partition
         generic.write_text("executor: slurm\njobs: 20\ndefault-resources:\n"
-                           "  slurm_account: generic-account\n  slurm_partition: main\n")
+                           "  slurm_account: generic-account\n  slurm_partition: main\n"
+                           "set-resources:\n  crop_patches:\n    runtime: 99\n    slurm_qos: long\n"
+                           "  predict_masks:\n    mem_mb: 12345\n")
         account = "generic-account"
     else:
         installed = subprocess.run(
@@ -471,6 +474,9 @@ def test_profile_slurm_by_name_gets_hipoas_workflow_settings(tmp_path, case):
             assert f"slurm_account={account}" in line, (rule, line)
     for line in resources["crop_patches"] + resources["ingest"]:
         assert "gpu=" not in line and "slurm_partition=main" in line, line
+    if case == "generic-profile":  # the user's own set-resources survive the GPU partition, key by key
+        assert all("runtime=99" in line and "slurm_qos=long" in line for line in resources["crop_patches"])
+        assert all("mem_mb=12345" in line and "slurm_partition=gpu" in line for line in resources["predict_masks"])
 
 
 # ---- whole runs -----------------------------------------------------------------------------

@@ -5,6 +5,7 @@
 
 import hashlib
 import json
+import os
 import shlex
 import sys
 from pathlib import Path
@@ -24,6 +25,16 @@ wildcard_constraints:
     site=r"[a-z][a-z0-9_]*",
     source="auto|manual",
 
+
+# The GPU rules' partition (train_unet, evaluate_unet, predict_masks), from the environment of
+# the shell that starts Snakemake; unset: the partition every job gets from the user's profile.
+# A rule resource, not the workflow profile's set-resources, so that a user's own set-resources
+# (any rule, any key, the GPU rules' partition included) merge with it instead of being replaced.
+GPU_PARTITION = (
+    {"slurm_partition": os.environ["HIPOA_SLURM_GPU_PARTITION"].strip()}
+    if os.environ.get("HIPOA_SLURM_GPU_PARTITION", "").strip()
+    else {}
+)
 
 SIDES = list(config["sides"])
 SITES = list(config["sites"])

@@ -23,6 +23,7 @@ rule predict_masks:
     threads: 4
     resources:
         gpu=1,
+        **GPU_PARTITION,
         mem_mb=16000,
         runtime=120,
     conda:

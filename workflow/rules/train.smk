@@ -44,6 +44,7 @@ rule train_unet:
     threads: 4
     resources:
         gpu=1,
+        **GPU_PARTITION,
         mem_mb=32000,
         runtime=720,
     conda:
@@ -82,6 +83,7 @@ rule evaluate_unet:
     threads: 2
     resources:
         gpu=1,
+        **GPU_PARTITION,
         mem_mb=8000,
         runtime=60,
     conda:
