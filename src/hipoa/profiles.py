@@ -97,3 +97,15 @@ def install_profile(
         raise
     log.info("installed hipoa's %s profile as %s", name, target)
     return target
+
+
+GPU_PARTITION_VARIABLE = "HIPOA_SLURM_GPU_PARTITION"
+
+
+def gpu_partition_resources() -> dict[str, str]:
+    """``{"slurm_partition": NAME}`` for the GPU rules (train_unet, evaluate_unet, predict_masks)
+    when ``HIPOA_SLURM_GPU_PARTITION`` is set in the environment that starts Snakemake, else
+    ``{}`` (the partition every job gets from the user's profile). The workflow adds it to those
+    rules' resources, so a user's own ``set-resources`` merge with it per rule and key."""
+    name = os.environ.get(GPU_PARTITION_VARIABLE, "").strip()
+    return {"slurm_partition": name} if name else {}

@@ -22,8 +22,8 @@ rule predict_masks:
         precision=config["predictions"]["precision"],
     threads: 4
     resources:
-        gpu=1,
         **GPU_PARTITION,
+        gpu=1,
         mem_mb=16000,
         runtime=120,
     conda:

@@ -43,8 +43,8 @@ rule train_unet:
         settings=train_unet_settings,
     threads: 4
     resources:
-        gpu=1,
         **GPU_PARTITION,
+        gpu=1,
         mem_mb=32000,
         runtime=720,
     conda:
@@ -82,8 +82,8 @@ rule evaluate_unet:
         figures_dir=parent_of_scores,
     threads: 2
     resources:
-        gpu=1,
         **GPU_PARTITION,
+        gpu=1,
         mem_mb=8000,
         runtime=60,
     conda:
