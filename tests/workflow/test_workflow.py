@@ -554,6 +554,17 @@ def demo_run(tmp_path_factory):
 
 
 @pytest.mark.slow
+def test_the_run_ends_with_its_summary_on_the_terminal(demo_run):
+    """The last thing a run prints (Snakemake's onsuccess): each side's counts and where the files are."""
+    _, output = demo_run
+    tail = output[output.rindex("=== hipoa: end of run ==="):]
+    for side in ("L", "R"):
+        assert f"--- results/phenotypes/osteophytes_{side}.summary.txt" in tail
+    assert "withdrawn participants removed at ingest: 2" in tail and "qc failures:" in tail
+    assert "present" in tail and "mean area when present" in tail and "results/phenotypes/osteophytes.{parquet" in tail
+
+
+@pytest.mark.slow
 def test_interrupted_run_resumes_where_it_stopped(demo_run):
     work, output = demo_run
     counts = job_counts(output)

@@ -580,3 +580,32 @@ REPORT_FIGURES = [
 
 
 check_config()
+
+
+def run_summary():
+    """The end-of-run summary Snakemake prints last (the Snakefile's onsuccess): each side's
+    phenotype summary (images read, measured, flagged by reason, withdrawn removed, prevalence
+    and mean area per site, as `hipoa phenotypes` wrote it) and where the outputs are. Nothing
+    when the run built no phenotype table (a partial target)."""
+    summaries = [
+        Path(f"results/phenotypes/osteophytes_{side}.summary.txt") for side in SIDES
+    ]
+    summaries = [p for p in summaries if p.is_file()]
+    if not summaries:
+        return ""
+    lines = ["", "=== hipoa: end of run ==="]
+    for path in summaries:
+        lines += ["", f"--- {path}"] + path.read_text().rstrip("\n").splitlines()
+    where = {
+        "participant table and GWAS files": "results/phenotypes/osteophytes.{parquet,bt.tsv,qt.tsv,covar.tsv,remove.txt,dict.tsv}",
+        "per-side tables": "results/phenotypes/osteophytes_{L,R}.*",
+        "evaluation (Table 2 measures)": "results/evaluation/{site}.json",
+        "report figures": "results/report/ (snakemake --report results/report.html for the HTML report)",
+        "logs": "logs/",
+    }
+    lines += ["", "outputs:"] + [f"  {what}: {path}" for what, path in where.items()]
+    return "\n".join(lines) + "\n"
+
+
+onsuccess:
+    sys.stderr.write(run_summary())
