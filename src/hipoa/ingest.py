@@ -909,6 +909,9 @@ def write_manifest(df: pd.DataFrame, path: str | Path) -> None:
     table = pa.Table.from_pandas(df, schema=MANIFEST_SCHEMA, preserve_index=False)
     meta = dict(table.schema.metadata or {})
     meta[b"hipoa_version"] = __version__.encode()
+    from hipoa.provenance import provenance_json
+
+    meta[b"provenance"] = provenance_json().encode()
     for key in ("withdrawn_participants", "withdrawn_images", "withdrawn_unmatched_entries"):
         meta[key.encode()] = str(int(summary.get(key, 0))).encode()
     if "shards" in summary:  # crop refuses a shard index outside them

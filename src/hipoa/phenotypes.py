@@ -55,6 +55,7 @@ from hipoa.release import (
     write_dictionary,
     write_gwas_files,
 )
+from hipoa.provenance import provenance_json
 from hipoa.store import check_store
 
 log = logging.getLogger(__name__)
@@ -374,6 +375,7 @@ def _metadata(sites: list[str], models: dict[str, Path], config_hash: str, side:
         metadata[f"presence_threshold:{s}"] = json.dumps(card.presence.to_dict(), sort_keys=True)
         metadata[f"probability_calibration:{s}"] = json.dumps(
             describe_calibration(card.presence_info.get("calibration")), sort_keys=True)
+    metadata["provenance"] = provenance_json()
     metadata["created"] = created_timestamp()
     return metadata
 

@@ -387,13 +387,16 @@ def release_both_sides(
             if key in meta:
                 metadata[f"{key}:{side}" if key == "withdrawn_participants" else key] = meta[key]
         for key, value in meta.items():
-            if key.startswith(("model_sha256:", "presence_threshold:")):
+            if key.startswith(("model_sha256:", "presence_threshold:", "probability_calibration:")):
                 metadata[key] = value
     wide = participant_covariates(participant_table(tables, sites), covariates, sides)
     qc.check_reasons(
         pd.concat([wide[f"qc_reason_{side}"].dropna() for side in sides]).astype(str), "participant table"
     )
-    metadata.update({"sides": ",".join(sides), "instance_policy": str(policy), "created": created_timestamp()})
+    from hipoa.provenance import provenance_json
+
+    metadata.update({"sides": ",".join(sides), "instance_policy": str(policy), "provenance": provenance_json(),
+                     "created": created_timestamp()})
     passing = wide["n_sides_measured"].fillna(0).to_numpy() > 0
     one = choose_instances(wide, policy, pd.Series(passing, index=wide.index))
     binary, quantitative = participant_traits(sites, sides)

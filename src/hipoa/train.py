@@ -37,6 +37,7 @@ from hipoa.atomic import atomic_path
 from hipoa.augment import AugmentSettings, check_context
 from hipoa.presence import choose_presence_rule
 from hipoa.progress import Progress, _fmt_seconds
+from hipoa.provenance import provenance
 from hipoa.sites import PATCH_SIZE
 from hipoa.splits import open_site_patches, patch_indices, read_splits, split_counts
 from hipoa.store import PatchSet
@@ -299,6 +300,7 @@ def _card(*, site: str, settings: dict, stores, splits, data: _SiteData, samples
         "site": site,
         "hipoa_version": __version__,
         "created": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
+        "provenance": provenance(),
         "settings": settings,
         "architecture": {
             "size": PATCH_SIZE, "depth": settings["depth"], "base_filters": settings["base_filters"],

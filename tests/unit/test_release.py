@@ -236,3 +236,35 @@ def test_cli_release(released, tmp_path):
     assert main(argv) == 0
     assert pq.read_table(out).drop(["eid"]).equals(pq.read_table(released["out"]).drop(["eid"]))
     assert main([*argv[:-2], "--out", str(tmp_path / "x.parquet"), "--instance", "latest"]) == 2
+
+
+def test_every_table_records_its_provenance_and_the_calibrations(released):
+    """The participant table (and each side's) names the commit and the tools' versions, and
+    carries each site's probability calibration as the side tables do."""
+    import json
+
+    from hipoa.provenance import PACKAGES
+
+    for path in [released["out"], *released["tables"].values()]:
+        meta = pq.read_schema(path).metadata
+        record = json.loads(meta[b"provenance"])
+        assert set(record) == {"git_commit", "python", "hipoa", *PACKAGES}, path
+        assert record["git_commit"] and all(isinstance(v, str) and v for v in record.values())
+    side = pq.read_schema(released["tables"]["L"]).metadata
+    both = pq.read_schema(released["out"]).metadata
+    keys = [k for k in side if k.startswith(b"probability_calibration:")]
+    assert keys and all(both[k] == side[k] for k in keys)
+
+
+def test_git_commit_is_the_checkout_or_says_there_is_none(tmp_path, monkeypatch):
+    import subprocess
+
+    from hipoa.provenance import git_commit
+
+    repo = Path(__file__).resolve().parents[2]
+    head = subprocess.run(["git", "-C", str(repo), "rev-parse", "HEAD"], capture_output=True, text=True)
+    if head.returncode == 0:
+        assert git_commit(repo).startswith(head.stdout.strip())
+    assert git_commit(tmp_path) == "none (not a git checkout)"
+    monkeypatch.setenv("HIPOA_GIT_COMMIT", "abc123")
+    assert git_commit(tmp_path) == "abc123"

@@ -135,6 +135,7 @@ def test_training_learns_and_evaluates(tmp_path):
     assert info["data"]["counts"]["train"]["n"] == 2 * info["data"]["counts"]["train"]["positive"]
     assert info["data"]["samples_per_epoch"]["train"] == 2 * info["data"]["counts"]["train"]["n"]
     assert info["settings"]["displacement"] == 0.05 and info["hipoa_version"]
+    assert {"git_commit", "python", "tensorflow", "keras", "snakemake"} <= set(info["provenance"])  # the card's too
     history = pd.read_csv(model.parent / "history.csv")
     assert list(history["epoch"]) == list(range(1, 5)) and {"loss", "val_loss", "seconds"} <= set(history.columns)
     assert info["training"]["best_val_loss"] == pytest.approx(history["val_loss"].min())
