@@ -176,12 +176,13 @@ def head_out_of_view(points: np.ndarray, shape: tuple[int, int], spacing_mm: tup
 
 
 def _polygon_mask(poly: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
-    from skimage.draw import polygon
+    """``shape`` bool, True inside the polygon ``(x, y)`` in pixels (PIL's scanline fill: 1 ms,
+    where skimage.draw.polygon took 50 ms for the femur's 45 points)."""
+    from PIL import Image, ImageDraw
 
-    mask = np.zeros(shape, bool)
-    rr, cc = polygon(poly[:, 1], poly[:, 0], shape)
-    mask[rr, cc] = True
-    return mask
+    canvas = Image.new("1", (shape[1], shape[0]), 0)
+    ImageDraw.Draw(canvas).polygon([(float(x), float(y)) for x, y in poly], fill=1)
+    return np.array(canvas, dtype=bool)  # a writable copy
 
 
 def hip_region(points: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
@@ -272,6 +273,16 @@ def implant_area_mm2(pixels: np.ndarray, points: np.ndarray, spacing_mm: tuple[f
 # ---------------------------------------------------------------------------------------------
 
 
+def _ring_medians(values: np.ndarray, ring: np.ndarray, n: int) -> np.ndarray:
+    """The median of ``values`` over each ring ``0..n-1`` (0 for an empty ring): the values
+    grouped by ring with one integer sort, then a partition per ring (``scipy.ndimage.median``
+    with labels gives the same, ten times slower)."""
+    v, r = values.ravel(), ring.ravel()
+    v = v[np.argsort(r, kind="stable")]
+    bounds = np.concatenate([[0], np.cumsum(np.bincount(r, minlength=n)[:n])])
+    return np.array([float(np.median(v[a:b])) if b > a else 0.0 for a, b in zip(bounds[:-1], bounds[1:])])
+
+
 def _block_mean(a: np.ndarray, f: int) -> np.ndarray:
     r, c = (a.shape[0] // f) * f, (a.shape[1] // f) * f
     return a[:r, :c].reshape(r // f, f, c // f, f).mean(axis=(1, 3))
@@ -305,8 +316,7 @@ def motion_score(pixels: np.ndarray, points: np.ndarray, spacing_mm: tuple[float
     fx = sfft.rfftfreq(size[1], gx)[None, :]
     radius = np.hypot(fy, fx)
     ring = np.minimum((radius * (MOTION_RINGS / radius.max())).astype(np.int32), MOTION_RINGS - 1)
-    med = np.asarray(ndi.median(power, labels=ring + 1, index=np.arange(1, MOTION_RINGS + 1)), dtype=np.float64)
-    med = np.where(np.isfinite(med), med, 0.0)
+    med = _ring_medians(power, ring, MOTION_RINGS)
     floor = float(np.median(med[int(0.75 * MOTION_RINGS):]))
     ring_power = med[ring] + 1e-30
     weight = np.minimum(power / ring_power, MOTION_CLIP) * np.clip(1.0 - floor / ring_power, 0.0, None)
