@@ -243,6 +243,8 @@ def _show_patches_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", required=True, help="PNG to write")
     p.add_argument("--n", type=int, default=8, help="patches per site (default 8)")
     p.add_argument("--source", choices=["manual", "auto"], default="auto", help="which points made the patches")
+    p.add_argument("--show-eids", action="store_true",
+                   help="title patches by eid_instance_side (default: by row of the stores; names no participant)")
 
 
 @subcommand("show-patches", "QC montage of patches and masks per site (like the paper's Figure 2)", _show_patches_args)
@@ -251,7 +253,8 @@ def _show_patches(args: argparse.Namespace) -> int:
 
     from hipoa.store import save_montage
 
-    out = save_montage(stores=[Path(s) for s in args.stores], out=Path(args.out), n=args.n, source=args.source)
+    out = save_montage(stores=[Path(s) for s in args.stores], out=Path(args.out), n=args.n, source=args.source,
+                       show_eids=args.show_eids)
     print(f"show-patches: {args.source} patches of {len(args.stores)} store(s) -> {out}")
     return 0
 
@@ -594,6 +597,8 @@ def _report_arguments(p: argparse.ArgumentParser) -> None:
                    help="the sides' manifests (where the flagged images are), for --unfit")
     p.add_argument("--unfit", type=Path, metavar="PNG",
                    help="montage of images flagged implant, head_out_of_view or motion")
+    p.add_argument("--show-eids", action="store_true",
+                   help="title the montage's images by eid (default: by row of the side's phenotype table)")
 
 
 @subcommand("report-figures", "tables and figures for the workflow report", _report_arguments)
@@ -610,6 +615,7 @@ def _report_figures(args: argparse.Namespace) -> int:
         prevalence_png=args.prevalence,
         manifests=args.manifests,
         unfit=args.unfit,
+        show_eids=args.show_eids,
     )
     return 0
 

@@ -242,18 +242,37 @@ def _unfit_rows(pheno: pd.DataFrame, manifests: list[Path], per_reason: int) -> 
     man["_key"] = man["eid"].astype(str) + "_" + man["instance"].astype(str) + "_" + man["side"].astype(str)
     man = man.drop_duplicates("_key").set_index("_key")
     picked = []
+    pheno = pheno.assign(_row=pheno.groupby("side").cumcount())  # the row in that side's table
     for reason in qc_vocabulary.UNFIT:
         rows = pheno[pheno["qc_reason"] == reason].copy()
         rows["_key"] = rows["eid"].astype(str) + "_" + rows["instance"].astype(str) + "_" + rows["side"].astype(str)
         rows = rows[rows["_key"].isin(man.index)].sort_values(["eid", "instance", "side"]).head(per_reason)
-        picked += [(reason, man.loc[key]) for key in rows["_key"]]
+        for key, row in zip(rows["_key"], rows["_row"]):
+            entry = man.loc[key].copy()
+            entry["_row"] = row
+            picked.append((reason, entry))
     return picked
 
 
-def plot_unfit(pheno: pd.DataFrame, manifests: list[Path], out: Path, per_reason: int = UNFIT_PER_REASON) -> int:
+def _table(row: pd.Series) -> str:
+    return f"osteophytes_{row['side']}.parquet"
+
+
+def image_label(row: pd.Series, show_eids: bool, table: str) -> str:
+    """How a montage titles an image: ``eid_instance_side`` when the user asks for eids
+    (config ``report.show_eids``), else its row in ``table``, which leads back to the eid in the
+    user's own results: a report shared with collaborators names no participant."""
+    if show_eids:
+        return f"{row['eid']}_{row['instance']}_{row['side']}"
+    return f"{table} row {int(row['_row'])}"
+
+
+def plot_unfit(pheno: pd.DataFrame, manifests: list[Path], out: Path, per_reason: int = UNFIT_PER_REASON,
+               show_eids: bool = False) -> int:
     """A montage of images flagged unfit to measure (``implant``, ``head_out_of_view``,
     ``motion``), up to ``per_reason`` of each, read from their DICOMs with the automatic points
-    overlaid, for visual confirmation. Returns the number of images shown."""
+    overlaid, for visual confirmation, titled by :func:`image_label`. Returns the number of
+    images shown."""
     from hipoa.dicom import read_image
     from hipoa.points import read_pts
 
@@ -274,7 +293,8 @@ def plot_unfit(pheno: pd.DataFrame, manifests: list[Path], out: Path, per_reason
         try:
             hip = read_image(str(row["image"]), member)
         except Exception as exc:  # noqa: BLE001 - the montage must not fail the report
-            ax.set_title(f"{reason}\n{row['eid']} unreadable: {type(exc).__name__}", fontsize=7)
+            ax.set_title(f"{reason}\n{image_label(row, show_eids, _table(row))} unreadable: {type(exc).__name__}",
+                         fontsize=7)
             continue
         ax.imshow(hip.pixels, cmap="gray", interpolation="bilinear")
         path = str(row.get("points_auto") or "")
@@ -284,7 +304,7 @@ def plot_unfit(pheno: pd.DataFrame, manifests: list[Path], out: Path, per_reason
                 ax.plot(pts[:, 0], pts[:, 1], ".", ms=1.5, color=(1.0, 0.85, 0.1))
             except Exception:  # noqa: BLE001
                 pass
-        ax.set_title(f"{reason}\n{row['eid']}_{row['instance']}_{row['side']}", fontsize=8)
+        ax.set_title(f"{reason}\n{image_label(row, show_eids, _table(row))}", fontsize=8)
     fig.suptitle("Images flagged unfit to measure (automatic points in yellow)", fontsize=9)
     fig.tight_layout()
     _save_figure(fig, out)
@@ -301,6 +321,7 @@ def write_report_figures(
     prevalence_png: Path,
     manifests: list[Path] = (),
     unfit: Path | None = None,
+    show_eids: bool = False,
 ) -> None:
     """Write the report's tables and figures.
 
@@ -314,6 +335,7 @@ def write_report_figures(
         prevalence_png: PNG of prevalence per site and side.
         manifests: ``results/manifest/{side}.parquet`` (where the flagged images are), for ``unfit``.
         unfit: PNG montage of the images flagged unfit to measure (:func:`plot_unfit`).
+        show_eids: Title the montage's images by eid (config ``report.show_eids``), else by row.
     """
     for path in (evaluation, qc, areas, prevalence_png):
         Path(path).parent.mkdir(parents=True, exist_ok=True)
@@ -343,6 +365,6 @@ def write_report_figures(
     plot_prevalence(prev, Path(prevalence_png))
     if unfit is not None:
         Path(unfit).parent.mkdir(parents=True, exist_ok=True)
-        shown = plot_unfit(pheno, list(manifests), Path(unfit))
+        shown = plot_unfit(pheno, list(manifests), Path(unfit), show_eids=show_eids)
         log.info("report figures: %d images flagged unfit shown in %s", shown, unfit)
     log.info("report figures: %d images, %d sites, %d evaluations", len(pheno), len(sites), len(scores))

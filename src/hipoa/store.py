@@ -541,7 +541,8 @@ def _pick(stores: list[Path], site: str, source: str, n: int) -> tuple[PatchSet,
     return ps, np.asarray(picked, dtype=np.int64)
 
 
-def save_montage(*, stores: list[Path], out: Path, n: int = 8, source: str = "auto", sites: list[str] | None = None) -> Path:
+def save_montage(*, stores: list[Path], out: Path, n: int = 8, source: str = "auto", sites: list[str] | None = None,
+                 show_eids: bool = False) -> Path:
     """Write a QC montage like the paper's Figure 2: per site, patches and their masks.
 
     For each site two rows of ``n`` tiles: the normalised patches (grey, -3..3 sd) and below them
@@ -592,7 +593,8 @@ def save_montage(*, stores: list[Path], out: Path, n: int = 8, source: str = "au
                 for ax in (top, bottom):
                     ax.add_patch(Rectangle((o, o), s, s, fill=False, lw=0.6, ec="yellow", ls="--"))
             r = ps.rows.iloc[int(i)]
-            top.set_title(f"{r['eid']}_{r['instance']}_{r['side']}", fontsize=6)
+            # the row of the concatenated stores, not the eid, unless asked (a shared report names no one)
+            top.set_title(f"{r['eid']}_{r['instance']}_{r['side']}" if show_eids else f"row {int(i)}", fontsize=6)
             bottom.set_title(f"{int(m.sum())} px" if r["annotated"] else "not annotated", fontsize=6)
         axes[2 * k, 0].text(
             -0.08, 0.5, site.replace("_", "\n"), transform=axes[2 * k, 0].transAxes,

@@ -82,3 +82,22 @@ def test_write_report_figures(tables, tmp_path):
     for png in ("areas.png", "prevalence.png"):
         with Image.open(out / png) as im:
             assert im.size[0] > 100 and im.size[1] > 100
+
+
+def test_montage_titles_name_no_participant_unless_asked():
+    from hipoa.report import _unfit_rows, image_label
+
+    pheno = pd.DataFrame({"eid": ["5000001", "5000002", "5000003", "5000001"], "instance": [2, 2, 2, 2],
+                          "side": ["L", "L", "L", "R"], "qc_reason": ["", "implant", "motion", "implant"]})
+    import tempfile
+    from pathlib import Path
+
+    with tempfile.TemporaryDirectory() as d:
+        man = Path(d) / "m.parquet"
+        pheno.assign(image="x.zip", member="", points_auto="").to_parquet(man)
+        picked = _unfit_rows(pheno, [man], per_reason=4)
+    titles = {(reason, image_label(row, False, f"osteophytes_{row['side']}.parquet")) for reason, row in picked}
+    assert titles == {("implant", "osteophytes_L.parquet row 1"), ("implant", "osteophytes_R.parquet row 0"),
+                      ("motion", "osteophytes_L.parquet row 2")}
+    assert not any("500000" in t for _, t in titles)  # no eid unless report.show_eids
+    assert {image_label(row, True, "") for _, row in picked} == {"5000002_2_L", "5000003_2_L", "5000001_2_R"}

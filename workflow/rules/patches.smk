@@ -45,6 +45,7 @@ rule show_patches:
         "results/benchmarks/show_patches/{side}_{source}.tsv"
     params:
         n=8,
+        show_eids="--show-eids" if config["report"]["show_eids"] else "",
     threads: 1
     resources:
         mem_mb=2000,
@@ -54,4 +55,4 @@ rule show_patches:
     localrule: True
     shell:
         "python -m hipoa show-patches --stores {input.stores} --out {output.montage} "
-        "--n {params.n} --source {wildcards.source} 2> {log}"
+        "--n {params.n} --source {wildcards.source} {params.show_eids} 2> {log}"

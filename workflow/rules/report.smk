@@ -41,6 +41,8 @@ rule report_figures:
         "logs/report_figures.log",
     benchmark:
         "results/benchmarks/report_figures.tsv"
+    params:
+        show_eids="--show-eids" if config["report"]["show_eids"] else "",
     threads: 1
     resources:
         mem_mb=4000,
@@ -51,4 +53,5 @@ rule report_figures:
     shell:
         "python -m hipoa report-figures --phenotypes {input.phenotypes} --scores {input.scores} "
         "--evaluation {output.evaluation} --qc {output.qc} --areas {output.areas} "
-        "--prevalence {output.prevalence} --manifests {input.manifests} --unfit {output.unfit} 2> {log}"
+        "--prevalence {output.prevalence} --manifests {input.manifests} --unfit {output.unfit} "
+        "{params.show_eids} 2> {log}"
