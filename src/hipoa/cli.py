@@ -16,15 +16,25 @@ from hipoa import __version__
 log = logging.getLogger("hipoa")
 
 
+class _Stderr(logging.StreamHandler):
+    """A handler on whatever ``sys.stderr`` is when a record is written, not when it was made:
+    a caller that swaps stderr (pytest's capture, a notebook) never leaves it writing to a
+    closed stream ("--- Logging error ---")."""
+
+    @property
+    def stream(self):
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value) -> None:  # StreamHandler.__init__ assigns it; sys.stderr is used instead
+        pass
+
+
 def setup_logging(verbose: bool = False) -> None:
     """Log to stderr with timestamps (rules redirect stderr to their log file)."""
-    logging.basicConfig(
-        level=logging.DEBUG if verbose else logging.INFO,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        datefmt="%Y-%m-%d %H:%M:%S",
-        stream=sys.stderr,
-        force=True,
-    )
+    handler = _Stderr()
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s", "%Y-%m-%d %H:%M:%S"))
+    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, handlers=[handler], force=True)
 
 
 Handler = Callable[[argparse.Namespace], int]
