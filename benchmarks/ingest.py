@@ -39,7 +39,7 @@ def simple_cohort(root: Path, participants: int, seed: int) -> None:
     (root / "ukb" / "20158").mkdir(parents=True, exist_ok=True)
     (root / "points" / "auto").mkdir(parents=True, exist_ok=True)
     for i in range(participants):
-        eid = 1000000 + i
+        eid = 9000000 + i
         members = {"manifest.cvs": b"file,description\n"}
         for k, (protocol, shape, area) in enumerate(
             [

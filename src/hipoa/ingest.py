@@ -142,7 +142,7 @@ def shard_of(eid: str | int, n_shards: int) -> int:
     so adding participants never moves existing ones.
 
     Args:
-        eid: Participant id (its string form is hashed, so ``1000123`` and ``"1000123"`` agree).
+        eid: Participant id (its string form is hashed, so ``9000123`` and ``"9000123"`` agree).
         n_shards: Number of shards, at least 1.
 
     Returns:
@@ -168,7 +168,7 @@ class Withdrawals(frozenset):
 
     Attributes:
         numeric: Entries not written as canonical eids but equal to one as an integer
-            (``01751499``, ``1751499.0``, ``1.751499e6``): matched by that integer.
+            (``09751499``, ``9751499.0``, ``9.751499e6``): matched by that integer.
     """
 
     numeric: int = 0
@@ -183,7 +183,7 @@ _NUMBER = re.compile(r"[+-]?(?P<mantissa>[0-9]+(?:\.[0-9]*)?|\.[0-9]+)(?:[eE](?P
 
 def withdrawal_key(eid: object) -> str:
     """What a withdrawal entry and a participant's eid are compared by: an all-digit eid as its
-    integer (``01751499`` and ``1751499`` are one participant for withdrawal: a tool that drops
+    integer (``09751499`` and ``9751499`` are one participant for withdrawal: a tool that drops
     or adds leading zeros must not release anyone), any other eid as written."""
     text = str(eid).strip()
     return str(int(text)) if _DIGITS.fullmatch(text) else text
@@ -216,7 +216,7 @@ def _numeric_entry(value: str) -> tuple[str | None, str]:
 
 def _written(value: str) -> str:
     """How a refused entry is named in the error: its shape with every digit written ``#``
-    (``1.75e6`` as ``'#.##e#'``, at most 40 characters), so the line is recognised but no eid in it
+    (``9.75e6`` as ``'#.##e#'``, at most 40 characters), so the line is recognised but no eid in it
     reaches a log."""
     shape = re.sub(r"[0-9]", "#", value)
     return ascii(shape if len(shape) <= 40 else shape[:39] + "~")
@@ -230,12 +230,12 @@ def read_withdrawn(path: str | Path) -> Withdrawals:
     line endings, blank lines and a UTF-8 byte-order mark tolerated; double quotes around the
     value and one trailing comma dropped) is one of:
 
-    - a canonical eid: an integer without leading zeros (``1751499``), or any other
+    - a canonical eid: an integer without leading zeros (``9751499``), or any other
       :data:`EID_PATTERN` that is no number (a negative UKB placeholder ``-3``, a study's own
       id): matched exactly;
     - a number equal to exactly one integer but not written as one: leading zeros
-      (``01751499``), a sign (``+1751499``), a decimal part of zeros (``1751499.0``), exponent
-      notation that writes every digit of the integer (``1.751499e6``, ``1.751499E+06``):
+      (``09751499``), a sign (``+9751499``), a decimal part of zeros (``9751499.0``), exponent
+      notation that writes every digit of the integer (``9.751499e6``, ``9.751499E+06``):
       **matched by that integer, with one WARNING giving how many entries were**;
     - a header on the first line (one of :data:`WITHDRAWN_HEADERS`, e.g. ``eid``, ``f.eid``, or
       any text with a letter and no run of six digits that is neither an eid nor a number):
@@ -244,14 +244,14 @@ def read_withdrawn(path: str | Path) -> Withdrawals:
     Anything else is **refused before any image is read**, with one error naming the file, the
     line number and the entry's shape (digits written ``#``: no eid reaches the log):
 
-    - a number that is not an integer (``1751499.5``);
+    - a number that is not an integer (``9751499.5``);
     - exponent notation whose mantissa has fewer significant digits (leading zeros not counted)
-      than the integer it denotes (``1.75e6`` = 1750000 from 3 digits: a spreadsheet's rounding
-      of any of a thousand participants; ``1.75149e6`` too, though 1751490 is a possible eid:
-      write ``1.751490e6`` or, better, export the column as text);
+      than the integer it denotes (``9.75e6`` = 9750000 from 3 digits: a spreadsheet's rounding
+      of any of a thousand participants; ``9.75149e6`` too, though 9751490 is a possible eid:
+      write ``9.751490e6`` or, better, export the column as text);
     - a number of more than :data:`_MAX_EID_DIGITS` digits;
     - a line that is no eid (a space, ``;`` or a second column inside it, other characters),
-      the first line included when it holds six digits in a row (``1751499,withdrawn``).
+      the first line included when it holds six digits in a row (``9751499,withdrawn``).
 
     An empty file means no withdrawals. Entries that match no image are not an error: ingest
     counts them (``withdrawn_unmatched_entries``).
@@ -283,7 +283,7 @@ def read_withdrawn(path: str | Path) -> Withdrawals:
         if not value:
             continue
         first, seen_first = not seen_first, True
-        value = value.strip('"').rstrip(",").strip().strip('"').strip()  # a one-column CSV: "1234567" or 1234567,
+        value = value.strip('"').rstrip(",").strip().strip('"').strip()  # a one-column CSV: "9234567" or 9234567,
         if first and value.lower() in WITHDRAWN_HEADERS:
             continue
         if _CANONICAL_INTEGER.fullmatch(value):
@@ -302,7 +302,7 @@ def read_withdrawn(path: str | Path) -> Withdrawals:
         if EID_PATTERN.fullmatch(value):  # e.g. a negative placeholder eid, or a study's own ids
             keys.add(value)
         elif not first or not re.search(r"[A-Za-z]", value) or re.search(r"[0-9]{6}", value):
-            # a header holds a letter and no run of six digits: "1751499,withdrawn" is an eid, refused
+            # a header holds a letter and no run of six digits: "9751499,withdrawn" is an eid, refused
             bad = next((i for i, c in enumerate(value) if not re.fullmatch(r"[A-Za-z0-9._-]", c)), 0)
             raise ValueError(
                 f"withdrawal file {path}: line {number}, written {_written(value)}, is not an eid (letters, digits, "

@@ -295,7 +295,7 @@ def _crop_row(
     except Exception as exc:  # any decode failure of one image must not stop the shard
         # DicomError.reason tells a broken zip from a broken DICOM; anything else is a decode failure
         reason = getattr(exc, "reason", None) or qc.UNREADABLE_DICOM
-        log.warning("row %d (eid %s): %s: %s", i, row.eid, reason, exc)
+        log.warning("store row %d: %s: %s", i, reason, exc)
         return reason
     shape = (int(pixels.shape[0]), int(pixels.shape[1]))
     spacing = (float(hip.spacing_mm[0]), float(hip.spacing_mm[1]))
@@ -468,7 +468,7 @@ def _score_points(arrays: _Arrays, sites: list[Site], reasons: np.ndarray, limit
         if bad.size:
             log.warning("shard %d: %s: %d of %d images with implausible points (score > qc.points_max_z %g): %s",
                         shard, site.name, bad.size, int(fine.sum()), limits.points_max_z,
-                        ", ".join(f"row {j} (eid {arrays.rows['eid'][j]}, {z[j]:.3g})" for j in bad[:10]))
+                        ", ".join(f"store row {j} ({z[j]:.3g})" for j in bad[:10]))
 
 
 def _crop_manual(
@@ -486,7 +486,7 @@ def _crop_manual(
 ) -> None:
     path = _text(getattr(row, "points_manual", ""))
     if not path:
-        log.warning("row %d (eid %s): annotated but no manual points; no manual patch", i, row.eid)
+        log.warning("store row %d: annotated but no manual points; no manual patch", i)
         return
     pts, reason = _read_points(path, n_points)
     if pts is None:
@@ -660,7 +660,7 @@ def _crop_rows(
         try:
             reason = _crop_row(arrays, i, row, sites, min_inside, n_points, limits)
         except Exception:  # a bug on one odd image must not lose the shard; it is logged in full
-            log.exception("row %d (eid %s): %s", i, row.eid, qc.CROP_FAILED)
+            log.exception("store row %d: %s", i, qc.CROP_FAILED)
             reason = qc.CROP_FAILED
         if reason:
             for site in sites:
@@ -716,8 +716,8 @@ def _check_reference_lengths(arrays: _Arrays, sites: list[Site], reasons: Counte
         old = str(arrays.rows["qc_reason"][i])
         if old and order.get(old, len(order)) <= here:
             continue
-        log.warning("row %d (eid %s): %s: reference length %.1f mm is %.1f robust SDs from the shard's median "
-                    "%.1f mm (> qc.reference_length_max_z %g): is the pixel spacing right?", i, arrays.rows["eid"][i],
+        log.warning("store row %d: %s: reference length %.1f mm is %.1f robust SDs from the shard's median "
+                    "%.1f mm (> qc.reference_length_max_z %g): is the pixel spacing right?", i,
                     qc.IMPLAUSIBLE_REFERENCE_LENGTH, lengths[i], abs(z[i]), med, limits.reference_length_max_z)
         for site in sites:
             arrays.auto[site.name]["image"][i] = 0

@@ -83,14 +83,18 @@ _CANONICAL_INT = r"-?[1-9]\d{0,17}|0"
 def eid_column(eids: pd.Series) -> pd.Series:
     """``eid`` as int64 when every eid is a canonical integer, else as the strings given (contract).
 
-    Canonical: digits with no leading zero, sign or space (``123``, not ``0123`` or ``+123``),
-    so that no two different eids can become one number; ``0123`` and ``123`` stay two strings.
+    UK Biobank's eids are always canonical integers, so every UKB table (an empty one, one with
+    every image failed, one side or both) has an int64 eid and joins UK Biobank's main dataset
+    on it as it ships (``eid`` read as an integer). Canonical: digits with no leading zero, sign
+    or space (``123``, not ``0123`` or ``+123``), so that no two different eids can become one
+    number; ``0123`` and ``123`` stay two strings, as any id that is not an integer (a later
+    cohort's ``p7``) makes the column a string one.
 
     Raises:
         ValueError: naming both, if two different eids would still map to one key.
     """
     text = eids.astype(str)
-    if len(text) and text.str.fullmatch(_CANONICAL_INT).all():
+    if text.str.fullmatch(_CANONICAL_INT).all():  # an empty table too: int64 whatever the data
         numbers = text.astype(np.int64)
         pairs = pd.DataFrame({"text": text.to_numpy(), "number": numbers.to_numpy()}).drop_duplicates()
         clash = pairs[pairs.duplicated("number", keep=False)]

@@ -111,7 +111,8 @@ def _ids(df: pd.DataFrame, path: Path) -> pd.DataFrame:
     if len(bad):
         raise ValueError(f"{path}: eid {bad.iloc[0]!r} would break the whitespace-separated FID/IID columns")
     if eid.duplicated().any():
-        raise ValueError(f"{path}: eid {eid[eid.duplicated()].iloc[0]!r} on two lines")
+        rows = np.flatnonzero(eid.duplicated(keep=False).to_numpy())[:2].tolist()
+        raise ValueError(f"{path}: rows {rows} hold one eid twice")  # rows, not the eid: logs name no participant
     return pd.DataFrame({"FID": eid.to_numpy(), "IID": eid.to_numpy()})
 
 

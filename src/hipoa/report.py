@@ -133,6 +133,31 @@ def withdrawn_note(phenotypes: list[Path]) -> str:
             f"(not counted above): {', '.join(counts)}.</p>")
 
 
+def provenance_note(phenotypes: list[Path]) -> str:
+    """What made the tables reported on: each table's ``provenance`` metadata (git commit and the
+    versions of Python, hipoa, TensorFlow, Keras, Snakemake, the SLURM plugin), one line per
+    distinct record, so a report says which release it shows."""
+    import html
+    import json
+
+    import pyarrow.parquet as pq
+
+    seen: dict[str, list[str]] = {}
+    for path in phenotypes:
+        meta = pq.read_schema(path).metadata or {}
+        raw = meta.get(b"provenance", b"").decode()
+        seen.setdefault(raw, []).append(Path(path).name)
+    lines = []
+    for raw, names in seen.items():
+        try:
+            record = json.loads(raw) if raw else {}
+        except ValueError:
+            record = {}
+        text = ", ".join(f"{k} {v}" for k, v in sorted(record.items())) or "none recorded"
+        lines.append(f"<li>{html.escape(', '.join(names))}: {html.escape(text)}</li>")
+    return f"<h3>Provenance</h3><ul>{''.join(lines)}</ul>"
+
+
 def prevalence(table: pd.DataFrame, sites: list[str]) -> pd.DataFrame:
     """Measured images, positives and prevalence per side and site (NA phenotypes excluded)."""
     rows = []
@@ -169,6 +194,13 @@ def _html_table(frame: pd.DataFrame, left: set[str], row_class: list[str] | None
 
 def plot_areas(table: pd.DataFrame, sites: list[str], out: Path) -> None:
     """Histograms of predicted area (mm^2, log scale) where present, one panel per site, per side."""
+    _save_figure(areas_figure(table, sites), out)
+
+
+def areas_figure(table: pd.DataFrame, sites: list[str]):
+    """The figure of :func:`plot_areas`. The log-scale area axis is labelled at every integer
+    within one decade, at 1, 2 and 5 over up to 2.5 decades and at the decades beyond, so that
+    its labels never run together (as every minor tick's label did)."""
     fig, axes = plt.subplots(1, len(sites), figsize=(4 * len(sites), 3.2), squeeze=False)
     for ax, site in zip(axes[0], sites):
         present = table[f"{site}_present"].fillna(0).astype(int) == 1
@@ -179,15 +211,20 @@ def plot_areas(table: pd.DataFrame, sites: list[str], out: Path) -> None:
                 bins = np.geomspace(max(areas.min() * 0.9, 0.1), areas.max() * 1.1, 20)
                 ax.hist(areas, bins=bins, alpha=0.6, label=f"{side} (n={len(areas)})")
         ax.set_xscale("log")
+        lo, hi = ax.get_xlim()
+        decades = np.log10(hi / lo) if lo > 0 and hi > lo else 1.0
+        subs = tuple(range(1, 10)) if decades < 1 else (1.0, 2.0, 5.0) if decades < 2.5 else (1.0,)
+        ax.xaxis.set_major_locator(matplotlib.ticker.LogLocator(base=10, subs=subs, numticks=12))
         ax.xaxis.set_major_formatter(matplotlib.ticker.FormatStrFormatter("%g"))
-        ax.xaxis.set_minor_formatter(matplotlib.ticker.FormatStrFormatter("%g"))
+        ax.xaxis.set_minor_locator(matplotlib.ticker.LogLocator(base=10, subs="auto"))
+        ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
         ax.set_title(site.replace("_", " "))
         ax.set_xlabel("predicted area (mm$^2$)")
         ax.set_ylabel("images")
         if ax.get_legend_handles_labels()[0]:
             ax.legend(fontsize=8)
     fig.tight_layout()
-    _save_figure(fig, out)
+    return fig
 
 
 def _save_figure(fig, out: Path) -> None:
@@ -359,6 +396,7 @@ def write_report_figures(
     body = _html_table(counts, left={"qc_reason"}) + withdrawn_note(list(phenotypes))
     body += "<h3>Prevalence (% of measured images)</h3>"
     body += _html_table(shown, left={"side", "site"})
+    body += provenance_note(list(phenotypes))
     _write_text(Path(qc), _html_page("Images by QC outcome and side", body))
 
     plot_areas(pheno, sites, Path(areas))

@@ -53,7 +53,7 @@ def test_a_missing_input_is_named_as_given(tmp_path, capsys, command, option):
 def one_shard_manifest(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("shards")
     (root / "pts").mkdir()
-    for eid in (1000001, 1000002):
+    for eid in (9000001, 9000002):
         write_zip(root / "ukb" / f"{eid}_20158_2_0.zip", ukb_members(eid))
         write_pts(root / "pts" / f"{eid}_2_L.pts", good_points(eid % 7))
     out = root / "L.parquet"
@@ -78,15 +78,15 @@ def test_huge_coordinates_are_logged_compactly(tmp_path, capsys):
     both named, neither printed in full."""
     pts = tmp_path / "pts"
     pts.mkdir()
-    for eid in (1000001, 1000002):
+    for eid in (9000001, 9000002):
         write_zip(tmp_path / "ukb" / f"{eid}_20158_2_0.zip", ukb_members(eid))
     write_pts(pts / "good.pts", good_points(1))
     text = (pts / "good.pts").read_text().splitlines()
     first = text.index("{") + 1
     text[first + 4] = f"{10 ** 308} 3.0"  # 1e308 as a 309-digit integer: a finite float
-    (pts / "1000001_2_L.pts").write_text("\n".join(text) + "\n")
+    (pts / "9000001_2_L.pts").write_text("\n".join(text) + "\n")
     text[first + 4] = f"{10 ** 399} 3.0"  # beyond a float: infinite
-    (pts / "1000002_2_L.pts").write_text("\n".join(text) + "\n")
+    (pts / "9000002_2_L.pts").write_text("\n".join(text) + "\n")
     out = tmp_path / "L.parquet"
     assert main(["-v", "ingest", "--images", str(tmp_path / IMAGES), "--points-auto", str(tmp_path / AUTO),
                  "--side", "L", "--shards", "1", "--out", str(out)]) == 0

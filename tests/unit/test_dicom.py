@@ -419,7 +419,7 @@ def hip_zip(tmp_path):
     right = left[:, ::-1].copy()
     spine = rng.integers(0, 256, size=(50, 40), dtype=np.uint8)
     path = ukb_zip(
-        tmp_path / "1000001_20158_2_0.zip",
+        tmp_path / "9000001_20158_2_0.zip",
         {
             "manifest.cvs": b"1.3.6.1.4.1.9590.100.1.2.1,spine\n",
             "1.3.6.1.4.1.9590.100.1.2.1": dicom_bytes(hip_dataset(spine, "AP Spine")),
@@ -570,7 +570,7 @@ def test_device_fields_absent_are_empty(tmp_path):
 def test_device_fields_of_a_zip_member(tmp_path):
     px = np.arange(48, dtype=np.uint8).reshape(6, 8)
     path = ukb_zip(
-        tmp_path / "1000001_20158_2_0.zip",
+        tmp_path / "9000001_20158_2_0.zip",
         {
             "manifest.cvs": b"x",
             "spine": dicom_bytes(device_dataset(px, "AP Spine", Manufacturer="Other", DeviceSerialNumber="S1")),

@@ -241,6 +241,6 @@ def test_preamble_less_member_is_found_by_parsing(tmp_path, little):
 
 
 def test_text_and_junk_are_no_dicom():
-    assert sniff(b"eid,field\n1000001,20158\n") is None
+    assert sniff(b"eid,field\n9000001,20158\n") is None
     assert sniff(bytes(512)) is None
     assert sniff(b"%PDF-1.4\n" + bytes(300)) is None

@@ -508,8 +508,8 @@ def test_eid_that_would_break_the_tsv_is_rejected(tmp_path, eid):
 def test_canonical_integer_eids_become_int64():
     from hipoa.phenotypes import eid_column
 
-    assert eid_column(pd.Series(["1000012", "5", "0"])).dtype == np.int64
-    assert eid_column(pd.Series(["1000012", "0123"])).tolist() == ["1000012", "0123"]
+    assert eid_column(pd.Series(["9000012", "5", "0"])).dtype == np.int64
+    assert eid_column(pd.Series(["9000012", "0123"])).tolist() == ["9000012", "0123"]
     assert eid_column(pd.Series(["1", "+1"])).tolist() == ["1", "+1"]
 
 

@@ -99,17 +99,17 @@ def write_mask(path: Path, shape: tuple[int, int] = (ROWS, COLS)) -> None:
 
 
 EXPECTED_L = {  # eid -> qc_reason of its left hip
-    "1000001": "",
-    "1000002": "",
-    "1000003": "unreadable_zip",
-    "1000004": "no_hip_dicom",
-    "1000005": "unreadable_dicom",
-    "1000006": "points_missing",
-    "1000007": "points_invalid",
-    "1000008": "points_outside_image",
-    "1000009": "",
-    "1000011": "unreadable_dicom",
-    "2": "",
+    "9000001": "",
+    "9000002": "",
+    "9000003": "unreadable_zip",
+    "9000004": "no_hip_dicom",
+    "9000005": "unreadable_dicom",
+    "9000006": "points_missing",
+    "9000007": "points_invalid",
+    "9000008": "points_outside_image",
+    "9000009": "",
+    "9000011": "unreadable_dicom",
+    "95": "",
 }
 
 
@@ -120,35 +120,35 @@ def make_layout(root: Path) -> Path:
     manual = root / "points" / "manual"
     for d in (ukb, auto, manual):
         d.mkdir(parents=True, exist_ok=True)
-    for eid in (1000001, 1000002, 1000006, 1000007, 1000008, 1000009):
+    for eid in (9000001, 9000002, 9000006, 9000007, 9000008, 9000009):
         write_zip(ukb / f"{eid}_20158_2_0.zip", ukb_members(eid))
-    write_zip(ukb / "2_20158_2_0.zip", ukb_members(2, left=hip_dicom("Left Femur", seed=2, device=None)))
-    (ukb / "1000003_20158_2_0.zip").write_bytes(b"PK\x03\x04 not a zip at all " * 20)
-    write_zip(ukb / "1000004_20158_2_0.zip", ukb_members(1000004, left=False))
-    write_zip(ukb / "1000005_20158_2_0.zip", ukb_members(1000005, left=hip_dicom("Left Femur", seed=5)[:-700]))
-    write_zip(ukb / "1000011_20158_2_0.zip", ukb_members(1000011, left=hip_dicom("Left Femur", exposed_area=None)))
-    # a second visit array of 1000001, instance 2: a duplicate image
-    write_zip(ukb / "1000001_20158_2_1.zip", ukb_members(1000001))
+    write_zip(ukb / "95_20158_2_0.zip", ukb_members(95, left=hip_dicom("Left Femur", seed=2, device=None)))
+    (ukb / "9000003_20158_2_0.zip").write_bytes(b"PK\x03\x04 not a zip at all " * 20)
+    write_zip(ukb / "9000004_20158_2_0.zip", ukb_members(9000004, left=False))
+    write_zip(ukb / "9000005_20158_2_0.zip", ukb_members(9000005, left=hip_dicom("Left Femur", seed=5)[:-700]))
+    write_zip(ukb / "9000011_20158_2_0.zip", ukb_members(9000011, left=hip_dicom("Left Femur", exposed_area=None)))
+    # a second visit array of 9000001, instance 2: a duplicate image
+    write_zip(ukb / "9000001_20158_2_1.zip", ukb_members(9000001))
     # and a later instance: a distinct key
-    write_zip(ukb / "1000001_20158_3_0.zip", ukb_members(1000001))
+    write_zip(ukb / "9000001_20158_3_0.zip", ukb_members(9000001))
 
-    eids = ["1000001", "1000002", "1000003", "1000004", "1000005", "1000007", "1000008", "1000009", "1000011", "2"]
+    eids = ["9000001", "9000002", "9000003", "9000004", "9000005", "9000007", "9000008", "9000009", "9000011", "95"]
     for i, eid in enumerate(eids):
         for side in "LR":
             write_pts(auto / f"{eid}_2_{side}.pts", good_points(i))
-    write_pts(auto / "1000001_3_L.pts", good_points(99))
-    write_pts(auto / "1000001_3_R.pts", good_points(99))
-    write_pts(auto / "1000006_2_R.pts", good_points(6))  # left auto points missing
-    write_pts(auto / "1000007_2_L.pts", good_points(7, n=84))
+    write_pts(auto / "9000001_3_L.pts", good_points(99))
+    write_pts(auto / "9000001_3_R.pts", good_points(99))
+    write_pts(auto / "9000006_2_R.pts", good_points(6))  # left auto points missing
+    write_pts(auto / "9000007_2_L.pts", good_points(7, n=84))
     bad = good_points(8)
     bad[40] = [COLS + 3.0, 10.0]
-    write_pts(auto / "1000008_2_L.pts", bad)
-    # annotations: 1000001 fully; 1000009 with broken manual points; 1000002 manual points only
-    write_mask(root / "masks" / "1000001_2_L.png")
-    write_pts(manual / "1000001_2_L.pts", good_points(1))
-    write_mask(root / "masks" / "1000009_2_L.png")
-    (manual / "1000009_2_L.pts").write_text("version: 1\nn_points: 85\n{\n1 2\n")
-    write_pts(manual / "1000002_2_L.pts", good_points(2))
+    write_pts(auto / "9000008_2_L.pts", bad)
+    # annotations: 9000001 fully; 9000009 with broken manual points; 9000002 manual points only
+    write_mask(root / "masks" / "9000001_2_L.png")
+    write_pts(manual / "9000001_2_L.pts", good_points(1))
+    write_mask(root / "masks" / "9000009_2_L.png")
+    (manual / "9000009_2_L.pts").write_text("version: 1\nn_points: 85\n{\n1 2\n")
+    write_pts(manual / "9000002_2_L.pts", good_points(2))
     return root
 
 
@@ -180,9 +180,9 @@ def test_every_reason_flagged_and_no_row_lost(manifest_l):
     assert len(df) == 13  # 13 zips, one left-hip row each
     inst2 = df[(df["instance"] == 2) & (df["array"] == 0)].set_index("eid")["qc_reason"].to_dict()
     assert inst2 == EXPECTED_L
-    dup = df[(df["eid"] == "1000001") & (df["instance"] == 2)]
+    dup = df[(df["eid"] == "9000001") & (df["instance"] == 2)]
     assert dup["array"].tolist() == [0, 1] and dup["qc_reason"].tolist() == ["", "duplicate_image"]
-    later = df[(df["eid"] == "1000001") & (df["instance"] == 3)]
+    later = df[(df["eid"] == "9000001") & (df["instance"] == 3)]
     assert later["qc_reason"].tolist() == [""]
 
 
@@ -190,25 +190,25 @@ def test_row_order_and_dtypes(manifest_l):
     df = manifest_l
     keys = list(zip(df["eid"], df["instance"], df["side"]))
     assert keys == sorted(keys)
-    assert df["eid"].iloc[0] == "1000001" and df["eid"].iloc[-1] == "2"  # sorted as strings
+    assert df["eid"].iloc[0] == "9000001" and df["eid"].iloc[-1] == "95"  # sorted as strings
     assert str(df["instance"].dtype) == "int16" and str(df["shard"].dtype) == "int32"
     assert str(df["rows"].dtype) == "Int32" and df["annotated"].dtype == bool
     assert (df["side"] == "L").all()
 
 
 def test_header_fields(manifest_l, layout):
-    ok = manifest_l[manifest_l["eid"] == "1000002"].iloc[0]
+    ok = manifest_l[manifest_l["eid"] == "9000002"].iloc[0]
     assert (ok["rows"], ok["cols"]) == (ROWS, COLS)
     assert (ok["spacing_row_mm"], ok["spacing_col_mm"]) == (0.25, 0.25)
-    assert ok["member"] == "1.2.826.0.1.1000002.2"
-    assert ok["image"] == str(layout / "ukb/20158/1000002_20158_2_0.zip")
-    assert ok["points_auto"] == str(layout / "points/auto/1000002_2_L.pts")
+    assert ok["member"] == "1.2.826.0.1.9000002.2"
+    assert ok["image"] == str(layout / "ukb/20158/9000002_20158_2_0.zip")
+    assert ok["points_auto"] == str(layout / "points/auto/9000002_2_L.pts")
     # unreadable zip: nothing known about the image
-    bad = manifest_l[manifest_l["eid"] == "1000003"].iloc[0]
+    bad = manifest_l[manifest_l["eid"] == "9000003"].iloc[0]
     assert bad["member"] == "" and pd.isna(bad["rows"]) and np.isnan(bad["spacing_row_mm"])
     # truncated pixel data: header still read
-    cut = manifest_l[manifest_l["eid"] == "1000005"].iloc[0]
-    assert cut["member"] == "1.2.826.0.1.1000005.2"
+    cut = manifest_l[manifest_l["eid"] == "9000005"].iloc[0]
+    assert cut["member"] == "1.2.826.0.1.9000005.2"
 
 
 def test_device_columns(manifest_l):
@@ -220,10 +220,10 @@ def test_device_columns(manifest_l):
         assert not manifest_l[c].fillna("NA").eq("").any(), c  # missing is NA, never ""
     by = manifest_l[(manifest_l["instance"] == 2) & (manifest_l["array"] == 0)].set_index("eid")
     expected = ["GE Healthcare", "Lunar iDXA", "200123", "12.30.008\\enCORE 16"]
-    assert by.loc["1000002", DEVICE_COLUMNS].tolist() == expected
+    assert by.loc["9000002", DEVICE_COLUMNS].tolist() == expected
     # points problems do not hide the header; the image's own problems do
-    assert by.loc["1000008", "device_serial"] == "200123"
-    for eid in ("2", "1000003", "1000004", "1000005", "1000011"):  # no tags; unreadable zip, no hip, cut, no spacing
+    assert by.loc["9000008", "device_serial"] == "200123"
+    for eid in ("95", "9000003", "9000004", "9000005", "9000011"):  # no tags; unreadable zip, no hip, cut, no spacing
         assert by.loc[eid, DEVICE_COLUMNS].isna().all(), eid
     # the patient tags of the DICOM are in no column
     assert not manifest_l.astype(str).apply(lambda c: c.str.contains("PID-NOT-IN-MANIFEST")).any().any()
@@ -231,38 +231,38 @@ def test_device_columns(manifest_l):
 
 def test_masks_and_manual_points(manifest_l, layout):
     by = manifest_l[(manifest_l["instance"] == 2) & (manifest_l["array"] == 0)].set_index("eid")
-    assert by.loc["1000001", "annotated"] and by.loc["1000001", "mask"] == str(layout / "masks/1000001_2_L.png")
-    assert by.loc["1000001", "points_manual"] == str(layout / "points/manual/1000001_2_L.pts")
+    assert by.loc["9000001", "annotated"] and by.loc["9000001", "mask"] == str(layout / "masks/9000001_2_L.png")
+    assert by.loc["9000001", "points_manual"] == str(layout / "points/manual/9000001_2_L.pts")
     # annotated, manual points truncated: still phenotyped from auto points, manual left empty
-    assert by.loc["1000009", "annotated"] and by.loc["1000009", "points_manual"] == ""
-    assert by.loc["1000009", "qc_reason"] == ""
+    assert by.loc["9000009", "annotated"] and by.loc["9000009", "points_manual"] == ""
+    assert by.loc["9000009", "qc_reason"] == ""
     # manual points without a mask: recorded, not annotated
-    assert not by.loc["1000002", "annotated"] and by.loc["1000002", "mask"] == ""
-    assert by.loc["1000002", "points_manual"].endswith("1000002_2_L.pts")
-    # 1000001 (both arrays of instance 2: the mask pattern has no {array}) and 1000009
+    assert not by.loc["9000002", "annotated"] and by.loc["9000002", "mask"] == ""
+    assert by.loc["9000002", "points_manual"].endswith("9000002_2_L.pts")
+    # 9000001 (both arrays of instance 2: the mask pattern has no {array}) and 9000009
     assert int(manifest_l["annotated"].sum()) == 3
 
 
 def test_manual_points_problem_is_logged(layout, caplog):
     caplog.set_level("WARNING", logger="hipoa.ingest")
     layout_manifest(layout)
-    assert any("1000009_2_L" in r.getMessage() and "manual" in r.getMessage() for r in caplog.records)
+    assert any("9000009_2_L" in r.getMessage() and "manual" in r.getMessage() for r in caplog.records)
 
 
 def test_right_side(layout):
     df = layout_manifest(layout, side="R")
     assert len(df) == 13 and (df["side"] == "R").all()
     by = df[(df["instance"] == 2) & (df["array"] == 0)].set_index("eid")["qc_reason"]
-    assert by["1000004"] == "" and by["1000005"] == "" and by["1000006"] == ""  # their left hips were the problem
-    assert by["1000003"] == "unreadable_zip"
-    assert df.loc[df["eid"] == "1000004", "member"].item() == "1.2.826.0.1.1000004.3"
+    assert by["9000004"] == "" and by["9000005"] == "" and by["9000006"] == ""  # their left hips were the problem
+    assert by["9000003"] == "unreadable_zip"
+    assert df.loc[df["eid"] == "9000004", "member"].item() == "1.2.826.0.1.9000004.3"
 
 
 def test_shards(manifest_l):
     for eid, shard in zip(manifest_l["eid"], manifest_l["shard"]):
         digest = hashlib.blake2b(eid.encode(), digest_size=8).digest()
         assert shard == int.from_bytes(digest, "big") % 4
-    assert shard_of(1000001, 7) == shard_of("1000001", 7)
+    assert shard_of(9000001, 7) == shard_of("9000001", 7)
     assert manifest_l.groupby("eid")["shard"].nunique().max() == 1  # a participant's images together
     with pytest.raises(ValueError, match="n_shards"):
         shard_of("1", 0)
@@ -271,7 +271,7 @@ def test_shards(manifest_l):
 def test_adding_participants_does_not_move_shards(tmp_path):
     small = make_layout(tmp_path / "a")
     before = layout_manifest(small, n_shards=3)
-    for eid in range(5000000, 5000012):
+    for eid in range(9500000, 9500012):
         write_zip(small / "ukb" / "20158" / f"{eid}_20158_2_0.zip", ukb_members(eid))
         write_pts(small / "points" / "auto" / f"{eid}_2_L.pts", good_points(eid))
     after = layout_manifest(small, n_shards=3)
@@ -370,7 +370,7 @@ def test_write_manifest_parquet_types(manifest_l, tmp_path):
     assert [str(schema.field(c).type) for c in DEVICE_COLUMNS] == ["string"] * 4
     back = pd.read_parquet(out)
     pd.testing.assert_frame_equal(back, manifest_l)
-    assert back.loc[back["eid"] == "2", "manufacturer"].isna().all()  # NA survives the round trip
+    assert back.loc[back["eid"] == "95", "manufacturer"].isna().all()  # NA survives the round trip
     meta = pq.read_metadata(out).metadata
     assert (meta[b"withdrawn_participants"], meta[b"withdrawn_images"]) == (b"0", b"0")  # no list given
 
@@ -434,34 +434,34 @@ def test_synthetic_cohort_faults(tmp_path):
 # ---------------------------------------------------------------------------------------------
 # Withdrawals: participants who withdrew consent vanish before ingest, also from the log
 
-WITHDRAWN = {"1000001", "1000003", "1000006", "1000007", "9999999"}  # 9999999 has no images
+WITHDRAWN = {"9000001", "9000003", "9000006", "9000007", "9999999"}  # 9999999 has no images
 
 
 def test_read_withdrawn_tolerates_header_blanks_crlf_bom(tmp_path):
     path = tmp_path / "w20260101.csv"
-    path.write_bytes("\ufeffeid,\r\n\r\n  1000001 \r\n1000002\r\n\t\r\n-3\r\n\r\n".encode())
-    assert read_withdrawn(path) == {"1000001", "1000002", "-3"}
-    path.write_text("1000001\n\n1000002\n")  # no header, Unix endings, no final newline issue
-    assert read_withdrawn(path) == {"1000001", "1000002"}
+    path.write_bytes("\ufeffeid,\r\n\r\n  9000001 \r\n9000002\r\n\t\r\n-3\r\n\r\n".encode())
+    assert read_withdrawn(path) == {"9000001", "9000002", "-3"}
+    path.write_text("9000001\n\n9000002\n")  # no header, Unix endings, no final newline issue
+    assert read_withdrawn(path) == {"9000001", "9000002"}
     path.write_text("")
     assert read_withdrawn(path) == set()
     path.write_text("eid date\n")  # a header only
     assert read_withdrawn(path) == set()
-    path.write_text("EID\n1000001\n")  # a column name that would pass as an eid is a header too
-    assert read_withdrawn(path) == {"1000001"}
+    path.write_text("EID\n9000001\n")  # a column name that would pass as an eid is a header too
+    assert read_withdrawn(path) == {"9000001"}
     path.write_text("0123\n123\n")  # one participant for withdrawal: equal as integers
     assert read_withdrawn(path) == {"123"} and read_withdrawn(path).numeric == 1
 
 
 def test_read_withdrawn_bad_line_names_file_and_line(tmp_path):
     path = tmp_path / "w.txt"
-    path.write_text("eid\n1000001\n\n1000042 20260101\n1000003\n")
+    path.write_text("eid\n9000001\n\n9000042 20260101\n9000003\n")
     with pytest.raises(ValueError) as exc:
         read_withdrawn(path)
     msg = str(exc.value)
     assert str(path) in msg and "line 4" in msg
-    assert "1000042" not in msg and "1000001" not in msg  # never an eid from the file
-    path.write_text("1000001\neid,date\n")  # a header after an eid is no header
+    assert "9000042" not in msg and "9000001" not in msg  # never an eid from the file
+    path.write_text("9000001\neid,date\n")  # a header after an eid is no header
     with pytest.raises(ValueError, match="line 2"):
         read_withdrawn(path)
     with pytest.raises(ValueError, match="no such file"):
@@ -476,16 +476,16 @@ def test_withdrawn_participants_vanish_from_table_and_log(layout, manifest_l, ca
     expected = manifest_l[~manifest_l["eid"].isin(WITHDRAWN)].reset_index(drop=True)
     pd.testing.assert_frame_equal(df, expected)  # the others' rows are untouched
     summary = df.attrs["ingest"]
-    # 1000001: three zips (instance 2 arrays 0 and 1, instance 3); the others one each
+    # 9000001: three zips (instance 2 arrays 0 and 1, instance 3); the others one each
     assert (summary["withdrawn_participants"], summary["withdrawn_images"]) == (4, 6)
     messages = [r.getMessage() for r in caplog.records]
     assert ("withdrawn: 4 participants (6 images) removed before ingest; 5 eids listed, 1 of them match no image "
             "of side L") in messages
     # the log does name the other participants' problems, down to DEBUG lines of hipoa.dicom ...
-    assert any("1000008" in m and "points_outside_image" in m for m in messages)
-    assert any("1000002" in m and "not DICOM, skipped" in m for m in messages)
-    # ... and never a withdrawn one: not their missing (1000006) or bad (1000007) points, not
-    # the unreadable zip (1000003), not the duplicate (1000001)
+    assert any("9000008" in m and "points_outside_image" in m for m in messages)
+    assert any("9000002" in m and "not DICOM, skipped" in m for m in messages)
+    # ... and never a withdrawn one: not their missing (9000006) or bad (9000007) points, not
+    # the unreadable zip (9000003), not the duplicate (9000001)
     for record in caplog.records:
         text = record.getMessage() + (record.exc_text or "")
         assert not [e for e in WITHDRAWN if e in text], text
@@ -501,8 +501,8 @@ def test_without_the_list_the_same_log_names_them(layout, caplog):
     caplog.set_level(logging.DEBUG)
     layout_manifest(layout)
     text = "\n".join(r.getMessage() for r in caplog.records)
-    assert "1000006_2_L: points_missing" in text and "1000007_2_L: points_invalid" in text
-    assert "1000003" in text and "1000001_2_L: duplicate_image" in text
+    assert "9000006_2_L: points_missing" in text and "9000007_2_L: points_invalid" in text
+    assert "9000003" in text and "9000001_2_L: duplicate_image" in text
 
 
 def test_everyone_withdrawn_gives_an_empty_manifest(layout):
@@ -519,11 +519,11 @@ def test_withdrawn_rows_of_a_manifest_table_are_dropped_unchecked(tmp_path, capl
     write_pts(tmp_path / "a.pts", good_points(1))
     table = pd.DataFrame(
         {
-            "eid": ["11", "1000012", "1000012", "1000012"],
+            "eid": ["11", "9000012", "9000012", "9000012"],
             "instance": ["2", "2", "x", "2"],  # a withdrawn row that would be refused
             "side": ["L", "L", "L", "R"],
-            "image": ["a.dcm", "1000012.dcm", "", "1000012.dcm"],
-            "points_auto": ["a.pts", "1000012.pts", "", ""],
+            "image": ["a.dcm", "9000012.dcm", "", "9000012.dcm"],
+            "points_auto": ["a.pts", "9000012.pts", "", ""],
             "points_manual": ["", "", "", ""],
             "mask": ["", "", "", ""],
         }
@@ -533,11 +533,11 @@ def test_withdrawn_rows_of_a_manifest_table_are_dropped_unchecked(tmp_path, capl
         build_manifest(manifest=tmp_path / "m.csv", side="L", n_shards=1)
     caplog.clear()
     caplog.set_level(logging.DEBUG)
-    df = build_manifest(manifest=tmp_path / "m.csv", side="L", n_shards=1, withdrawn={"1000012"})
+    df = build_manifest(manifest=tmp_path / "m.csv", side="L", n_shards=1, withdrawn={"9000012"})
     assert df["eid"].tolist() == ["11"] and df["qc_reason"].tolist() == [""]
     assert (df.attrs["ingest"]["withdrawn_participants"], df.attrs["ingest"]["withdrawn_images"]) == (1, 2)
-    assert not any("1000012" in r.getMessage() for r in caplog.records)
-    right = build_manifest(manifest=tmp_path / "m.csv", side="R", n_shards=1, withdrawn={"1000012"})
+    assert not any("9000012" in r.getMessage() for r in caplog.records)
+    right = build_manifest(manifest=tmp_path / "m.csv", side="R", n_shards=1, withdrawn={"9000012"})
     assert len(right) == 0 and right.attrs["ingest"]["withdrawn_images"] == 1
 
 
@@ -554,9 +554,9 @@ def test_cli_ingest_withdrawn(layout, tmp_path, capsys):
     assert pq.read_metadata(out).metadata[b"withdrawn_images"] == b"6"
     captured = capsys.readouterr()
     assert "withdrawn, removed before ingest (no row): 4 participants, 6 images" in captured.out
-    assert "1000008" in captured.err  # the debug log went to stderr ...
+    assert "9000008" in captured.err  # the debug log went to stderr ...
     assert not [e for e in WITHDRAWN if e in captured.out + captured.err]  # ... without them
-    (tmp_path / "bad.txt").write_text("1000001\n1000001,x\n")
+    (tmp_path / "bad.txt").write_text("9000001\n9000001,x\n")
     assert main(["ingest", "--images", str(layout / IMAGES), "--points-auto", str(layout / AUTO), "--side", "L",
                  "--shards", "3", "--out", str(out), "--withdrawn", str(tmp_path / "bad.txt")]) == 2
 
@@ -572,12 +572,12 @@ def test_read_withdrawn_one_eid_file_and_csv_quoting(tmp_path):
     """A file of one eid withdraws that participant (a first line is a header only if it holds a
     letter); quotes and a trailing comma of a one-column CSV are dropped."""
     path = tmp_path / "w.csv"
-    path.write_text("1234567\n")
-    assert read_withdrawn(path) == {"1234567"}
-    path.write_text('"1234567",\n1000002,\n')
-    assert read_withdrawn(path) == {"1234567", "1000002"}
-    path.write_text("f.eid,\n1000003\n")
-    assert read_withdrawn(path) == {"1000003"}
+    path.write_text("9234567\n")
+    assert read_withdrawn(path) == {"9234567"}
+    path.write_text('"9234567",\n9000002,\n')
+    assert read_withdrawn(path) == {"9234567", "9000002"}
+    path.write_text("f.eid,\n9000003\n")
+    assert read_withdrawn(path) == {"9000003"}
 
 
 def test_unparsed_file_naming_a_withdrawn_eid_is_counted_not_logged(tmp_path, caplog):
@@ -585,14 +585,14 @@ def test_unparsed_file_naming_a_withdrawn_eid_is_counted_not_logged(tmp_path, ca
 
     root = tmp_path / "ukb"
     root.mkdir()
-    (root / "1234567_20158_2_0 (1).zip").write_bytes(b"")
+    (root / "9234567_20158_2_0 (1).zip").write_bytes(b"")
     (root / "7654321_20158_2_0 (1).zip").write_bytes(b"")
     with caplog.at_level(logging.DEBUG):
         df = build_manifest(images=str(root / "{eid}_20158_{instance}_{array}.zip"),
-                            points_auto="p/{eid}_{instance}_{side}.pts", side="L", n_shards=1, withdrawn={"1234567"})
+                            points_auto="p/{eid}_{instance}_{side}.pts", side="L", n_shards=1, withdrawn={"9234567"})
     assert len(df) == 0 and df.attrs["ingest"]["withdrawn_participants"] == 1
     text = caplog.text
-    assert "1234567" not in text
+    assert "9234567" not in text
     assert "7654321" in text  # the other unparsed file is still reported by name
 
 

@@ -57,7 +57,7 @@ def test_a_manifest_giving_two_images_one_points_file_is_refused(tmp_path):
     for name in ("a", "b"):
         (tmp_path / f"{name}.dcm").write_bytes(hip_dicom("Left Femur", seed=1))
     write_pts(tmp_path / "a.pts", good_points(1))
-    pd.DataFrame({"eid": ["1000001", "1000002"], "instance": ["2", "2"], "side": ["L", "L"],
+    pd.DataFrame({"eid": ["9000001", "9000002"], "instance": ["2", "2"], "side": ["L", "L"],
                   "image": ["a.dcm", "b.dcm"], "points_auto": ["a.pts", "a.pts"]}).to_csv(tmp_path / "m.csv", index=False)
     with pytest.raises(ValueError, match=r"column points_auto: one file, .*a\.pts, is looked up for 2 images"):
         build_manifest(manifest=tmp_path / "m.csv", side="L", n_shards=1)

@@ -397,3 +397,9 @@ def test_right_twins_end_to_end_through_ingest_and_crop(models, tmp_path):
         r_png = _png(tmp_path / "masks" / "R" / f"{eid}_2_R.png")
         assert l_png.any() and r_png.shape == l_png.shape
         np.testing.assert_array_equal(r_png, l_png[:, ::-1])  # the same patches, mapped back exactly
+
+
+def test_eid_int64_for_every_ukb_table_even_empty():
+    assert str(phenotypes.eid_column(pd.Series([], dtype=object)).dtype) == "int64"
+    assert str(phenotypes.eid_column(pd.Series([], dtype="string")).dtype) == "int64"
+    assert str(phenotypes.eid_column(pd.Series([9000001, 9000002])).dtype) == "int64"

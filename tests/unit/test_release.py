@@ -268,3 +268,22 @@ def test_git_commit_is_the_checkout_or_says_there_is_none(tmp_path, monkeypatch)
     assert git_commit(tmp_path) == "none (not a git checkout)"
     monkeypatch.setenv("HIPOA_GIT_COMMIT", "abc123")
     assert git_commit(tmp_path) == "abc123"
+
+
+def test_participant_table_joins_the_ukb_main_dataset_as_it_ships(released, tmp_path):
+    """UK Biobank's main dataset (ukbconv's csv: quoted header and values; its tab form with
+    ``f.eid``) read the way an analyst reads it: eid comes out int64, and the join on it keeps
+    every row of hipoa's table (one per participant and visit; the main dataset is one row per
+    participant), whatever their images' fate."""
+    table = pd.read_parquet(released["out"])
+    assert str(table["eid"].dtype) == "int64"
+    eids = sorted(set(table["eid"])) + [9999990]  # and a participant with no DXA
+    main = tmp_path / "ukb67890.csv"
+    main.write_text('"eid","31-0.0","21003-2.0"\n' + "".join(f'"{e}","{e % 2}","{60 + e % 9}"\n' for e in eids))
+    tab = tmp_path / "ukb67890.tab"
+    tab.write_text("f.eid\tf.31.0.0\n" + "".join(f"{e}\t{e % 2}\n" for e in eids))
+    for frame, key in ((pd.read_csv(main), "eid"), (pd.read_csv(tab, sep="\t").rename(columns={"f.eid": "eid"}), "eid")):
+        assert str(frame[key].dtype) == "int64"
+        joined = table.merge(frame, on=key, how="inner", validate="many_to_one")
+        assert len(joined) == len(table)
+        assert (joined["eid"] % 2 == joined.filter(regex="31").iloc[:, 0]).all()  # rows matched, not shifted

@@ -9,7 +9,8 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from hipoa import report
+from hipoa import phenotypes, report
+from hipoa.provenance import provenance, provenance_json
 
 SITES = ["inferior_femoral_head", "lateral_acetabulum"]
 
@@ -37,7 +38,7 @@ def tables(tmp_path):
     paths = []
     for side, t in (("L", left), ("R", right)):
         path = tmp_path / f"osteophytes_{side}.parquet"
-        t.to_parquet(path)
+        phenotypes.write_parquet(t, path, {"side": side, "provenance": provenance_json()})
         paths.append(path)
     return paths
 
@@ -79,6 +80,10 @@ def test_write_report_figures(tables, tmp_path):
     assert "no site was trained" in (out / "evaluation.html").read_text().lower()
     qc = (out / "qc.html").read_text()
     assert "points_missing" in qc and "no_hip_dicom" in qc
+    # what made the tables: one line for both (same provenance), with the commit and versions
+    record = provenance()
+    assert "<h3>Provenance</h3>" in qc and "osteophytes_L.parquet, osteophytes_R.parquet:" in qc
+    assert f"git_commit {record['git_commit']}" in qc and f"tensorflow {record['tensorflow']}" in qc
     for png in ("areas.png", "prevalence.png"):
         with Image.open(out / png) as im:
             assert im.size[0] > 100 and im.size[1] > 100
@@ -87,7 +92,7 @@ def test_write_report_figures(tables, tmp_path):
 def test_montage_titles_name_no_participant_unless_asked():
     from hipoa.report import _unfit_rows, image_label
 
-    pheno = pd.DataFrame({"eid": ["5000001", "5000002", "5000003", "5000001"], "instance": [2, 2, 2, 2],
+    pheno = pd.DataFrame({"eid": ["9500001", "9500002", "9500003", "9500001"], "instance": [2, 2, 2, 2],
                           "side": ["L", "L", "L", "R"], "qc_reason": ["", "implant", "motion", "implant"]})
     import tempfile
     from pathlib import Path
@@ -100,4 +105,27 @@ def test_montage_titles_name_no_participant_unless_asked():
     assert titles == {("implant", "osteophytes_L.parquet row 1"), ("implant", "osteophytes_R.parquet row 0"),
                       ("motion", "osteophytes_L.parquet row 2")}
     assert not any("500000" in t for _, t in titles)  # no eid unless report.show_eids
-    assert {image_label(row, True, "") for _, row in picked} == {"5000002_2_L", "5000003_2_L", "5000001_2_R"}
+    assert {image_label(row, True, "") for _, row in picked} == {"9500002_2_L", "9500003_2_L", "9500001_2_R"}
+
+
+@pytest.mark.parametrize("low, high", [(0.3, 900.0), (2.0, 40.0), (5.0, 6.0)])
+def test_area_axis_labels_do_not_run_together(low, high):
+    rng = np.random.default_rng(1)
+    n = 200
+    areas = np.exp(rng.uniform(np.log(low), np.log(high), n))
+    table = pd.DataFrame({"side": rng.choice(["L", "R"], n), "inferior_femoral_head_present": 1.0,
+                          "inferior_femoral_head_area_mm2": areas})
+    fig = report.areas_figure(table, ["inferior_femoral_head"])
+    fig.canvas.draw()
+    renderer = fig.canvas.get_renderer()
+    ax = fig.axes[0]
+    lo, hi = ax.get_xlim()
+    labels = [t for t in ax.get_xticklabels(minor=False) + ax.get_xticklabels(minor=True)
+              if t.get_text() and lo <= t.get_position()[0] <= hi]
+    assert len(labels) >= 2, [t.get_text() for t in labels]  # the axis is labelled
+    boxes = sorted((t.get_window_extent(renderer) for t in labels), key=lambda b: b.x0)
+    for left, right in zip(boxes, boxes[1:]):
+        assert left.x1 < right.x0, [t.get_text() for t in labels]  # no two labels touch
+    import matplotlib.pyplot as plt
+
+    plt.close(fig)

@@ -1,8 +1,8 @@
 """Withdrawals cannot be missed (issue 22 item 1): UK Biobank's withdrawal list read as UKB writes
 it and as spreadsheets and data frames rewrite it, through the real ``hipoa ingest``.
 
-One small cohort (built once): participant 1751499 (two visits, an annotation) and three others.
-Each spelling of 1751499 must remove that participant so that the eid is in no cell or metadata
+One small cohort (built once): participant 9751499 (two visits, an annotation) and three others.
+Each spelling of 9751499 must remove that participant so that the eid is in no cell or metadata
 of the manifest and in no line of the debug log; a number that cannot be exactly one eid stops
 ingest before any image is read, with one line naming the file, the line and the entry's shape.
 """
@@ -24,8 +24,8 @@ from hipoa.cli import main  # noqa: E402
 from hipoa.ingest import read_withdrawn  # noqa: E402
 from hipoa.points import write_pts  # noqa: E402
 
-GONE = "1751499"  # the participant who withdrew: two zips (instances 2 and 3), left images
-OTHERS = ("1000002", "1000003", "2")
+GONE = "9751499"  # the participant who withdrew: two zips (instances 2 and 3), left images
+OTHERS = ("9000002", "9000003", "2")
 IMAGES = "ukb/20158/{eid}_20158_{instance}_{array}.zip"
 AUTO = "points/auto/{eid}_{instance}_{side}.pts"
 MANUAL = "points/manual/{eid}_{instance}_{side}.pts"
@@ -80,19 +80,19 @@ def test_without_a_list_the_participant_is_in_the_manifest_and_the_log(cohort, t
 
 # spelling -> (the file's bytes, entries matched only by their integer value)
 SPELLINGS = {
-    "leading_zeros": (b"01751499\n", 1),
-    "decimal_zero": (b"1751499.0\n", 1),
-    "exponent": (b"1.751499e6\n", 1),
-    "exponent_upper_signed": (b"1.751499E+06\n", 1),
-    "exponent_zero_mantissa": (b"0.1751499e7\n", 1),
-    "quotes": (b'"1751499"\n', 0),
-    "spaces": (b"   1751499 \t\n", 0),
-    "bom": ("\ufeff1751499\n".encode(), 0),
-    "crlf_blank_lines": (b"\r\n1751499\r\n\r\n", 0),
-    "header_eid": (b"eid\n1751499\n", 0),
-    "header_f_eid": (b'"f.eid"\n"1751499"\n', 0),
-    "float_column_csv": ("\ufeff\"f.eid\",\r\n\" 1751499.0 \",\r\n\r\n".encode(), 1),
-    "duplicates": (b"eid\n1751499\n01751499\n1.751499e6\n", 2),
+    "leading_zeros": (b"09751499\n", 1),
+    "decimal_zero": (b"9751499.0\n", 1),
+    "exponent": (b"9.751499e6\n", 1),
+    "exponent_upper_signed": (b"9.751499E+06\n", 1),
+    "exponent_zero_mantissa": (b"0.9751499e7\n", 1),
+    "quotes": (b'"9751499"\n', 0),
+    "spaces": (b"   9751499 \t\n", 0),
+    "bom": ("\ufeff9751499\n".encode(), 0),
+    "crlf_blank_lines": (b"\r\n9751499\r\n\r\n", 0),
+    "header_eid": (b"eid\n9751499\n", 0),
+    "header_f_eid": (b'"f.eid"\n"9751499"\n', 0),
+    "float_column_csv": ("\ufeff\"f.eid\",\r\n\" 9751499.0 \",\r\n\r\n".encode(), 1),
+    "duplicates": (b"eid\n9751499\n09751499\n9.751499e6\n", 2),
 }
 
 
@@ -120,7 +120,7 @@ def test_every_spelling_removes_the_participant_without_a_trace(cohort, tmp_path
 
 def test_entries_that_match_no_participant_are_counted(cohort, tmp_path, capsys):
     listing = tmp_path / "w.txt"
-    listing.write_bytes(b"eid\n1751499\n9999999\n08888888\n")
+    listing.write_bytes(b"eid\n9751499\n9999999\n08888888\n")
     out = tmp_path / "L.parquet"
     assert _ingest(cohort, out, listing) == 0
     captured = capsys.readouterr()
@@ -131,13 +131,13 @@ def test_entries_that_match_no_participant_are_counted(cohort, tmp_path, capsys)
 
 
 @pytest.mark.parametrize("text, line, shape, why", [
-    (b"1751499\n1.75e6\n", 2, "'#.##e#'", "3 significant digits, which cannot identify a 7-digit eid"),
-    (b"eid\n1.75149e6\n", 2, "'#.#####e#'", "6 significant digits"),  # 1751490 would need 1.751490e6
-    (b"1751499.5\n", 1, "'#######.#'", "not an integer"),
+    (b"9751499\n9.75e6\n", 2, "'#.##e#'", "3 significant digits, which cannot identify a 7-digit eid"),
+    (b"eid\n9.75149e6\n", 2, "'#.#####e#'", "6 significant digits"),  # 9751490 would need 9.751490e6
+    (b"9751499.5\n", 1, "'#######.#'", "not an integer"),
     (b"1e400\n", 1, "'#e###'", "more than 30 digits"),
-    (b"eid\n1000002\n\n1751499 2026-01-01\n", 4, "'####### ####-##-##'", "is not an eid"),
-    (b"1751499;\n", 1, "'#######;'", "is not an eid"),
-    (b"1751499,withdrawn\n", 1, "'#######,withdrawn'", "is not an eid"),  # no header: it holds an eid
+    (b"eid\n9000002\n\n9751499 2026-01-01\n", 4, "'####### ####-##-##'", "is not an eid"),
+    (b"9751499;\n", 1, "'#######;'", "is not an eid"),
+    (b"9751499,withdrawn\n", 1, "'#######,withdrawn'", "is not an eid"),  # no header: it holds an eid
 ])
 def test_an_entry_that_cannot_be_one_eid_stops_ingest_before_any_image(
     cohort, tmp_path, capsys, monkeypatch, text, line, shape, why
@@ -156,17 +156,17 @@ def test_an_entry_that_cannot_be_one_eid_stops_ingest_before_any_image(
     errors = [x for x in capsys.readouterr().err.splitlines() if "ERROR" in x]
     assert len(errors) == 1
     assert f"withdrawal file {listing}: line {line}, written {shape}, " in errors[0] and why in errors[0]
-    assert GONE not in errors[0] and "1000002" not in errors[0]  # the shape, never an eid
+    assert GONE not in errors[0] and "9000002" not in errors[0]  # the shape, never an eid
 
 
 def test_the_exponent_rule(tmp_path):
     """Exponent notation is one integer only when it writes every digit of it."""
     path = tmp_path / "w.txt"
-    for text in ("1.751499e6", "17.51499E5", "1.7514990e6", "1751499e0", "0.1751499e+7", "1.751490e6"):
+    for text in ("9.751499e6", "17.51499E5", "1.7514990e6", "9751499e0", "0.9751499e+7", "9.751490e6"):
         path.write_text(text + "\n")
         got = read_withdrawn(path)
         assert (sorted(got), got.numeric) == ([str(int(float(text)))], 1), text
-    for text in ("1.75e6", "1.75149e6", "1.8e6", "2e6", "1.7514995e6"):
+    for text in ("9.75e6", "9.75149e6", "1.8e6", "2e6", "1.7514995e6"):
         path.write_text(text + "\n")
         with pytest.raises(ValueError, match="line 1, written"):
             read_withdrawn(path)
@@ -174,8 +174,8 @@ def test_the_exponent_rule(tmp_path):
 
 def test_canonical_entries_log_no_warning(tmp_path, caplog):
     path = tmp_path / "w.txt"
-    path.write_text("eid\n1751499\n1000002\n-3\n")
+    path.write_text("eid\n9751499\n9000002\n-3\n")
     with caplog.at_level(logging.DEBUG, logger="hipoa"):
         got = read_withdrawn(path)
-    assert got == {"1751499", "1000002", "-3"} and got.numeric == 0
+    assert got == {"9751499", "9000002", "-3"} and got.numeric == 0
     assert not [r for r in caplog.records if r.levelno >= logging.WARNING]

@@ -201,11 +201,11 @@ def _stub_cohort(root: Path, n: int, sides=("L", "R")) -> dict:
     (nothing reads them in a dry run). Returns the `inputs` section pointing at them."""
     (root / "ukb" / "20158").mkdir(parents=True, exist_ok=True)
     for k in range(n):
-        (root / "ukb" / "20158" / f"{1000001 + k}_20158_2_0.zip").write_bytes(b"")
+        (root / "ukb" / "20158" / f"{9000001 + k}_20158_2_0.zip").write_bytes(b"")
     for side in sides:  # one annotated image per side: training has something to plan from
         for folder, ext in (("manual", "pts"), ("masks", "png")):
             (root / "ukb" / folder).mkdir(parents=True, exist_ok=True)
-            (root / "ukb" / folder / f"1000001_2_{side}.{ext}").write_bytes(b"")
+            (root / "ukb" / folder / f"9000001_2_{side}.{ext}").write_bytes(b"")
     return {"images": "ukb/20158/{eid}_20158_{instance}_{array}.zip",
             "points_auto": "ukb/points/{eid}_{instance}_{side}.pts",
             "points_manual": "ukb/manual/{eid}_{instance}_{side}.pts",
@@ -341,7 +341,7 @@ def test_a_partial_inputs_block_without_annotations_is_refused_before_planning(t
 def test_fewer_image_files_than_shards_are_refused(tmp_path):
     run = tmp_path / "run"
     inputs = _stub_cohort(run, 3)
-    (run / "ukb" / "20158" / "1000009_20158_2_0 (1).zip").write_bytes(b"")  # ingest would not parse it
+    (run / "ukb" / "20158" / "9000009_20158_2_0 (1).zip").write_bytes(b"")  # ingest would not parse it
     done = snakemake(run, {"inputs": inputs, "patches": {"shards": 4}}, "--dry-run", demo=False, check=False)
     assert done.returncode != 0
     assert ("config patches.shards: 4, but inputs.images 'ukb/20158/{eid}_20158_{instance}_{array}.zip' "
