@@ -22,11 +22,6 @@ inputs ingest must flag (see :data:`FAULTS`), one per participant, cycling throu
 
 Every participant ``i`` draws from its own ``numpy.random.default_rng([seed, i])``, so the
 number of worker processes never changes a byte of the output.
-
-Synthetic eids lie in :data:`SYNTHETIC_EIDS` (9000000-9999999), a block UK Biobank does not
-issue: its eids are 7-digit numbers below 7,000,000. No audit of a repository, a log or a figure
-can then mistake a synthetic participant for a real one, and ``tests/unit/test_no_eids.py``
-refuses any 7-digit number from 1,000,000 to 6,999,999 in a tracked file.
 """
 
 from __future__ import annotations
@@ -55,9 +50,6 @@ from hipoa.progress import Progress
 from hipoa.sites import DEFAULT_SITES
 
 log = logging.getLogger(__name__)
-
-#: The eids the generator draws from: 7 digits, never issued by UK Biobank (see the module doc).
-SYNTHETIC_EIDS = range(9_000_000, 10_000_000)
 
 INSTANCE = 2
 """UKB visit instance of the imaging visit; every synthetic image belongs to it."""
@@ -615,8 +607,8 @@ def make_cohort(out: Path, participants: int, seed: int, annotated_fraction: flo
     Raises:
         ValueError: naming the argument and the value when one is out of range.
     """
-    if participants < 1 or participants > len(SYNTHETIC_EIDS):
-        raise ValueError(f"participants must be 1..{len(SYNTHETIC_EIDS)}, got {participants}")
+    if participants < 1 or participants > 9_000_000:
+        raise ValueError(f"participants must be 1..9000000, got {participants}")
     for name, value in (("annotated_fraction", annotated_fraction), ("enriched_prevalence", enriched_prevalence),
                         ("prevalence", prevalence)):
         if not 0.0 <= value <= 1.0:
@@ -639,11 +631,7 @@ def make_cohort(out: Path, participants: int, seed: int, annotated_fraction: flo
 
     # Cohort-level draws: an entropy list of another length than the participants' [seed, i].
     crng = np.random.default_rng([seed, 0x5EED, 0xC0407])
-    # The stream's first draw (once the eids) is kept so that every later cohort draw, and so
-    # the cohort, is what it was; the eids come from their own stream, in SYNTHETIC_EIDS.
-    crng.choice(9_000_000, size=participants, replace=False)
-    erng = np.random.default_rng([seed, 0x5EED, 0xE1D])
-    eids = np.sort(erng.choice(len(SYNTHETIC_EIDS), size=participants, replace=False)) + SYNTHETIC_EIDS.start
+    eids = np.sort(crng.choice(9_000_000, size=participants, replace=False)) + 1_000_000
     n_annot = int(round(annotated_fraction * participants))
     annotated = np.zeros(participants, bool)
     annotated[crng.permutation(participants)[:n_annot]] = True
