@@ -1,5 +1,4 @@
-"""The scale rehearsal (benchmarks/rehearsal.sh) at CI size: 400 participants, 800 images in four
-shards a side (the size that keeps the suite under its 20-minute budget).
+"""The scale rehearsal (benchmarks/rehearsal.sh) at CI size: 1,000 participants, 2,000 images.
 
 The same script as the 40,000-images-a-side rehearsal of docs/scale.md, with tiny one-epoch
 models (tests/workflow/rehearsal_train_tiny.yaml): synthesis, a withdrawal list, training, the
@@ -20,7 +19,7 @@ import pandas as pd
 import pytest
 
 REPO = Path(__file__).resolve().parents[2]
-PARTICIPANTS = 400
+PARTICIPANTS = 1000
 SHARDS = 4
 
 
