@@ -88,7 +88,7 @@ def main(argv: list[str] | None = None) -> int:
     from hipoa.train_input import TrainingInput, read_contexts
 
     with tempfile.TemporaryDirectory() as tmp:
-        store = write_tiny_store(Path(tmp) / "shard-0000.zarr", eids=[str(1_000_000 + i) for i in range(args.images)])
+        store = write_tiny_store(Path(tmp) / "shard-0000.zarr", eids=[str(9_000_000 + i) for i in range(args.images)])
         manual = open_site_patches(store, "lateral_acetabulum", "manual")
         image, mask = read_contexts(manual.image, manual.mask, np.arange(len(manual.rows)))
     print(f"cores: {os.cpu_count()}; {len(image)} contexts, n_augment {args.n_augment}, batch {args.batch_size}, "

@@ -31,7 +31,7 @@ def write_manifest(path: Path, n_images: int, sides: list[str]) -> None:
         writer.writerow(["eid", "instance", "side", "image", "points_auto", "points_manual", "mask"])
         for i in range(n_images):
             side = sides[i % len(sides)]
-            eid = 1_000_000 + i // len(sides)
+            eid = 9_000_000 + i // len(sides)
             annotated = i % 10 == 0
             writer.writerow([
                 eid, 2, side, f"ukb/20158/{eid}_20158_2_0.zip", f"ukb/points/auto/{eid}_2_{side}.pts",

@@ -103,7 +103,7 @@ def store(args: argparse.Namespace) -> None:
         "sites": {s.name: s.to_dict() for s in DEFAULT_SITES if s.name == SITE},
     })
     rows = {
-        "eid": np.array([str(1_000_000 + i) for i in range(n)]), "instance": np.full(n, 2, np.int16),
+        "eid": np.array([str(9_000_000 + i) for i in range(n)]), "instance": np.full(n, 2, np.int16),
         "side": np.array(["L"] * n), "qc_reason": np.array([""] * n), "annotated": np.zeros(n, bool),
         "reference_length_mm": np.full(n, 50.0), "spacing_row_mm": np.full(n, 0.25),
         "spacing_col_mm": np.full(n, 0.25), "rows": np.full(n, 600, np.int32), "cols": np.full(n, 680, np.int32),

@@ -22,6 +22,13 @@ inputs ingest must flag (see :data:`FAULTS`), one per participant, cycling throu
 
 Every participant ``i`` draws from its own ``numpy.random.default_rng([seed, i])``, so the
 number of worker processes never changes a byte of the output.
+
+Synthetic eids lie in :data:`SYNTHETIC_EIDS` (9000000-9999999), a block UK Biobank does not
+issue (its eids are 7-digit numbers below 7,000,000), so no audit of a repository, a log or a
+figure can mistake a synthetic participant for a real one (``tests/unit/test_no_eids.py`` refuses
+any other 7-digit number in a tracked file). They are placed by :func:`synthetic_eids` so that a
+cohort of a given seed keeps the order and the shards its participants had under the draw of
+earlier releases, and with them every split, QC flag and model of the demo.
 """
 
 from __future__ import annotations
@@ -44,12 +51,21 @@ from pydicom.uid import ImplicitVRLittleEndian, generate_uid
 
 from hipoa import __version__
 from hipoa import anatomy
+from hipoa.ingest import shard_of
 from hipoa.labels import write_label_png
 from hipoa.points import write_pts
 from hipoa.progress import Progress
 from hipoa.sites import DEFAULT_SITES
 
 log = logging.getLogger(__name__)
+
+#: The eids the generator issues: 7 digits, never issued by UK Biobank (see the module doc).
+SYNTHETIC_EIDS = range(9_000_000, 10_000_000)
+#: Synthetic eids keep their participant's shard for every shard count that divides this.
+SHARD_PERIOD = 8
+#: Most participants a cohort may have (:func:`synthetic_eids` then runs at most a few hundred
+#: numbers past its 900,000 places, of a slack of 100,000).
+MAX_PARTICIPANTS = 100_000
 
 INSTANCE = 2
 """UKB visit instance of the imaging visit; every synthetic image belongs to it."""
@@ -566,6 +582,36 @@ def _clear_previous(out: Path) -> None:
     log.info("synth: removed %d files of the previous cohort in %s", n, out)
 
 
+def synthetic_eids(drawn: np.ndarray) -> np.ndarray:
+    """Eids in :data:`SYNTHETIC_EIDS` for ascending ``drawn`` numbers (the draw of earlier releases).
+
+    ``drawn`` (in 1,000,000-9,999,999) is scaled into the block's first 900,000 numbers (the rest
+    is room for the walk below), and the ``k``-th eid is the
+    smallest number at or above ``drawn[k]``'s place, and above the ``(k-1)``-th eid, whose
+    :func:`hipoa.ingest.shard_of` modulo :data:`SHARD_PERIOD` is that of ``drawn[k]``. Order and
+    shard (for 1, 2, 4 or 8 shards) are then those of the drawn numbers, and with them the store
+    rows, the splits and the shard-level QC of a cohort; only the numbers differ. Cohorts of
+    different seeds, spread over the block, rarely share an eid.
+
+    Raises:
+        ValueError: if the block runs out (not below :data:`MAX_PARTICIPANTS` participants).
+    """
+    out = np.empty(len(drawn), np.int64)
+    candidate = SYNTHETIC_EIDS.start
+    for k, number in enumerate(drawn):
+        place = SYNTHETIC_EIDS.start + (int(number) - 1_000_000) // 10  # the block's first 900,000
+        candidate = max(candidate, place)
+        want = shard_of(int(number), SHARD_PERIOD)
+        while candidate < SYNTHETIC_EIDS.stop and shard_of(candidate, SHARD_PERIOD) != want:
+            candidate += 1
+        if candidate >= SYNTHETIC_EIDS.stop:
+            raise ValueError(f"{len(drawn)} participants do not fit the synthetic eid block "
+                             f"{SYNTHETIC_EIDS.start}-{SYNTHETIC_EIDS.stop - 1}")
+        out[k] = candidate
+        candidate += 1
+    return out
+
+
 def make_cohort(out: Path, participants: int, seed: int, annotated_fraction: float = 0.3,
                 enriched_prevalence: float = 0.5, prevalence: float = 0.15, faults: int = 0,
                 workers: int = 1, annotate_sides: str = "L", unfit: int = 0, second_scanner: float = 0.0,
@@ -607,8 +653,8 @@ def make_cohort(out: Path, participants: int, seed: int, annotated_fraction: flo
     Raises:
         ValueError: naming the argument and the value when one is out of range.
     """
-    if participants < 1 or participants > 9_000_000:
-        raise ValueError(f"participants must be 1..9000000, got {participants}")
+    if participants < 1 or participants > MAX_PARTICIPANTS:
+        raise ValueError(f"participants must be 1..{MAX_PARTICIPANTS}, got {participants}")
     for name, value in (("annotated_fraction", annotated_fraction), ("enriched_prevalence", enriched_prevalence),
                         ("prevalence", prevalence)):
         if not 0.0 <= value <= 1.0:
@@ -631,7 +677,7 @@ def make_cohort(out: Path, participants: int, seed: int, annotated_fraction: flo
 
     # Cohort-level draws: an entropy list of another length than the participants' [seed, i].
     crng = np.random.default_rng([seed, 0x5EED, 0xC0407])
-    eids = np.sort(crng.choice(9_000_000, size=participants, replace=False)) + 1_000_000
+    eids = synthetic_eids(np.sort(crng.choice(9_000_000, size=participants, replace=False)) + 1_000_000)
     n_annot = int(round(annotated_fraction * participants))
     annotated = np.zeros(participants, bool)
     annotated[crng.permutation(participants)[:n_annot]] = True

@@ -82,6 +82,27 @@ def test_different_seed_differs(cohort, tmp_path):
 # --- layout and truth table ---------------------------------------------------------------------
 
 
+def test_synthetic_eids_keep_the_order_and_shards_of_the_former_draw():
+    from hipoa.ingest import shard_of
+
+    drawn = np.sort(np.random.default_rng(5).choice(9_000_000, size=3000, replace=False)) + 1_000_000
+    eids = synth.synthetic_eids(drawn)
+    assert eids.dtype == np.int64 and len(eids) == len(drawn)
+    assert np.all(np.diff(eids) > 0)  # unique and in the drawn order
+    assert eids[0] >= synth.SYNTHETIC_EIDS.start and eids[-1] < synth.SYNTHETIC_EIDS.stop
+    for n in (1, 2, 4, 8):
+        assert [shard_of(e, n) for e in eids] == [shard_of(d, n) for d in drawn]
+    # another shard count is not kept (the draw is not the identity in disguise)
+    assert [shard_of(e, 5) for e in eids] != [shard_of(d, 5) for d in drawn]
+
+
+def test_a_cohort_too_large_for_the_eid_block_is_refused(tmp_path):
+    with pytest.raises(ValueError, match="participants must be 1..100000"):
+        synth.make_cohort(tmp_path, participants=synth.MAX_PARTICIPANTS + 1, seed=0)
+    with pytest.raises(ValueError, match="do not fit the synthetic eid block"):
+        synth.synthetic_eids(np.arange(1_000_000, 1_200_000))
+
+
 def test_truth_table_layout(cohort):
     out, truth = cohort
     assert len(truth) == 2 * N
@@ -90,7 +111,7 @@ def test_truth_table_layout(cohort):
                 "expected_reason"]:
         assert col in truth.columns, col
     assert truth["eid"].dtype == np.int64
-    assert truth["eid"].between(1_000_000, 9_999_999).all()
+    assert truth["eid"].isin(synth.SYNTHETIC_EIDS).all()  # a block UK Biobank does not issue
     assert truth["eid"].nunique() == N
     assert (truth["instance"] == 2).all()
     assert sorted(truth["side"].unique()) == ["L", "R"]
