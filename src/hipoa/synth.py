@@ -586,9 +586,9 @@ def synthetic_eids(drawn: np.ndarray) -> np.ndarray:
     """Eids in :data:`SYNTHETIC_EIDS` for ascending ``drawn`` numbers (the draw of earlier releases).
 
     ``drawn`` (in 1,000,000-9,999,999) is scaled into the block's first 900,000 numbers (the rest
-    is room for the walk below), and the ``k``-th eid is the
-    smallest number at or above ``drawn[k]``'s place, and above the ``(k-1)``-th eid, whose
-    :func:`hipoa.ingest.shard_of` modulo :data:`SHARD_PERIOD` is that of ``drawn[k]``. Order and
+    is room for the walk below), and the ``k``-th eid is the smallest number at or above
+    ``drawn[k]``'s place, and above the ``(k-1)``-th eid, whose :func:`hipoa.ingest.shard_of`
+    modulo :data:`SHARD_PERIOD` is that of ``drawn[k]``. Order and
     shard (for 1, 2, 4 or 8 shards) are then those of the drawn numbers, and with them the store
     rows, the splits and the shard-level QC of a cohort; only the numbers differ. Cohorts of
     different seeds, spread over the block, rarely share an eid.
