@@ -33,7 +33,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from hipoa.cli import _auto_or_number
+from hipoa.train_settings import Range, auto_or_number
 from hipoa.sites import DEFAULT_SITES
 
 SITES = [s.name for s in DEFAULT_SITES]
@@ -101,8 +101,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--splits", type=Path, required=True, help="folder with SITE.parquet split tables")
     p.add_argument("--side", default="L", choices=["L", "R"])
     p.add_argument("--rechoose", action="store_true", help="choose the presence rules again first")
-    p.add_argument("--prevalence", type=_auto_or_number(0.0, 1.0, closed=False), default="auto")
-    p.add_argument("--detect-threshold", type=_auto_or_number(0.5, 1.0, closed=True), default="auto")
+    p.add_argument("--prevalence", type=auto_or_number(Range(0.0, 1.0, low_open=True, high_open=True)), default="auto")
+    p.add_argument("--detect-threshold", type=auto_or_number(Range(0.5, 1.0)), default="auto")
     p.add_argument("--precision", default="float32")
     p.add_argument("--work", type=Path, help="where re-chosen models and predictions go (default: a temp dir)")
     p.add_argument("--out", type=Path, default=Path("benchmarks/out/agreement.json"))

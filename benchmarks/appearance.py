@@ -93,7 +93,7 @@ def main(argv: list[str] | None = None) -> int:
         image, mask = read_contexts(manual.image, manual.mask, np.arange(len(manual.rows)))
     print(f"cores: {os.cpu_count()}; {len(image)} contexts, n_augment {args.n_augment}, batch {args.batch_size}, "
           f"U-Net depth {args.depth}, {args.base_filters} base filters, float32")
-    geometric = AugmentSettings(rotation=0.1, scale=0.1, displacement=0.05)
+    geometric = AugmentSettings(rotation=0.1, scale=0.1, displacement=0.05, appearance=0.0)
     for name, (appearance, boundary_weight) in RECIPES.items():
         settings = dataclasses.replace(geometric, appearance=appearance)
         train = TrainingInput(image, mask, n_augment=args.n_augment, settings=settings, batch_size=args.batch_size,

@@ -63,7 +63,7 @@ def train(args: argparse.Namespace) -> None:
     policy = choose_policy(args.policy)
     image, mask = _smooth_noise(np.random.default_rng(0), args.images, 176)
     real = TrainingInput(image.astype(np.float16), mask, n_augment=args.n_augment, batch_size=args.batch_size,
-                         settings=AugmentSettings(0.1, 0.1, 0.05), seed=1, epochs=15)
+                         settings=AugmentSettings(0.1, 0.1, 0.05, 0.0), seed=1, epochs=15)
     constant = tf.data.Dataset.from_tensors(next(iter(real.dataset()))).repeat()
     keras.utils.set_random_seed(1)
     model = build_unet(depth=args.depth, base_filters=args.base_filters, dtype=policy)

@@ -53,6 +53,7 @@ from hipoa.splits import make_splits
 from hipoa.store import open_patches
 from hipoa.synth import image_stem, make_cohort
 from hipoa.train import train_site
+from hipoa.train_settings import TrainSettings
 
 log = logging.getLogger("robustness")
 
@@ -125,9 +126,9 @@ def _train(root: Path, store: Path, recipe: str, args) -> dict[str, Path]:
         splits = make_splits(stores=[store], site=site.name, seed=args.seed, val_fraction=0.15, test_fraction=0.0)
         settings = {**PAPER_AUGMENT[site.name], **RECIPES[recipe]}
         t0 = time.monotonic()
-        train_site(stores=[store], splits=splits, site=site.name, out=out, epochs=args.epochs,
-                   batch_size=args.batch_size, depth=args.depth, base_filters=args.base_filters, seed=args.seed,
-                   rotation=0.1, scale=0.1, prevalence=0.5, **settings)
+        train_site(stores=[store], splits=splits, site=site.name, out=out, settings=TrainSettings(
+            epochs=args.epochs, batch_size=args.batch_size, depth=args.depth, base_filters=args.base_filters,
+            seed=args.seed, rotation=0.1, scale=0.1, prevalence=0.5, **settings))
         log.info("trained %s %s in %.0f s", recipe, site.name, time.monotonic() - t0)
     return models
 

@@ -64,7 +64,7 @@ def main() -> None:
     from hipoa.unet import build_unet
 
     image, mask = _data(args)
-    settings = AugmentSettings(0.1, 0.1, 0.05)
+    settings = AugmentSettings(0.1, 0.1, 0.05, 0.0)
     train = TrainingInput(image, mask, n_augment=args.n_augment, settings=settings,
                           batch_size=args.batch_size, seed=0, epochs=15)
     it = iter(train.dataset())

@@ -98,7 +98,7 @@ def main(argv: list[str] | None = None) -> int:
 
     import dataclasses
 
-    settings = AugmentSettings(rotation=0.1, scale=0.1, displacement=0.05)  # the acetabulum's ranges
+    settings = AugmentSettings(rotation=0.1, scale=0.1, displacement=0.05, appearance=0.0)  # the acetabulum's ranges
     with tempfile.TemporaryDirectory() as tmp:
         t = time.perf_counter()
         store = write_tiny_store(Path(tmp) / "shard-0000.zarr", eids=[str(1_000_000 + i) for i in range(args.images)])

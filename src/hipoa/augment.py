@@ -68,13 +68,16 @@ class AugmentSettings:
             (paper, U-Net 4: 0.05, about +-6 px).
         appearance: Strength of the appearance augmentation (module docstring): 0 = off (the
             samples are exactly the geometric ones), 1 = the documented ranges, at most
-            :data:`MAX_APPEARANCE`. Off here; the workflow and ``hipoa train-unet`` default to 1.
+            :data:`MAX_APPEARANCE`.
+
+    Every range is given: the defaults are the training settings' (:class:`hipoa.train_settings.TrainSettings`,
+    whose :meth:`~hipoa.train_settings.TrainSettings.augment` makes this object).
     """
 
-    rotation: float = 0.1
-    scale: float = 0.1
-    displacement: float = 0.0
-    appearance: float = 0.0
+    rotation: float
+    scale: float
+    displacement: float
+    appearance: float
 
     def __post_init__(self) -> None:
         for name in ("rotation", "scale", "displacement", "appearance"):

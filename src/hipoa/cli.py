@@ -302,54 +302,14 @@ def _split_data(args: argparse.Namespace) -> int:
     return 0
 
 
-def _auto_or_number(low: float, high: float, *, closed: bool):
-    """An argparse type: ``auto`` or a number in ``[low, high]`` (``closed``) or ``(low, high)``."""
-    span = f"[{low}, {high}]" if closed else f"({low}, {high})"
-
-    def parse(text: str) -> str | float:
-        if text == "auto":
-            return text
-        try:
-            value = float(text)
-        except ValueError:
-            value = float("nan")
-        if not (low <= value <= high if closed else low < value < high):
-            raise argparse.ArgumentTypeError(f"expected 'auto' or a number in {span}, got {text!r}")
-        return value
-
-    return parse
-
-
 def _train_unet_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--site", required=True, help="site key")
     p.add_argument("--stores", nargs="+", help="patch stores (shard-*.zarr); required unless --load")
     p.add_argument("--splits", help="split table (hipoa split-data); required unless --load")
     p.add_argument("--out", required=True, help="model to write, results/models/SITE/unet.keras (+ unet.json, history.csv)")
-    p.add_argument("--epochs", type=int, default=15, help="training epochs (15, the paper)")
-    p.add_argument("--batch-size", type=int, default=32, help="batch size (32)")
-    p.add_argument("--depth", type=int, default=4, help="U-Net poolings (4, the original)")
-    p.add_argument("--base-filters", type=int, default=64, help="filters of the first level (64, the original)")
-    p.add_argument("--dropout", type=float, default=0.3, help="dropout rate (0.3, the paper)")
-    p.add_argument("--n-augment", type=int, default=7, help="extra augmented samples per image (7; 19 acetabulum)")
-    p.add_argument("--rotation", type=float, default=0.1, help="max rotation, radians (0.1)")
-    p.add_argument("--scale", type=float, default=0.1, help="max relative scaling (0.1)")
-    p.add_argument("--displacement", type=float, default=0.0, help="max centre shift, fraction of patch width (0; 0.05 acetabulum)")
-    p.add_argument("--appearance", type=float, default=1.0,
-                   help="strength of the scanner appearance augmentation of training samples: contrast, "
-                        "soft-tissue ramp, pixel grid, blur/sharpening, noise, banding, tone "
-                        "(0 off; 1, the ranges of hipoa.augment)")
-    p.add_argument("--boundary-weight", type=float, default=0.5,
-                   help="loss weight of pixels within 1 px of the mask boundary, where annotators differ "
-                        "(0.5; 1 = the paper's plain cross-entropy)")
-    p.add_argument("--seed", type=int, default=1, help="seed of weights, dropout and augmentation (1)")
-    p.add_argument("--precision", default="auto", choices=["auto", "float32", "mixed_bfloat16", "mixed_float16"],
-                   help="compute precision (auto: bfloat16 where the CPU/GPU has it)")
-    p.add_argument("--prevalence", default="auto", type=_auto_or_number(0.0, 1.0, closed=False),
-                   help="expected share of images with an osteophyte, for the presence rule: 'auto' "
-                        "(estimated on the cohort outside train and val) or a number in (0, 1)")
-    p.add_argument("--detect-threshold", default="auto", type=_auto_or_number(0.5, 1.0, closed=True),
-                   help="pixel probability counted towards the presence rule's min_area_px: 'auto' "
-                        "(0.5, 0.7 or 0.9, chosen on validation) or a number in [0.5, 1]")
+    from hipoa.train_settings import add_arguments
+
+    add_arguments(p)  # one option per training setting, with its default, range and help
     p.add_argument("--load", default=None, metavar="EXISTING.keras",
                    help="use this trained model (and the .json beside it) instead of training")
 
@@ -361,6 +321,7 @@ def _train_unet(args: argparse.Namespace) -> int:
     _need_files(("--load", args.load), ("--splits", args.splits))  # before TensorFlow is imported
     from hipoa.modelio import install_model
     from hipoa.train import train_site
+    from hipoa.train_settings import TrainSettings
 
     if args.load:
         card = install_model(Path(args.load), Path(args.out))
@@ -368,27 +329,8 @@ def _train_unet(args: argparse.Namespace) -> int:
         return 0
     if not args.stores or not args.splits:
         raise ValueError(f"train-unet {args.site}: --stores and --splits are required unless --load is given")
-    info = train_site(
-        stores=[Path(s) for s in args.stores],
-        splits=Path(args.splits),
-        site=args.site,
-        out=Path(args.out),
-        epochs=args.epochs,
-        batch_size=args.batch_size,
-        depth=args.depth,
-        base_filters=args.base_filters,
-        dropout=args.dropout,
-        n_augment=args.n_augment,
-        rotation=args.rotation,
-        scale=args.scale,
-        displacement=args.displacement,
-        appearance=args.appearance,
-        boundary_weight=args.boundary_weight,
-        seed=args.seed,
-        precision=args.precision,
-        prevalence=args.prevalence,
-        detect_threshold=args.detect_threshold,
-    )
+    info = train_site(stores=[Path(s) for s in args.stores], splits=Path(args.splits), site=args.site,
+                      out=Path(args.out), settings=TrainSettings.from_args(args))
     t, v = info["training"], info["validation"]
     print(
         f"{args.out}: best epoch {t['best_epoch']}/{t['epochs_run']} (val_loss {t['best_val_loss']:.4f}), "

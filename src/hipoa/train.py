@@ -41,6 +41,7 @@ from hipoa.provenance import provenance
 from hipoa.sites import PATCH_SIZE
 from hipoa.splits import open_site_patches, patch_indices, read_splits, split_counts
 from hipoa.store import PatchSet
+from hipoa.train_settings import TrainSettings
 
 log = logging.getLogger(__name__)
 
@@ -346,21 +347,7 @@ def train_site(
     splits: str | Path | pd.DataFrame,
     site: str,
     out: str | Path,
-    epochs: int = 15,
-    batch_size: int = 32,
-    depth: int = 4,
-    base_filters: int = 64,
-    dropout: float = 0.3,
-    n_augment: int = 7,
-    rotation: float = 0.1,
-    scale: float = 0.1,
-    displacement: float = 0.0,
-    appearance: float = 1.0,
-    boundary_weight: float = 0.5,
-    seed: int = 1,
-    precision: str = "auto",
-    prevalence: float | str = "auto",
-    detect_threshold: float | str = "auto",
+    settings: TrainSettings = TrainSettings(),
 ) -> dict:
     """Train one site's U-Net and choose its presence rule (:func:`hipoa.presence.choose_presence_rule`).
 
@@ -370,18 +357,11 @@ def train_site(
         site: Site key.
         out: The model file to write, ``.../unet.keras``. Beside it: ``unet.json`` (settings,
             data counts, validation scores, presence rule) and ``history.csv`` (per-epoch loss).
-        epochs, batch_size: Training length and batch size (paper: 15 epochs).
-        depth, base_filters, dropout: U-Net size (paper: 4, 64, 0.3), :func:`hipoa.unet.build_unet`.
-        n_augment: Extra augmented samples per image (paper: 7; 19 for the acetabulum).
-        rotation, scale, displacement: Augmentation ranges (:class:`hipoa.augment.AugmentSettings`).
-        appearance: Strength of the scanner appearance augmentation of the training samples
-            (:mod:`hipoa.augment`; 0 off, 1 the documented ranges).
-        boundary_weight: Loss weight of the pixels within 1 px of the mask boundary
-            (:func:`pixel_loss`; 1 is the paper's plain cross-entropy).
-        seed: Seed of weights, dropout and training augmentation (``keras.utils.set_random_seed``,
-            and the key of every epoch plan, :func:`hipoa.train_input.epoch_plan`).
-        precision: ``auto`` or a policy name (:func:`hipoa.precision.choose_policy`).
-        prevalence, detect_threshold: Of the presence rule, :func:`hipoa.presence.choose_presence_rule`.
+        settings: Training length, U-Net size, augmentation, loss, seed, precision and the
+            presence rule's prevalence and detection threshold (:class:`hipoa.train_settings.TrainSettings`,
+            each setting's meaning and range). The ``seed`` seeds weights, dropout and training
+            augmentation (``keras.utils.set_random_seed``, and the key of every epoch plan,
+            :func:`hipoa.train_input.epoch_plan`).
 
     Returns:
         The dict written to ``unet.json``.
@@ -391,35 +371,30 @@ def train_site(
     from hipoa.precision import choose_policy
 
     out = Path(out)
-    if epochs < 1 or batch_size < 1 or n_augment < 0:
-        raise ValueError(f"need epochs >= 1, batch_size >= 1, n_augment >= 0, got {epochs}, {batch_size}, {n_augment}")
-    augment = AugmentSettings(rotation=rotation, scale=scale, displacement=displacement, appearance=appearance)
-    pixel_loss(boundary_weight)  # its range, before any data are read
+    s = settings
+    augment = s.augment()
     data = _open_site_data(stores, splits, site, augment)
-    keras.utils.set_random_seed(seed)
-    policy = choose_policy(precision)
-    train, val = _make_inputs(data, n_augment=n_augment, settings=augment, batch_size=batch_size, seed=seed,
-                              epochs=epochs)
-    fit = _fit(train, val, site=site, epochs=epochs, depth=depth, base_filters=base_filters, dropout=dropout,
-               policy=policy, boundary_weight=boundary_weight)
+    keras.utils.set_random_seed(s.seed)
+    policy = choose_policy(s.precision)
+    train, val = _make_inputs(data, n_augment=s.n_augment, settings=augment, batch_size=s.batch_size, seed=s.seed,
+                              epochs=s.epochs)
+    fit = _fit(train, val, site=site, epochs=s.epochs, depth=s.depth, base_filters=s.base_filters,
+               dropout=s.dropout, policy=policy, boundary_weight=s.boundary_weight)
 
     presence, scores = choose_presence_rule(
-        fit.model, stores=stores, splits=data.table, site=site, prevalence=prevalence,
-        detect_threshold=detect_threshold, batch_size=batch_size, seed=seed,
+        fit.model, stores=stores, splits=data.table, site=site, prevalence=s.prevalence,
+        detect_threshold=s.detect_threshold, batch_size=s.batch_size, seed=s.seed,
     )
-    settings = {
-        "epochs": epochs, "batch_size": batch_size, "depth": depth, "base_filters": base_filters,
-        "dropout": dropout, "n_augment": n_augment, "rotation": rotation, "scale": scale,
-        "displacement": displacement, "appearance": appearance, "boundary_weight": boundary_weight,
-        "seed": seed, "precision": precision, "policy": policy,
-        "prevalence": prevalence, "detect_threshold": detect_threshold,
+    card_settings = {
+        **s.to_dict(),
+        "policy": policy,
         "optimizer": "Adam (Keras defaults)",
         "loss": "sparse categorical cross-entropy" + (
-            f", pixels within 1 px of the mask boundary weighted {boundary_weight}" if boundary_weight < 1 else ""),
+            f", pixels within 1 px of the mask boundary weighted {s.boundary_weight}" if s.boundary_weight < 1 else ""),
         "kept": "weights of the epoch with the lowest validation loss (val_loss)",
         "val_augment_seed": VAL_AUGMENT_SEED,
     }
-    card = _card(site=site, settings=settings, stores=stores, splits=splits, data=data,
+    card = _card(site=site, settings=card_settings, stores=stores, splits=splits, data=data,
                  samples={"train": train.n_samples, "val": val.n_samples}, fit=fit, scores=scores, presence=presence)
     _write_outputs(out, fit, card)
     log.info(

@@ -23,7 +23,7 @@ from hipoa.splits import open_site_patches
 from hipoa.train_input import TrainingInput, ValidationInput, appear, appearance_plan, read_contexts
 
 SITE = "lateral_acetabulum"
-GEOMETRIC = AugmentSettings(rotation=0.1, scale=0.1, displacement=0.05)
+GEOMETRIC = AugmentSettings(rotation=0.1, scale=0.1, displacement=0.05, appearance=0.0)
 APPEARANCE = dataclasses.replace(GEOMETRIC, appearance=1.0)
 KW = {"n_augment": 3, "batch_size": 8, "epochs": 2}
 
@@ -129,9 +129,9 @@ def test_draw_ranges_and_settings_check():
         assert np.abs(col["tone"]).max() <= min(1.0, 0.35 * s)  # the tone curve stays monotonic
         assert 0 <= keys.min() and keys.max() < 2**31
     with pytest.raises(ValueError, match="appearance must be <= 2.5, got 3"):
-        AugmentSettings(appearance=3)
+        AugmentSettings(rotation=0.1, scale=0.1, displacement=0.0, appearance=3)
     with pytest.raises(ValueError, match="appearance must be a finite number >= 0, got -0.1"):
-        AugmentSettings(appearance=-0.1)
+        AugmentSettings(rotation=0.1, scale=0.1, displacement=0.0, appearance=-0.1)
 
 
 # ---- each component --------------------------------------------------------------------------

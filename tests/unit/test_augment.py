@@ -13,7 +13,7 @@ from hipoa.geometry import augment_affine, augmentation_reach, patch_coordinates
 
 C, S = 176, 128
 O = (C - S) // 2  # 24
-PAPER_ACETABULUM = AugmentSettings(rotation=0.1, scale=0.1, displacement=0.05)
+PAPER_ACETABULUM = AugmentSettings(rotation=0.1, scale=0.1, displacement=0.05, appearance=0.0)
 
 
 @pytest.fixture
@@ -117,6 +117,6 @@ def test_draw_params_is_seeded_and_within_ranges():
 
 def test_settings_validate():
     with pytest.raises(ValueError, match="rotation"):
-        AugmentSettings(rotation=-0.1)
+        AugmentSettings(rotation=-0.1, scale=0.1, displacement=0.0, appearance=0.0)
     with pytest.raises(ValueError, match="scale"):
-        AugmentSettings(scale=1.5)
+        AugmentSettings(rotation=0.1, scale=1.5, displacement=0.0, appearance=0.0)

@@ -38,7 +38,7 @@ SITES = [
     SITE,
     Site("lateral_acetabulum", centre=3, reference=(0, 1), dp=0.010, label=3),
 ]
-PAPER = AugmentSettings(rotation=0.1, scale=0.1, displacement=0.05)  # U-Net 4 of the paper
+PAPER = AugmentSettings(rotation=0.1, scale=0.1, displacement=0.05, appearance=0.0)  # U-Net 4 of the paper
 
 
 # -------------------------------------------------------------------------------- inside the image
@@ -317,7 +317,7 @@ def _corner_transforms(s: AugmentSettings) -> np.ndarray:
     return np.array(list(itertools.product((-s.rotation, s.rotation), (1 - s.scale, 1 + s.scale), (-d, d), (-d, d))))
 
 
-@pytest.mark.parametrize("settings", [PAPER, AugmentSettings(rotation=0.3, scale=0.2), AugmentSettings(0.0, 0.0, 0.1)])
+@pytest.mark.parametrize("settings", [PAPER, AugmentSettings(rotation=0.3, scale=0.2, displacement=0.0, appearance=0.0), AugmentSettings(0.0, 0.0, 0.1, 0.0)])
 def test_required_context_is_enough_and_the_next_smaller_is_not(settings):
     need = required_context(settings.rotation, settings.scale, settings.displacement)
     corners = _corner_transforms(settings)

@@ -16,6 +16,7 @@ import yaml
 sys.path.insert(0, str(Path(workflow.basedir) / "src"))
 from hipoa.patterns import check_image_patterns, count_images
 from hipoa.profiles import gpu_partition_resources
+from hipoa.train_settings import TrainSettings
 
 
 wildcard_constraints:
@@ -436,31 +437,13 @@ def train_unet_source(wildcards):
 
 
 def train_unet_settings(wildcards):
-    """Training and augmentation settings of one site (a param, so a change retrains it)."""
+    """Training and augmentation settings of one site (a param, so a change retrains it), as
+    hipoa.train_settings.TrainSettings writes them (a bad value fails here, before submission).
+    """
     if model_load(wildcards.site):
         return ""
-    training = config["training"]
-    keys = (
-        "seed",
-        "epochs",
-        "batch_size",
-        "depth",
-        "base_filters",
-        "dropout",
-        "precision",
-        "prevalence",
-        "detect_threshold",
-        "boundary_weight",
-    )
-    settings = {key: training[key] for key in keys}
-    settings.update(augment(wildcards.site))
-    return (
-        "--epochs {epochs} --batch-size {batch_size} --depth {depth} --base-filters {base_filters} "
-        "--dropout {dropout} --n-augment {n_augment} --rotation {rotation} --scale {scale} "
-        "--displacement {displacement} --appearance {appearance} "
-        "--boundary-weight {boundary_weight} --seed {seed} --precision {precision} "
-        "--prevalence {prevalence} --detect-threshold {detect_threshold}"
-    ).format(**settings)
+    values = {**config["training"], **augment(wildcards.site)}
+    return TrainSettings.from_mapping(values).command_line()
 
 
 # ---- predict_masks / phenotypes ---------------------------------------------------------------
