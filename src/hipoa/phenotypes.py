@@ -19,11 +19,9 @@ and optionally (:func:`write_masks`) the predicted label masks back in each imag
 
 from __future__ import annotations
 
-import datetime as _dt
 import hashlib
 import json
 import logging
-import os
 from contextlib import ExitStack
 from pathlib import Path
 
@@ -34,18 +32,8 @@ from hipoa import __version__, qc
 from hipoa.atomic import atomic_path
 from hipoa.geometry import paste_patch_mask
 from hipoa.labels import write_label_png
-from hipoa.calibration import MIN_CLASS_ISOTONIC
 from hipoa.calibration import describe as describe_calibration
 from hipoa.modelio import read_model_card
-from hipoa.predict import (
-    AREA,
-    LARGEST_AREA,
-    N_COMPONENTS,
-    PRESENT,
-    PROBABILITY,
-    SITE_DTYPES,
-    site_columns,
-)
 from hipoa.progress import Progress
 from hipoa.release import (
     parse_instance_policy,
@@ -57,16 +45,22 @@ from hipoa.release import (
 )
 from hipoa.provenance import provenance_json
 from hipoa.store import check_store
+from hipoa.tables import (
+    AREA,
+    KEY,
+    PRESENT,
+    SITE_DTYPES,
+    combine_sites,
+    created_timestamp,
+    eid_column,
+    site_columns,
+    write_parquet,
+)
 
 log = logging.getLogger(__name__)
 
 TRAINING_SPLITS = ("train", "val", "validation")
 """Split labels whose participants count as ``used_in_training`` (validation chose thresholds)."""
-
-_KEY = ["eid", "instance", "side"]
-REQUIRED = ("eid", "instance", "side", "qc_pass", "qc_reason", "annotated", "used_in_training")
-"""Columns declared non-nullable in the Parquet schema (never missing)."""
-
 
 def sha256_file(path: Path) -> str:
     """Hex SHA-256 of a file's bytes."""
@@ -75,33 +69,6 @@ def sha256_file(path: Path) -> str:
         for block in iter(lambda: f.read(1 << 20), b""):
             h.update(block)
     return h.hexdigest()
-
-
-_CANONICAL_INT = r"-?[1-9]\d{0,17}|0"
-
-
-def eid_column(eids: pd.Series) -> pd.Series:
-    """``eid`` as int64 when every eid is a canonical integer, else as the strings given (contract).
-
-    UK Biobank's eids are always canonical integers, so every UKB table (an empty one, one with
-    every image failed, one side or both) has an int64 eid and joins UK Biobank's main dataset
-    on it as it ships (``eid`` read as an integer). Canonical: digits with no leading zero, sign
-    or space (``123``, not ``0123`` or ``+123``), so that no two different eids can become one
-    number; ``0123`` and ``123`` stay two strings, as any id that is not an integer (a later
-    cohort's ``p7``) makes the column a string one.
-
-    Raises:
-        ValueError: naming both, if two different eids would still map to one key.
-    """
-    text = eids.astype(str)
-    if text.str.fullmatch(_CANONICAL_INT).all():  # an empty table too: int64 whatever the data
-        numbers = text.astype(np.int64)
-        pairs = pd.DataFrame({"text": text.to_numpy(), "number": numbers.to_numpy()}).drop_duplicates()
-        clash = pairs[pairs.duplicated("number", keep=False)]
-        if len(clash):
-            raise ValueError(f"eids {sorted(clash['text'])[:2]} would both become {clash['number'].iloc[0]}")
-        return numbers
-    return pd.Series(pd.array(text, dtype="string"), index=eids.index)
 
 
 def _read_table(path: Path) -> pd.DataFrame:
@@ -128,66 +95,6 @@ def training_eids(splits: list[Path]) -> set[str]:
         used = t[col].astype(str).str.lower().isin(TRAINING_SPLITS)
         eids.update(t.loc[used, "eid"].astype(str).str.strip())
     return eids
-
-
-def dictionary_entries(sites: list[str]) -> dict[str, tuple[str, str]]:
-    """FIELD -> (DESCRIPTION, UNITS) of every column of a side's Parquet."""
-    return {field: (description, units) for field, description, units in _dictionary(sites)}
-
-
-def _dictionary(sites: list[str]) -> list[tuple[str, str, str]]:
-    """(FIELD, DESCRIPTION, UNITS) of every Parquet column, in column order."""
-    rows = [
-        ("eid", "UK Biobank participant ID (string when some IDs are not numeric)", ""),
-        ("instance", "UK Biobank assessment visit instance of the scan", ""),
-        ("side", "hip: L (left) or R (right)", ""),
-        ("qc_pass", "true when every site could be measured", ""),
-        ("qc_reason", "empty when qc_pass; else the first reason the image could not be fully measured, one of: "
-         + "; ".join(f"{k} ({v})" for k, v in qc.REASONS.items()), ""),
-        ("reference_length_mm", "distance between the two reference points of the automatic outline", "mm"),
-    ]
-    for s in sites:
-        rows += [
-            (f"{s}{PRESENT}", f"{s}: osteophyte predicted present (1) or absent (0); NA not measurable", ""),
-            (f"{s}{AREA}", f"{s}: predicted osteophyte area; 0 when absent; NA not measurable", "mm^2"),
-            (
-                f"{s}{PROBABILITY}",
-                f"{s}: calibrated probability that an osteophyte is present: the presence rule's score (the "
-                "probability its min_area_px most confident pixels reach) mapped by isotonic regression fitted "
-                f"on the validation split (Platt scaling when it has fewer than {MIN_CLASS_ISOTONIC} images of a "
-                "class; the raw score when that map does not beat it left out one image at a time), shifted from "
-                "the validation split's prevalence to the cohort's estimated prevalence; the "
-                "raw score for an uncalibrated model (see probability_calibration in the Parquet metadata); "
-                "NA not measurable",
-                "",
-            ),
-            (f"{s}{N_COMPONENTS}", f"{s}: number of separate predicted osteophyte regions (8-connected) in the "
-             "patch; 0 when absent; NA not measurable", ""),
-            (f"{s}{LARGEST_AREA}", f"{s}: area of the largest predicted osteophyte region; 0 when absent; "
-             "NA not measurable", "mm^2"),
-        ]
-    rows += [
-        ("any_present", "1 if any site present; 0 if all sites 0; NA if none is 1 and any is NA", ""),
-        ("total_area_mm2", "sum of the site areas; NA if any site is NA", "mm^2"),
-        ("annotated", "the image has a manual osteophyte mask", ""),
-        ("used_in_training", "participant is in a train or validation split of any site's U-Net", ""),
-    ]
-    return rows
-
-
-def _combine(df: pd.DataFrame, sites: list[str]) -> pd.DataFrame:
-    """Add ``any_present`` and ``total_area_mm2`` (Kleene logic for presence, NA-propagating sum)."""
-    present = pd.concat([df[f"{s}{PRESENT}"] for s in sites], axis=1)
-    any_one = (present == 1).any(axis=1).to_numpy()
-    any_na = present.isna().any(axis=1).to_numpy()
-    any_present = pd.array(np.where(any_one, 1, 0), dtype="Int8")
-    any_present[~any_one & any_na] = pd.NA
-    areas = pd.concat([df[f"{s}{AREA}"] for s in sites], axis=1)
-    total = pd.array(areas.fillna(0.0).sum(axis=1).to_numpy(dtype=np.float64), dtype="Float64")
-    total[areas.isna().any(axis=1).to_numpy()] = pd.NA
-    df["any_present"] = any_present
-    df["total_area_mm2"] = total
-    return df
 
 
 def gather(
@@ -275,7 +182,7 @@ def _read_manifest(table: pd.DataFrame, manifest: Path, side: str) -> pd.DataFra
     man["annotated"] = man["annotated"].fillna(False).astype(bool) if "annotated" in man else False
     # Ingest keeps repeated (eid, instance, side) rows (the later ones flagged duplicate_image);
     # they are told apart by their order, which the shard stores and predictions keep.
-    man["_dup"] = man.groupby(_KEY, sort=False).cumcount()
+    man["_dup"] = man.groupby(KEY, sort=False).cumcount()
     return man
 
 
@@ -303,21 +210,21 @@ def _read_predictions(predictions: list[Path], sites: list[str], side: str) -> p
     pred["instance"] = pred["instance"].astype(np.int16)
     pred["side"] = pred["side"].astype(str)
     pred = pred[pred["side"] == side]
-    sources = pred.groupby(_KEY, sort=False)["_source"].transform("nunique")
+    sources = pred.groupby(KEY, sort=False)["_source"].transform("nunique")
     if (sources > 1).any():
         first = pred.loc[sources > 1].iloc[0]
         raise ValueError(
             f"image {first['eid']}_{first['instance']}_{side} predicted more than once "
             f"({sorted(set(pred.loc[sources > 1, '_source']))})"
         )
-    pred["_dup"] = pred.groupby(_KEY, sort=False).cumcount()
+    pred["_dup"] = pred.groupby(KEY, sort=False).cumcount()
     return pred
 
 
 def _merge(man: pd.DataFrame, pred: pd.DataFrame, manifest: Path, side: str) -> pd.DataFrame:
     """Manifest rows joined to their predictions, exactly one each (ValueError naming an example)."""
-    merged = man[_KEY + ["_dup", "qc_reason", "annotated"]].merge(
-        pred.rename(columns={"qc_reason": "_pred_reason"}), on=_KEY + ["_dup"], how="outer", indicator=True
+    merged = man[KEY + ["_dup", "qc_reason", "annotated"]].merge(
+        pred.rename(columns={"qc_reason": "_pred_reason"}), on=KEY + ["_dup"], how="outer", indicator=True
     )
     not_predicted = merged[merged["_merge"] == "left_only"]
     if len(not_predicted):
@@ -357,7 +264,7 @@ def _table(merged: pd.DataFrame, sites: list[str], used: set[str], side: str) ->
     for s in sites:
         for suffix, dtype in SITE_DTYPES.items():
             df[f"{s}{suffix}"] = merged[f"{s}{suffix}"].astype(dtype).array
-    df = _combine(df, sites)
+    df = combine_sites(df, sites)
     df["annotated"] = merged["annotated"].to_numpy(dtype=bool)
     df["used_in_training"] = merged["eid"].isin(used).to_numpy(dtype=bool)
     df["_dup"] = merged["_dup"].to_numpy()
@@ -408,53 +315,9 @@ def _write_outputs(
             write_masks(mask_stores=mask_stores, out_dir=masks_tmp, side=side)
 
 
-def created_timestamp() -> str:
-    """``created`` of the metadata: now (UTC, seconds), or ``SOURCE_DATE_EPOCH`` when set.
-
-    ``SOURCE_DATE_EPOCH`` (seconds since 1970, the reproducible-builds convention) makes two
-    runs on the same inputs write byte-identical Parquets.
-
-    Raises:
-        ValueError: when ``SOURCE_DATE_EPOCH`` is set but not a whole number of seconds.
-    """
-    epoch = os.environ.get("SOURCE_DATE_EPOCH", "").strip()
-    if epoch:
-        try:
-            when = _dt.datetime.fromtimestamp(int(epoch), _dt.timezone.utc)
-        except (ValueError, OverflowError, OSError):
-            raise ValueError(f"SOURCE_DATE_EPOCH must be whole seconds since 1970, got {epoch!r}") from None
-    else:
-        when = _dt.datetime.now(_dt.timezone.utc)
-    return when.replace(microsecond=0).isoformat()
-
-
 def out_tsv_path(out: Path, kind: str) -> Path:
     """``osteophytes_L.parquet`` -> ``osteophytes_L.{kind}.tsv`` beside it (:func:`hipoa.release.release_path`)."""
     return release_path(Path(out).with_suffix(""), kind)
-
-
-def write_parquet(df: pd.DataFrame, out: Path, metadata: dict[str, str]) -> None:
-    """Write ``df`` with ``metadata`` merged into the Arrow schema's key-value metadata."""
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
-    table = pa.Table.from_pandas(df, preserve_index=False)
-    fields = []
-    for f in table.schema:
-        # pandas' string dtype arrives as large_string; plain string is what every reader expects.
-        if pa.types.is_large_string(f.type):
-            f = f.with_type(pa.string())
-        if f.name in REQUIRED:
-            if table.column(f.name).null_count:
-                raise ValueError(f"{out}: column {f.name} has {table.column(f.name).null_count} missing values")
-            f = f.with_nullable(False)
-        fields.append(f)
-    table = table.cast(pa.schema(fields, metadata=table.schema.metadata))
-    meta = dict(table.schema.metadata or {})
-    meta.update({k.encode(): str(v).encode() for k, v in metadata.items()})
-    with atomic_path(out) as tmp:
-        pq.write_table(table.replace_schema_metadata(meta), tmp)
-    log.info("%s: %d rows, %d columns", out, len(df), df.shape[1])
 
 
 def _strings(array) -> np.ndarray:

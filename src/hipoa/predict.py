@@ -67,27 +67,14 @@ from hipoa.infer import SiteModel
 from hipoa.metrics import mask_components
 from hipoa.sites import PATCH_SIZE
 from hipoa.store import PatchSet
+from hipoa.tables import AREA, LARGEST_AREA, N_COMPONENTS, PRESENT, PROBABILITY, SITE_DTYPES
 
 log = logging.getLogger(__name__)
-
-PRESENT = "_present"
-AREA = "_area_mm2"
-PROBABILITY = "_probability"
-N_COMPONENTS = "_n_components"
-LARGEST_AREA = "_largest_area_mm2"
-SITE_DTYPES = {PRESENT: "Int8", AREA: "Float64", PROBABILITY: "Float32", N_COMPONENTS: "Int16", LARGEST_AREA: "Float64"}
-"""Per-site column suffix -> pandas nullable dtype (NA = not measurable)."""
 
 REASON_OUTSIDE = qc.PATCH_OUTSIDE_IMAGE
 REASON_SPACING = qc.PIXEL_SPACING_UNKNOWN
 REASON_POINTS = qc.POINTS_INVALID
 REASON_IMPLAUSIBLE = qc.POINTS_IMPLAUSIBLE
-
-
-def site_columns(site: str) -> list[str]:
-    """The phenotype columns of ``site``: presence, area (mm^2), probability, number of regions and
-    the largest region's area (mm^2), in :data:`SITE_DTYPES` order."""
-    return [f"{site}{suffix}" for suffix in SITE_DTYPES]
 
 
 def measurable(

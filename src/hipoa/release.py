@@ -37,11 +37,20 @@ from scipy.special import ndtri
 
 from hipoa import qc
 from hipoa.atomic import atomic_path
+from hipoa.tables import (
+    AREA,
+    PRESENT,
+    created_timestamp,
+    dictionary_entries,
+    eid_column,
+    kleene_any,
+    strict_max,
+    strict_sum,
+    write_parquet,
+)
 
 log = logging.getLogger(__name__)
 
-PRESENT = "_present"
-AREA = "_area_mm2"
 RINT = "_rint"
 INSTANCE_POLICIES = ("first_passing", "first")
 """``first_passing``: each participant's lowest instance that passes QC (any side for the
@@ -235,24 +244,6 @@ def _collapse(table: pd.DataFrame) -> pd.DataFrame:
     return order.drop_duplicates(["eid", "instance"], keep="first").drop(columns="_fail")
 
 
-def _kleene_any(frame: pd.DataFrame) -> pd.Series:
-    """1 if any column is 1; 0 if every column is 0; else NA (Int8)."""
-    one = (frame == 1).any(axis=1).to_numpy()
-    unknown = frame.isna().any(axis=1).to_numpy()
-    out = pd.array(np.where(one, 1, 0), dtype="Int8")
-    out[~one & unknown] = pd.NA
-    return pd.Series(out, index=frame.index)
-
-
-def _strict(frame: pd.DataFrame, how: str) -> pd.Series:
-    """Row sum or max, NA when any value is NA (Float64)."""
-    values = frame.astype("Float64")
-    result = values.fillna(0.0).sum(axis=1) if how == "sum" else values.max(axis=1, skipna=True)
-    out = pd.array(result.to_numpy(dtype=np.float64), dtype="Float64")
-    out[values.isna().any(axis=1).to_numpy()] = pd.NA
-    return pd.Series(out, index=frame.index)
-
-
 def participant_table(tables: dict[str, pd.DataFrame], sites: list[str]) -> pd.DataFrame:
     """Both sides side by side: one row per (eid, instance) imaged on any side.
 
@@ -282,12 +273,12 @@ def participant_table(tables: dict[str, pd.DataFrame], sites: list[str]) -> pd.D
         for flag in ("annotated", "used_in_training"):
             wide[f"{flag}_{side}"] = pd.array(wide[f"{flag}_{side}"], dtype="boolean")
     for s in sites:
-        wide[f"{s}{PRESENT}_any"] = _kleene_any(wide[[f"{s}{PRESENT}_{side}" for side in sides]])
+        wide[f"{s}{PRESENT}_any"] = kleene_any(wide[[f"{s}{PRESENT}_{side}" for side in sides]])
         areas = wide[[f"{s}{AREA}_{side}" for side in sides]]
-        wide[f"{s}_area_sum_mm2"] = _strict(areas, "sum")
-        wide[f"{s}_area_max_mm2"] = _strict(areas, "max")
-    wide["any_present"] = _kleene_any(wide[[f"{s}{PRESENT}_{side}" for s in sites for side in sides]])
-    wide["total_area_mm2"] = _strict(wide[[f"{s}_area_sum_mm2" for s in sites]], "sum")
+        wide[f"{s}_area_sum_mm2"] = strict_sum(areas)
+        wide[f"{s}_area_max_mm2"] = strict_max(areas)
+    wide["any_present"] = kleene_any(wide[[f"{s}{PRESENT}_{side}" for s in sites for side in sides]])
+    wide["total_area_mm2"] = strict_sum(wide[[f"{s}_area_sum_mm2" for s in sites]])
     wide["n_sides_measured"] = pd.array(
         sum(wide[f"qc_pass_{side}"].fillna(False).to_numpy(dtype=np.int8) for side in sides), dtype="Int8"
     )
@@ -295,8 +286,6 @@ def participant_table(tables: dict[str, pd.DataFrame], sites: list[str]) -> pd.D
     wide["used_in_training"] = np.logical_or.reduce(
         [wide[f"used_in_training_{side}"].fillna(False).to_numpy(dtype=bool) for side in sides]
     )
-    from hipoa.phenotypes import eid_column
-
     wide["eid"] = eid_column(wide["eid"])
     return wide
 
@@ -360,8 +349,6 @@ def release_both_sides(
         The participant table written.
     """
     import pyarrow.parquet as pq
-
-    from hipoa.phenotypes import created_timestamp, write_parquet
 
     policy = parse_instance_policy(policy)
     if len(phenotypes) == 1:
@@ -488,8 +475,6 @@ def describe_gwas_column(column: str, parquet_descriptions: dict[str, tuple[str,
 def participant_dictionary(table: pd.DataFrame, gwas: dict[str, pd.DataFrame], sites: list[str],
                            sides: list[str]) -> pd.DataFrame:
     """``FIELD FILES TYPE DESCRIPTION UNITS`` of the participant table and its GWAS files."""
-    from hipoa.phenotypes import dictionary_entries
-
     per_side = dictionary_entries(sites)
     descriptions: dict[str, tuple[str, str]] = {}
     for column in table.columns:
@@ -521,8 +506,6 @@ def participant_dictionary(table: pd.DataFrame, gwas: dict[str, pd.DataFrame], s
 
 def side_dictionary(table: pd.DataFrame, gwas: dict[str, pd.DataFrame], sites: list[str]) -> pd.DataFrame:
     """``FIELD FILES TYPE DESCRIPTION UNITS`` of one side's Parquet and its GWAS files."""
-    from hipoa.phenotypes import dictionary_entries
-
     return _dictionary(table, gwas, dictionary_entries(sites))
 
 

@@ -20,7 +20,8 @@ from hipoa.ingest import build_manifest
 from hipoa.patches import crop_shard
 from hipoa.phenotypes import gather
 from hipoa.points import read_pts
-from hipoa.predict import AREA, PRESENT, PROBABILITY, predict_shard
+from hipoa.predict import predict_shard
+from hipoa.tables import AREA, PRESENT, PROBABILITY
 from hipoa.sites import DEFAULT_SITES
 from hipoa.synth import UNFIT, image_stem, make_cohort, zip_name
 

@@ -32,7 +32,8 @@ from hipoa.ingest import build_manifest
 from hipoa.patches import crop_shard
 from hipoa.phenotypes import gather
 from hipoa.points import read_pts, write_pts
-from hipoa.predict import AREA, PRESENT, PROBABILITY, predict_shard
+from hipoa.predict import predict_shard
+from hipoa.tables import AREA, PRESENT, PROBABILITY
 from hipoa.sites import DEFAULT_SITES, PATCH_SIZE
 from hipoa.synth import make_cohort
 
@@ -506,7 +507,7 @@ def test_eid_that_would_break_the_tsv_is_rejected(tmp_path, eid):
 
 
 def test_canonical_integer_eids_become_int64():
-    from hipoa.phenotypes import eid_column
+    from hipoa.tables import eid_column
 
     assert eid_column(pd.Series(["9000012", "5", "0"])).dtype == np.int64
     assert eid_column(pd.Series(["9000012", "0123"])).tolist() == ["9000012", "0123"]

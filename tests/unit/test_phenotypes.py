@@ -16,7 +16,7 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from hipoa import phenotypes, predict
+from hipoa import phenotypes, predict, tables
 from hipoa.sites import DEFAULT_SITES
 
 from test_predict import SITES, example_shard, make_model  # noqa: E402  (tests/unit is on sys.path)
@@ -34,7 +34,7 @@ CONTRACT = {  # column -> (arrow type, nullable)
     "qc_reason": ("string", False),
     "reference_length_mm": ("double", True),  # unknown (null) when the points are missing
     **{c: (t, True) for s in SITES
-       for c, t in zip(predict.site_columns(s), ("int8", "double", "float", "int16", "double"))},
+       for c, t in zip(tables.site_columns(s), ("int8", "double", "float", "int16", "double"))},
     "any_present": ("int8", True),
     "total_area_mm2": ("double", True),
     "annotated": ("bool", False),
@@ -102,7 +102,7 @@ def test_every_manifest_row_once_with_values(left):
     for _, r in df.iterrows():
         exp = expected[(str(r["eid"]), int(r["instance"]))]
         for site, value in exp.items():
-            present, area, prob, n_regions, largest = (r[c] for c in predict.site_columns(site))
+            present, area, prob, n_regions, largest = (r[c] for c in tables.site_columns(site))
             if value is None:
                 assert pd.isna(present) and pd.isna(area) and pd.isna(prob)
                 assert pd.isna(n_regions) and pd.isna(largest)
@@ -190,7 +190,7 @@ def test_any_present_and_total_na_logic():
             "b_area_mm2": pd.array([pd.NA, 0.0, pd.NA, 1.0, pd.NA], dtype="Float64"),
         }
     )
-    out = phenotypes._combine(df, ["a", "b"])
+    out = tables.combine_sites(df, ["a", "b"])
     assert out["any_present"].tolist() == [1, 0, pd.NA, 1, pd.NA]
     assert out["total_area_mm2"].tolist() == [pd.NA, 0.0, pd.NA, pd.NA, pd.NA]
     assert str(out["any_present"].dtype) == "Int8" and str(out["total_area_mm2"].dtype) == "Float64"
@@ -283,12 +283,12 @@ def test_repeated_images_kept_in_order(models, tmp_path):
 
 
 def test_eid_string_when_not_numeric():
-    assert str(phenotypes.eid_column(pd.Series(["12", "3"])).dtype) == "int64"
-    assert phenotypes.eid_column(pd.Series(["12", "3"])).tolist() == [12, 3]
+    assert str(tables.eid_column(pd.Series(["12", "3"])).dtype) == "int64"
+    assert tables.eid_column(pd.Series(["12", "3"])).tolist() == [12, 3]
     # a leading zero is not a canonical integer: kept as given, so 003 and 3 stay two people
-    s = phenotypes.eid_column(pd.Series(["12", "003", "3"]))
+    s = tables.eid_column(pd.Series(["12", "003", "3"]))
     assert str(s.dtype) == "string" and s.tolist() == ["12", "003", "3"]
-    s = phenotypes.eid_column(pd.Series(["12", "p7"]))
+    s = tables.eid_column(pd.Series(["12", "p7"]))
     assert str(s.dtype) == "string" and s.tolist() == ["12", "p7"]
 
 
@@ -400,6 +400,6 @@ def test_right_twins_end_to_end_through_ingest_and_crop(models, tmp_path):
 
 
 def test_eid_int64_for_every_ukb_table_even_empty():
-    assert str(phenotypes.eid_column(pd.Series([], dtype=object)).dtype) == "int64"
-    assert str(phenotypes.eid_column(pd.Series([], dtype="string")).dtype) == "int64"
-    assert str(phenotypes.eid_column(pd.Series([9000001, 9000002])).dtype) == "int64"
+    assert str(tables.eid_column(pd.Series([], dtype=object)).dtype) == "int64"
+    assert str(tables.eid_column(pd.Series([], dtype="string")).dtype) == "int64"
+    assert str(tables.eid_column(pd.Series([9000001, 9000002])).dtype) == "int64"

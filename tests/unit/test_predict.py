@@ -18,7 +18,7 @@ import pandas as pd
 import pyarrow.parquet as pq
 import pytest
 
-from hipoa import predict
+from hipoa import predict, tables
 from hipoa.geometry import patch_pixel_area_mm2
 from hipoa.modelio import PresenceRule, model_json_path, read_presence_rule
 from hipoa.sites import DEFAULT_SITES, PATCH_SIZE
@@ -239,7 +239,7 @@ def test_measurable_reasons():
 def _check(df: pd.DataFrame, expected: dict) -> None:
     for site, values in expected.items():
         for i, value in enumerate(values):
-            present, area, prob, n_regions, largest = (df.loc[i, c] for c in predict.site_columns(site))
+            present, area, prob, n_regions, largest = (df.loc[i, c] for c in tables.site_columns(site))
             if value is None:
                 assert pd.isna(present) and pd.isna(area) and pd.isna(prob), (site, i)
                 assert pd.isna(n_regions) and pd.isna(largest), (site, i)
@@ -261,7 +261,7 @@ def test_predict_shard_values_and_dtypes(tmp_path, models):
     back = pd.read_parquet(out)
     assert back["eid"].tolist() == rows["eid"].tolist()
     for site in SITES:
-        for col, dtype in zip(predict.site_columns(site), predict.SITE_DTYPES.values()):
+        for col, dtype in zip(tables.site_columns(site), tables.SITE_DTYPES.values()):
             assert str(back[col].dtype) == dtype, col
     assert str(back["instance"].dtype) == "int16"
     pd.testing.assert_frame_equal(back, df, check_dtype=False)

@@ -9,7 +9,8 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from hipoa import phenotypes, report
+from hipoa import report
+from hipoa.tables import write_parquet
 from hipoa.provenance import provenance, provenance_json
 
 SITES = ["inferior_femoral_head", "lateral_acetabulum"]
@@ -38,7 +39,7 @@ def tables(tmp_path):
     paths = []
     for side, t in (("L", left), ("R", right)):
         path = tmp_path / f"osteophytes_{side}.parquet"
-        phenotypes.write_parquet(t, path, {"side": side, "provenance": provenance_json()})
+        write_parquet(t, path, {"side": side, "provenance": provenance_json()})
         paths.append(path)
     return paths
 
