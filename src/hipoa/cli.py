@@ -149,11 +149,11 @@ def _ingest_arguments(p: argparse.ArgumentParser) -> None:
 def _ingest(args: argparse.Namespace) -> int:
     from hipoa.ingest import (
         DEFAULT_LABELS,
-        MASK_PROBLEMS,
         build_manifest,
         read_withdrawn,
         write_manifest,
     )
+    from hipoa.labels import MASK_PROBLEMS
     from hipoa.qc import load_limits
 
     if args.images and not args.points_auto:

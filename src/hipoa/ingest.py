@@ -27,7 +27,7 @@ never a person's data.
 
 Masks: a mask is used for training only when it is a real 8-bit single-channel PNG (grey or
 palette indices) of the image's size whose values are 0 or a site label; otherwise the row is
-not ``annotated``, and the problem is logged and counted (:data:`MASK_PROBLEMS`).
+not ``annotated``, and the problem is logged and counted (:data:`hipoa.labels.MASK_PROBLEMS`).
 """
 
 from __future__ import annotations
@@ -59,6 +59,7 @@ from hipoa.dicom import (
     side_of_protocol,
 )
 from hipoa.geometry import inside_image
+from hipoa.labels import mask_problem
 from hipoa.patterns import check_image_patterns, fill_pattern, pattern_to_glob, wildcards
 from hipoa.points import N_POINTS, PointsError, read_pts
 from hipoa.progress import Progress
@@ -69,15 +70,6 @@ log = logging.getLogger(__name__)
 EID_PATTERN = re.compile(r"-?[A-Za-z0-9][A-Za-z0-9._-]*")
 """What an eid may be: letters, digits, ``.``, ``_``, ``-`` (a leading ``-`` too, as UKB's
 withdrawn ids), no spaces: a safe file name and one field of a whitespace-separated table."""
-
-MASK_PROBLEMS: dict[str, str] = {
-    "mask_not_a_file": "the mask path exists but is not a regular file",
-    "mask_not_png": "the file is not a PNG (e.g. a JPEG renamed .png), or cannot be decoded",
-    "mask_wrong_mode": "not an 8-bit single-channel PNG (grey or palette)",
-    "mask_wrong_size": "rows x columns differ from the image's",
-    "mask_bad_labels": "holds values other than 0 and the sites' labels",
-}
-"""Why a mask file is not used for training (the image is still phenotyped, ``annotated`` false)."""
 
 DEFAULT_LABELS: tuple[int, ...] = tuple(s.label for s in DEFAULT_SITES)
 
@@ -132,7 +124,6 @@ _PANDAS_DTYPES = {
     "qc_reason": "string",
 }
 
-_PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
 
 def shard_of(eid: str | int, n_shards: int) -> int:
@@ -354,52 +345,6 @@ class _Job:
     labels: tuple[int, ...] = DEFAULT_LABELS
 
 
-def _png_size(path: Path) -> tuple[int, int] | None:
-    """``(rows, cols)`` from a PNG's IHDR chunk, or None if it is not a PNG."""
-    with open(path, "rb") as fp:
-        head = fp.read(24)
-    if len(head) < 24 or head[:8] != _PNG_SIGNATURE or head[12:16] != b"IHDR":
-        return None
-    return int.from_bytes(head[20:24], "big"), int.from_bytes(head[16:20], "big")
-
-
-def check_mask(path: str | Path, shape: tuple[int, int] | None, labels: tuple[int, ...]) -> tuple[str, str]:
-    """``(problem, detail)`` of a label mask (a :data:`MASK_PROBLEMS` key), ``("", "")`` when usable.
-
-    The PNG signature and IHDR size are read before decoding, so a mask the size of a bomb is
-    never decoded.
-
-    Args:
-        path: The mask file (it exists).
-        shape: ``(rows, cols)`` of the image, or None when the image could not be read.
-        labels: The sites' labels; any other non-zero value is a problem.
-    """
-    from PIL import Image
-
-    problem = regular_file_problem(path)
-    if problem:
-        return "mask_not_a_file", f"{path}: {problem}, expected a PNG file"
-    try:
-        size = _png_size(Path(path))
-    except OSError as exc:
-        return "mask_not_png", f"{path}: cannot read: {exc}"
-    if size is None:
-        return "mask_not_png", f"{path}: no PNG signature and IHDR chunk (a JPEG or other file renamed .png?)"
-    if shape is not None and size != tuple(shape):
-        return "mask_wrong_size", f"{path}: mask is {size[0]} x {size[1]} (rows x cols), the image {shape[0]} x {shape[1]}"
-    try:
-        with Image.open(path) as im:
-            if im.format != "PNG" or im.mode not in ("L", "P"):
-                return "mask_wrong_mode", f"{path}: PNG mode {im.mode!r}, expected 8-bit grey 'L' or palette 'P'"
-            values = np.unique(np.asarray(im))
-    except Exception as exc:  # noqa: BLE001 - any decode failure makes the mask unusable
-        return "mask_not_png", f"{path}: cannot be decoded as PNG: {type(exc).__name__}: {exc}"
-    bad = sorted(set(values.tolist()) - {0, *labels})
-    if bad:
-        return "mask_bad_labels", f"{path}: values {bad[:10]} are not 0 or a site label {sorted(labels)}"
-    return "", ""
-
-
 def _check_points(path: str, n_points: int, rows: int, cols: int) -> tuple[str, str]:
     """``(qc_reason, detail)`` for a points file; ``("", "")`` when it is usable."""
     if not path:
@@ -483,7 +428,7 @@ def _ingest_one(job: _Job) -> tuple[dict[str, object], list[str]]:
     row["_mask_problem"] = ""
     if job.mask and regular_file_problem(job.mask) != "no such file":  # no file: not annotated
         shape = (header.rows, header.cols) if header is not None else None
-        problem, detail = check_mask(job.mask, shape, job.labels)
+        problem, detail = mask_problem(job.mask, shape, job.labels)
         if problem:
             row["_mask_problem"] = problem
             notes.append(f"{name}: mask not used for training ({problem}): {detail}")
@@ -767,7 +712,7 @@ def build_manifest(
       folder.
 
     A mask is recorded (and ``annotated`` set) only when its file exists and passes
-    :func:`check_mask`; a mask that fails is logged and counted, and the row is not annotated.
+    :func:`hipoa.labels.mask_problem`; a mask that fails is logged and counted, and the row is not annotated.
     Files the glob finds but the pattern cannot parse are logged as warnings and counted. Manual
     points are
     recorded when the file exists and is valid (right count, inside the image); otherwise the

@@ -60,6 +60,7 @@ from hipoa.geometry import (
     reference_length_mm,
     sample_patch,
 )
+from hipoa.labels import read_label_png
 from hipoa.pixelcheck import check_pixels
 from hipoa.points import PointsError, read_pts
 from hipoa.progress import Progress
@@ -183,23 +184,6 @@ def _int(value: Any, default: int = 0) -> int:
         return default
 
 
-def _read_mask(path: str, shape: tuple[int, int], labels: tuple[int, ...]) -> np.ndarray:
-    """Read a label PNG; ValueError naming the file if it is not an 8-bit single-channel PNG of
-    ``shape`` holding only 0 and ``labels`` (:func:`hipoa.ingest.check_mask`'s rules)."""
-    from PIL import Image
-
-    with Image.open(path) as im:
-        if im.format != "PNG" or im.mode not in ("L", "P"):
-            raise ValueError(f"{path}: mask must be an 8-bit grey or palette PNG, got {im.format} mode {im.mode!r}")
-        if (im.height, im.width) != tuple(shape):
-            raise ValueError(f"{path}: mask is {im.height}x{im.width}, image is {shape[0]}x{shape[1]}")
-        arr = np.asarray(im)
-    bad = sorted(set(np.unique(arr).tolist()) - {0, *labels})
-    if bad:
-        raise ValueError(f"{path}: mask values {bad[:10]} are not 0 or a site label {sorted(labels)}")
-    return arr.astype(np.uint8, copy=False)
-
-
 def _read_points(path: str, n_points: int) -> tuple[np.ndarray | None, str]:
     """Points and '' or (None, reason) with reason ``points_missing`` / ``points_invalid``."""
     if not path:
@@ -307,7 +291,7 @@ def _crop_row(
     mask_path = _text(getattr(row, "mask", ""))
     if mask_path:
         try:
-            mask = _read_mask(mask_path, shape, tuple(s.label for s in sites))
+            mask = read_label_png(mask_path, shape, tuple(s.label for s in sites))
         except Exception as exc:
             log.warning("%s: mask unusable, row treated as not annotated: %s", mask_path, exc)
             mask = None

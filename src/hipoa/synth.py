@@ -44,7 +44,6 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pydicom
-from PIL import Image
 from scipy import ndimage as ndi
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import ImplicitVRLittleEndian, generate_uid
@@ -52,7 +51,7 @@ from pydicom.uid import ImplicitVRLittleEndian, generate_uid
 from hipoa import __version__
 from hipoa import anatomy
 from hipoa.ingest import shard_of
-from hipoa.labels import write_label_png
+from hipoa.labels import read_label_png, write_label_png
 from hipoa.points import write_pts
 from hipoa.progress import Progress
 from hipoa.sites import DEFAULT_SITES
@@ -798,7 +797,7 @@ def render_preview(cohort_dir: Path, out_png: Path, n: int = 8, seed: int = 0) -
         ax.imshow(img, cmap="gray", vmin=0, vmax=255, interpolation="bilinear")
         mask_path = cohort_dir / "masks" / f"{image_stem(eid, side)}.png"
         if mask_path.exists():
-            labels = np.asarray(Image.open(mask_path))
+            labels = read_label_png(mask_path)
             over = np.zeros(labels.shape + (4,), np.float32)
             for lab, c in colours.items():
                 over[labels == lab] = (*c, 0.55)

@@ -241,7 +241,7 @@ HOSTILE: dict[str, str] = {
     "negative_slope": qc.IMPLAUSIBLE_PIXELS,
 }
 MASKS: dict[str, str] = {
-    # class -> the ingest.MASK_PROBLEMS key; the image is measured but not annotated
+    # class -> the labels.MASK_PROBLEMS key; the image is measured but not annotated
     "mask_label_7": "mask_bad_labels",
     "mask_label_255": "mask_bad_labels",
     "mask_jpeg_renamed": "mask_not_png",
