@@ -22,15 +22,17 @@ threshold in config ``qc`` (:class:`hipoa.qc.Limits`):
     their largest connected region covers at least ``qc.implant_min_area_mm2``.
 ``motion``
     The participant moved during the scan, so the image appears twice at a shift ``d``. The image
-    around the hip (whole pixels near 0.5 mm, its smooth background off) is autocorrelated through
+    around the hip (at its own pixels, its smooth background off) is autocorrelated through
     a whitened power spectrum: each frequency's power divided by the median of its ring of
     ``|f|`` and clipped at 4 (:data:`MOTION_CLIP`), and each ring weighted by its part above the
     noise floor of the outer rings. A doubled image modulates the whole spectrum with fringes
     (``cos(2 pi f.d)``) that survive this; a scanner's periodic texture (stripes of any period
     and direction, their harmonics) or line banding (the ``f_x = 0`` column) is a few spectral
     lines far above their ring, clipped, and noise grain is flattened. Straight edges make ridges,
-    not peaks, so the peak's prominence is ``acf(d) - max(acf(d / 2), mean(acf(d -+ 1 mm along
-    d)), 0)`` (acf normalised to 1 at zero shift), and the score is its largest value over
+    not peaks, so the peak's prominence is ``acf(d) - max(acf(d / 2), mean(acf(d -+ s along d)),
+    0)`` with the step ``s = min(1 mm, 0.3 |d|)`` and ``acf(d / 2)`` only where ``d / 2`` is itself
+    searched (``|d| >= 5 mm``; acf normalised to 1 at zero shift), and the score is its largest
+    value over
     ``2.5 mm <= |d| <= 10 mm`` in robust standard deviations (1.4826 MAD) of the acf over those
     shifts; flagged when it reaches ``qc.motion_score``.
 
@@ -71,9 +73,12 @@ noisy or hot pixels do not set it)."""
 IMPLANT_OPEN_MM = 1.5
 """Radius of the disc that opens the metal mask: thinner bright structures are not metal."""
 
-MOTION_GRID_MM = 0.5
-"""Coarsest grid of the motion check's autocorrelation (whole pixels: 0.5 mm at 0.25 mm, 0.3 mm
-at 0.3 mm)."""
+MOTION_GRID_MM = 0.25
+"""Coarsest grid of the motion check's autocorrelation, in whole pixels (0.25 mm and 0.3 mm
+pixels are used as they are, 0.1 mm ones in blocks of two). A 0.5 mm grid, half the cost, loses
+the spectrum above 1 cycle/mm, where a doubled image's fringes stand clear of a coarse noise grain:
+it missed 8 of 300 doubled images on a 0.5 mm grain (benchmarks/fitness.py's H-grain), 2 at 0.25
+mm."""
 MOTION_DETREND_MM = 4.0
 """Gaussian sigma (mm) of the smooth background taken off before the autocorrelation."""
 MOTION_RINGS = 64
@@ -83,7 +88,10 @@ MOTION_CLIP = 4.0
 MOTION_SHIFT_MM = (2.5, 10.0)
 """Shifts the motion check looks at: nearer ones are the texture's own correlation."""
 MOTION_PEAK_MM = 1.0
-"""A peak must stand above the autocorrelation this far nearer and farther along its shift."""
+"""A peak must stand above the autocorrelation this far nearer and farther along its shift ..."""
+MOTION_PEAK_FRACTION = 0.3
+"""... or this fraction of the shift where that is nearer (shifts under 3.3 mm): a 1 mm step from
+a 2.5 mm shift lands on the zero shift's own peak."""
 
 
 @dataclass(frozen=True)
@@ -334,10 +342,12 @@ def motion_score(pixels: np.ndarray, points: np.ndarray, spacing_mm: tuple[float
     def at(ky: np.ndarray, kx: np.ndarray) -> np.ndarray:
         return ndi.map_coordinates(acf, [ky + c0[0], kx + c0[1]], order=1)
 
-    k = MOTION_PEAK_MM / dist  # one step along the shift, either way
+    k = np.minimum(MOTION_PEAK_MM, MOTION_PEAK_FRACTION * dist) / dist  # one step along the shift, either way
     here = at(sy, sx)
-    ridge = np.maximum.reduce([at(sy / 2.0, sx / 2.0),
-                               0.5 * (at(sy * (1 - k), sx * (1 - k)) + at(sy * (1 + k), sx * (1 + k))),
+    # the half shift only where it is itself a searched shift (a periodic texture's peak at twice
+    # its period); nearer, it lies on the zero shift's own peak, which a short doubling sits beside
+    half = np.where(dist >= 2.0 * MOTION_SHIFT_MM[0], at(sy / 2.0, sx / 2.0), -np.inf)
+    ridge = np.maximum.reduce([half, 0.5 * (at(sy * (1 - k), sx * (1 - k)) + at(sy * (1 + k), sx * (1 + k))),
                                np.zeros_like(dist)])
     spread = 1.4826 * float(np.median(np.abs(here - np.median(here))))
     if not spread > 0:

@@ -127,8 +127,9 @@ class Limits:
             reference-length outlier test; fewer: not checked.
         motion_score: Peak of the whitened autocorrelation at a 2.5-10 mm shift, in robust
             standard deviations of that autocorrelation, above which an image is ``motion``
-            (:func:`hipoa.fitness.motion_score`; under 4.6 for still synthetic hips on every test
-            scanner texture, mostly 5-12 for doubled ones; benchmarks/fitness.py).
+            (:func:`hipoa.fitness.motion_score`; under 5 for 8,999 of 9,000 still synthetic hips
+            over the nine test scanner textures, 5.3 or more for every one of 3,600 doubled ones;
+            benchmarks/fitness.py).
     """
 
     spacing_mm: tuple[float, float] = (0.05, 1.0)

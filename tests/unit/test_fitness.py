@@ -151,6 +151,23 @@ def test_motion_caught_and_scanner_textures_not_flagged():
             assert got.reason == (qc.MOTION if unfit else ""), (scanner.name, unfit, got.motion_score)
 
 
+@pytest.mark.parametrize(("scanner_name", "index"), [("B", 200266), ("B", 200226), ("H-grain", 200187),
+                                                   ("H-grain", 200167), ("H-grain", 200200)])
+def test_short_and_grainy_doublings_are_motion(scanner_name, index):
+    """Doubled hips the check used to miss (scores 2.7-4.8 < 5): shifts of 2.5-2.9 mm on the
+    second scanner's 0.30 mm grid, where a 1 mm step or the half shift lands on the zero shift's
+    own peak, and doublings under a 0.5 mm noise grain, whose fringes stand clear only above 1
+    cycle/mm (a grid of whole pixels, not 0.5 mm)."""
+    from hipoa.anatomy import TEST_SCANNERS
+    from hipoa.synth import fitness_hip
+
+    scanner = next(s for s in TEST_SCANNERS if s.name == scanner_name)
+    h = fitness_hip(22, index, scanner, "motion")
+    img = _decoded(h)
+    got = fitness.check_image(img.pixels, h.points, img.spacing_mm, qc.Limits(), img.max_value)
+    assert got.reason == qc.MOTION, (scanner_name, index, got.motion_score)
+
+
 def test_check_image_reports_the_first_reason():
     pts, image = _outline(), _textured()
     limits = qc.Limits()
