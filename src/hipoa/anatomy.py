@@ -41,10 +41,12 @@ import numpy as np
 from PIL import Image, ImageDraw
 from scipy import ndimage as ndi
 
-N_POINTS = 85
-FEMUR = slice(0, 45)
-PELVIS = slice(45, 85)
-SITE_POINTS = {1: 15, 2: 30, 3: 78}
+from hipoa.points import FEMUR_POINTS, N_POINTS, PELVIS_POINTS
+from hipoa.sites import DEFAULT_SITES
+
+FEMUR = slice(int(FEMUR_POINTS[0]), int(FEMUR_POINTS[-1]) + 1)
+PELVIS = slice(int(PELVIS_POINTS[0]), int(PELVIS_POINTS[-1]) + 1)
+SITE_POINTS = {site.label: site.centre for site in DEFAULT_SITES}
 """Mask label -> outline point the osteophyte grows from (the contract's site table)."""
 
 _BG_DENSITY = 0.015  # air beside the thigh

@@ -12,6 +12,7 @@ import sys
 from collections.abc import Callable
 
 from hipoa import __version__
+from hipoa.points import N_POINTS
 
 log = logging.getLogger("hipoa")
 
@@ -133,7 +134,7 @@ def _ingest_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--masks", metavar="PAT", help="PNG label masks (optional)")
     p.add_argument("--side", required=True, choices=["L", "R"], help="hip side")
     p.add_argument("--shards", required=True, type=int, metavar="N", help="number of shards")
-    p.add_argument("--n-points", type=int, default=85, metavar="N", help="points per .pts file (85)")
+    p.add_argument("--n-points", type=int, default=N_POINTS, metavar="N", help=f"points per .pts file ({N_POINTS})")
     p.add_argument("--workers", type=int, default=1, metavar="W", help="processes reading zips (1)")
     p.add_argument("--limits", metavar="JSON", default=None,
                    help="plausibility ranges and resource caps (config qc): JSON object or YAML/JSON file")
@@ -216,7 +217,7 @@ def _crop_patches_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--sites", default=None, help="sites: JSON string or YAML/JSON file (default: the contract's three)")
     p.add_argument("--context", type=int, default=176, help="side of the manual-point context crops (default 176)")
     p.add_argument("--min-inside", type=float, default=0.75, help="min fraction of each 128 patch inside the image (default 0.75)")
-    p.add_argument("--n-points", type=int, default=85, help="points per .pts file (default 85)")
+    p.add_argument("--n-points", type=int, default=N_POINTS, help=f"points per .pts file (default {N_POINTS})")
     p.add_argument("--limits", metavar="JSON", default=None,
                    help="plausibility ranges and resource caps (config qc): JSON object or YAML/JSON file")
 

@@ -53,17 +53,11 @@ from scipy import fft as sfft
 from scipy import ndimage as ndi
 
 from hipoa import qc
+from hipoa.geometry import edge_distance
+from hipoa.points import ACETABULUM_POINTS, FEMUR_POINTS, HEAD_ARC, HEAD_POINTS, N_POINTS
 
 log = logging.getLogger(__name__)
 
-HEAD_POINTS = np.arange(13, 32)
-"""The femoral head's outline and its neck junctions (sites 15 and 30 lie in it)."""
-HEAD_ARC = np.arange(16, 30)
-"""The head's circular arc, for the fitted circle."""
-ACETABULUM_POINTS = np.arange(59, 79)
-"""Acetabular fossa and roof, up to the lateral margin (site 78)."""
-FEMUR_POINTS = np.arange(0, 45)
-OUTLINE_POINTS = 85
 
 IMPLANT_FLOOR_PERCENTILE = 5.0
 """Percentile of the hip region's pixels taken as its soft tissue (the implant check's floor)."""
@@ -122,7 +116,7 @@ def check_image(pixels: np.ndarray, points: np.ndarray, spacing_mm: tuple[float,
         A :class:`Fitness`; ``reason`` is ``head_out_of_view``, ``implant``, ``motion`` or ''.
     """
     pts = np.asarray(points, dtype=np.float64)
-    outline = len(pts) == OUTLINE_POINTS
+    outline = len(pts) == N_POINTS
     if outline:
         problem = head_out_of_view(pts, pixels.shape, spacing_mm, limits.edge_margin_mm)
         if problem:
@@ -157,22 +151,21 @@ def fit_circle(xy: np.ndarray) -> tuple[np.ndarray, float]:
 def head_out_of_view(points: np.ndarray, shape: tuple[int, int], spacing_mm: tuple[float, float],
                      margin_mm: float) -> str:
     """What cuts the head or acetabulum off ('' when both are in view), for the log."""
-    rows, cols = shape
     dy, dx = spacing_mm
     mx, my = margin_mm / dx, margin_mm / dy
     for name, idx in (("femoral head", HEAD_POINTS), ("acetabulum", ACETABULUM_POINTS)):
         p = points[idx]
-        gap_x = np.minimum(p[:, 0], cols - 1 - p[:, 0])
-        gap_y = np.minimum(p[:, 1], rows - 1 - p[:, 1])
+        gap_x, gap_y = edge_distance(p[:, 0], p[:, 1], shape)
         near = (gap_x < mx) | (gap_y < my)
         if near.any():
             j = int(idx[np.argmax(near)])
             return (f"{name} outline point {j} at ({points[j, 0]:.1f}, {points[j, 1]:.1f}) px is within "
                     f"qc.edge_margin_mm {margin_mm:g} of the image edge")
     centre, radius = fit_circle(points[HEAD_ARC])
-    lo = centre - radius
-    hi = centre + radius
-    over = max(-lo[0] * dx, -lo[1] * dy, (hi[0] - (cols - 1)) * dx, (hi[1] - (rows - 1)) * dy)
+    # the circle's extreme points along each axis, by how far they lie beyond the image's edge
+    gap_x, gap_y = edge_distance(centre[0] + np.array([-radius, radius]), centre[1] + np.array([-radius, radius]),
+                                 shape)
+    over = max(-float(gap_x.min()) * dx, -float(gap_y.min()) * dy)
     if over > margin_mm:
         return f"the circle fitted to the femoral head leaves the image by {over:.1f} mm"
     return ""
@@ -257,7 +250,7 @@ def implant_area_mm2(pixels: np.ndarray, points: np.ndarray, spacing_mm: tuple[f
     from Bits Stored misses metal that an export scaled, windowed or stored in wider words.
     """
     del max_value
-    region = hip_region(points, pixels.shape) if len(points) == OUTLINE_POINTS else _box_region(points, pixels.shape)
+    region = hip_region(points, pixels.shape) if len(points) == N_POINTS else _box_region(points, pixels.shape)
     threshold, _, _ = metal_level(pixels, region, spacing_mm, level)
     if not np.isfinite(threshold):
         return 0.0

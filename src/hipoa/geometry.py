@@ -103,6 +103,20 @@ def inside_image(x: np.ndarray, y: np.ndarray, shape: tuple[int, int]) -> np.nda
     return _within(np.asarray(x), cols) & _within(np.asarray(y), rows)
 
 
+def edge_distance(x: np.ndarray, y: np.ndarray, shape: tuple[int, int]) -> tuple[np.ndarray, np.ndarray]:
+    """How far points lie inside the image from its nearest edge, per axis, in pixels:
+    ``min(x + 0.5, cols - 0.5 - x)`` and the same for y (the edges of :func:`inside_image`;
+    negative outside).
+
+    Args:
+        x, y: Column and row coordinates in pixels (broadcastable), (0, 0) the top-left pixel centre.
+        shape: ``(rows, cols)`` of the image.
+    """
+    rows, cols = shape
+    x, y = np.asarray(x, dtype=np.float64), np.asarray(y, dtype=np.float64)
+    return np.minimum(x + 0.5, cols - 0.5 - x), np.minimum(y + 0.5, rows - 0.5 - y)
+
+
 # --------------------------------------------------------------------------------------------
 # the landmark affine
 

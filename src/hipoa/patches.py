@@ -62,7 +62,7 @@ from hipoa.geometry import (
 )
 from hipoa.labels import read_label_png
 from hipoa.pixelcheck import check_pixels
-from hipoa.points import PointsError, read_pts
+from hipoa.points import N_POINTS, PointsError, read_pts
 from hipoa.progress import Progress
 from hipoa.sites import PATCH_SIZE, Site
 from hipoa.store import write_patch_store
@@ -520,7 +520,7 @@ def crop_shard(
     sites: list[Site],
     context: int = CONTEXT_SIZE,
     min_inside: float = MIN_INSIDE,
-    n_points: int = 85,
+    n_points: int = N_POINTS,
     limits: qc.Limits | None = None,
 ) -> dict[str, Any]:
     """Crop every manifest row of one shard into a Zarr v3 patch store (docs/DESIGN.md "Patch store").

@@ -28,9 +28,8 @@ import numpy as np
 from scipy import ndimage as ndi
 
 from hipoa import qc
+from hipoa.points import FEMUR_POINTS
 
-FEMUR_POINTS = np.arange(0, 45)
-"""The femur's outline among the 85 automatic points (as :mod:`hipoa.fitness` reads it)."""
 
 BAND_MM = (1.0, 4.0)
 """The bands inside and outside the femur outline whose medians are compared (mm from it)."""

@@ -21,7 +21,21 @@ from pathlib import Path
 import numpy as np
 
 N_POINTS = 85
-"""Points in the hip outline: 0-44 femur, 45-84 pelvis."""
+"""Points in the hip outline: 0-44 femur, 45-84 pelvis (the table in :mod:`hipoa.anatomy`)."""
+FEMUR_POINTS = np.arange(0, 45)
+"""The femur's outline: medial shaft, lesser trochanter, neck, head, greater trochanter, lateral shaft."""
+PELVIS_POINTS = np.arange(45, 85)
+"""The pelvis: ischium, teardrop, acetabulum, ilium."""
+HEAD_POINTS = np.arange(13, 32)
+"""The femoral head's outline and its neck junctions (sites 15 and 30 lie in it)."""
+HEAD_ARC = np.arange(16, 30)
+"""The head's circular arc, for a fitted circle."""
+ACETABULUM_POINTS = np.arange(59, 79)
+"""Acetabular fossa and roof, up to the lateral margin (site 78)."""
+REFERENCE_POINTS = (12, 39)
+"""Lesser and greater trochanter: their distance is the reference length a patch is scaled by."""
+SITE_CENTRES = {"inferior_femoral_head": 15, "superior_femoral_head": 30, "lateral_acetabulum": 78}
+"""The point each default site's patch is centred on (:data:`hipoa.sites.DEFAULT_SITES`)."""
 
 
 class PointsError(ValueError):

@@ -14,6 +14,8 @@ from typing import Any
 
 import yaml
 
+from hipoa.points import REFERENCE_POINTS, SITE_CENTRES
+
 PATCH_SIZE = 128
 """Side of a network input patch in pixels (paper, section 3)."""
 
@@ -43,9 +45,12 @@ class Site:
 
 
 DEFAULT_SITES: tuple[Site, ...] = (
-    Site("inferior_femoral_head", centre=15, reference=(12, 39), dp=0.005, label=1),
-    Site("superior_femoral_head", centre=30, reference=(12, 39), dp=0.006, label=2),
-    Site("lateral_acetabulum", centre=78, reference=(12, 39), dp=0.010, label=3),
+    Site("inferior_femoral_head", centre=SITE_CENTRES["inferior_femoral_head"], reference=REFERENCE_POINTS,
+         dp=0.005, label=1),
+    Site("superior_femoral_head", centre=SITE_CENTRES["superior_femoral_head"], reference=REFERENCE_POINTS,
+         dp=0.006, label=2),
+    Site("lateral_acetabulum", centre=SITE_CENTRES["lateral_acetabulum"], reference=REFERENCE_POINTS,
+         dp=0.010, label=3),
 )
 
 

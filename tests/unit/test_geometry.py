@@ -376,3 +376,27 @@ def test_paste_back_of_a_finer_patch_and_of_nothing():
     assert np.argwhere(pasted).tolist() == [[4, 3]]
     assert paste_patch_mask(np.zeros((8, 8), np.uint8), a, (10, 10)) is None
     assert paste_patch_mask(patch, np.array([[1.0, 0.0, 50.0], [0.0, 1.0, 0.0]]), (10, 10)) is None
+
+
+def test_edge_distance_has_the_edges_of_inside_image():
+    """One pixel-edge convention: a point is inside exactly where both its edge distances are >= 0."""
+    from hipoa.geometry import edge_distance, inside_image
+
+    rng = np.random.default_rng(5)
+    x, y = rng.uniform(-2.0, 12.0, 500), rng.uniform(-2.0, 9.0, 500)
+    x[:4], y[:4] = [-0.5, 9.5, 3.0, 3.0], [2.0, 2.0, -0.5, 6.5]  # exactly on the four edges
+    gx, gy = edge_distance(x, y, (7, 10))
+    np.testing.assert_array_equal((gx >= 0) & (gy >= 0), inside_image(x, y, (7, 10)))
+    np.testing.assert_array_equal(gx[:2], [0.0, 0.0])
+    np.testing.assert_array_equal(gy[2:4], [0.0, 0.0])
+    assert edge_distance(np.array([0.0]), np.array([3.0]), (7, 10))[0][0] == 0.5  # a pixel centre: half a pixel in
+
+
+def test_the_default_sites_are_the_outline_model_s_points():
+    from hipoa.anatomy import SITE_POINTS
+    from hipoa.sites import DEFAULT_SITES
+    from hipoa.points import REFERENCE_POINTS, SITE_CENTRES
+
+    assert {s.name: s.centre for s in DEFAULT_SITES} == SITE_CENTRES
+    assert {s.reference for s in DEFAULT_SITES} == {REFERENCE_POINTS}
+    assert SITE_POINTS == {s.label: s.centre for s in DEFAULT_SITES}
