@@ -47,7 +47,7 @@ def train_rate(train, *, steps: int, depth: int, base_filters: int, boundary_wei
     """Training patches/s over ``steps`` steps after one warm-up (tracing) step."""
     import keras
 
-    from hipoa.train import _callback_list, pixel_loss
+    from hipoa.train import callback_container, pixel_loss
     from hipoa.unet import build_unet
 
     keras.utils.set_random_seed(0)
@@ -63,7 +63,7 @@ def train_rate(train, *, steps: int, depth: int, base_filters: int, boundary_wei
             self.t1 = time.perf_counter()
 
     timer = Timer()
-    callbacks = _callback_list([timer], model=model, epochs=1, steps=steps + 1)
+    callbacks = callback_container([timer], model=model, epochs=1, steps=steps + 1)
     model.fit(train.dataset(), steps_per_epoch=steps + 1, epochs=1, verbose=0, shuffle=False, callbacks=callbacks)
     return steps * train.batch_size / (timer.t1 - timer.t0)
 

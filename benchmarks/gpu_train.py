@@ -55,7 +55,7 @@ def train(args: argparse.Namespace) -> None:
 
     from hipoa.augment import AugmentSettings
     from hipoa.precision import choose_policy
-    from hipoa.train import _callback_list
+    from hipoa.train import callback_container
     from hipoa.train_input import TrainingInput
     from hipoa.unet import build_unet
 
@@ -72,7 +72,7 @@ def train(args: argparse.Namespace) -> None:
           f"{policy}, batch {args.batch_size}, {args.steps} steps")
 
     def fit(ds, steps: int) -> float:
-        callbacks = _callback_list([], model=model, epochs=1, steps=steps)
+        callbacks = callback_container([], model=model, epochs=1, steps=steps)
         t0 = time.perf_counter()
         model.fit(ds, steps_per_epoch=steps, epochs=1, verbose=0, shuffle=False, callbacks=callbacks)
         return time.perf_counter() - t0  # fit ends with the epoch's logs read: the device is done
@@ -93,7 +93,8 @@ def store(args: argparse.Namespace) -> None:
     from hipoa.modelio import write_model_card
     from hipoa.sites import DEFAULT_SITES, PATCH_SIZE
     from hipoa.store import seal_store
-    from hipoa.unet import build_unet, save_model
+    from hipoa.modelio import write_model
+    from hipoa.unet import build_unet
 
     n, t0 = args.n, time.perf_counter()
     root = zarr.open_group(str(args.out), mode="w")
@@ -122,7 +123,7 @@ def store(args: argparse.Namespace) -> None:
         image[i : i + BLOCK] = _smooth_noise(rng, min(BLOCK, n - i), PATCH_SIZE)[0].astype(np.float16)
     seal_store(args.out)
     model = build_unet(depth=args.depth, base_filters=args.base_filters)
-    save_model(model, args.model)
+    write_model(model, args.model)
     write_model_card(args.model, {"site": SITE, "presence": {"pixel_threshold": 0.5, "min_area_px": 20}})
     print(f"store: {n:,} patches of {SITE} in {args.out}, model {args.model}; {time.perf_counter() - t0:.0f} s")
 

@@ -191,7 +191,7 @@ def main(argv: list[str] | None = None) -> int:
     engines = predict.load_site_models(models, args.policy)
     model = engines[args.site].model
     model.predict(x[:bs], batch_size=bs, verbose=0)  # warm-up: trace once, as the step below does
-    step = lambda: predict._predict_store(store, engines, work / "p.parquet", work / "p.zarr", bs)  # noqa: E731
+    step = lambda: predict.predict_store(store, engines, work / "p.parquet", work / "p.zarr", bs)  # noqa: E731
     step()
     # Interleaved, so both see the same machine state.
     bare_s, bare_cpu, step_s, step_cpu = [], [], [], []

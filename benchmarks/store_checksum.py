@@ -49,7 +49,7 @@ def _best(fn, repeat: int) -> float:
 
 
 def _hash_all(path: Path, algo: str) -> None:
-    for rel in store_mod._store_files(path):
+    for rel in store_mod.store_files(path):
         data = (path / rel).read_bytes()
         if algo == "crc32":
             import zlib
@@ -75,19 +75,19 @@ def main(argv: list[str] | None = None) -> int:
     n = len(manifest)
     out = root / "shard-0000.zarr"
     crop = _best(lambda: crop_shard(manifest=manifest, shard=0, out=out, sites=list(DEFAULT_SITES)), args.repeat)
-    nbytes = sum((out / rel).stat().st_size for rel in store_mod._store_files(out))
+    nbytes = sum((out / rel).stat().st_size for rel in store_mod.store_files(out))
     crc = _best(lambda: _hash_all(out, "crc32"), args.repeat)
     blake = _best(lambda: _hash_all(out, "blake2b"), args.repeat)
 
     def cold() -> None:
-        store_mod._VERIFIED.clear()
+        store_mod.VERIFIED_STORES.clear()
         store_mod.check_store(out)
 
     check_cold = _best(cold, args.repeat)
     store_mod.check_store(out)
     check_warm = _best(lambda: store_mod.check_store(out), args.repeat)
     per = 1000.0 / n
-    print(f"store_checksum: {n} images, {nbytes / n / 1e3:.0f} kB per image, {len(store_mod._store_files(out))} files; "
+    print(f"store_checksum: {n} images, {nbytes / n / 1e3:.0f} kB per image, {len(store_mod.store_files(out))} files; "
           f"{_cpu()}")
     print(f"  crop_shard (read, crop, write, seal): {crop * per:7.2f} ms per image")
     for name, t in (("crc32 of every file", crc), ("blake2b of every file", blake),

@@ -59,7 +59,7 @@ def main() -> None:
 
     from hipoa.augment import AugmentSettings
     from hipoa.precision import choose_policy
-    from hipoa.train import _callback_list
+    from hipoa.train import callback_container
     from hipoa.train_input import TrainingInput
     from hipoa.unet import build_unet
 
@@ -96,7 +96,7 @@ def main() -> None:
                 self.t1 = time.perf_counter()
 
         timer = Timer()
-        callbacks = _callback_list([timer], model=model, epochs=1, steps=batches)
+        callbacks = callback_container([timer], model=model, epochs=1, steps=batches)
         model.fit(ds, steps_per_epoch=batches, epochs=1, verbose=0, shuffle=False, callbacks=callbacks)
         rate = args.steps * args.batch_size / (timer.t1 - timer.t0)
         epochs = ", ".join(f"{name}: {s / rate:,.0f} s/epoch" for name, s in PAPER_EPOCH_SAMPLES.items())

@@ -85,3 +85,17 @@ def atomic_path(path: str | Path, *, suffix: str = "") -> Iterator[Path]:
         except OSError as exc:  # pragma: no cover - keep the original error
             log.warning("%s: could not remove %s: %s", path, tmp, exc)
         raise
+
+
+def save_figure(fig, path: str | Path, *, dpi: float | str = "figure") -> Path:
+    """Save a matplotlib figure as PNG at ``path``, complete or not at all (:func:`atomic_path`),
+    and close it (whether or not the save succeeds). ``dpi``: as ``Figure.savefig``'s."""
+    import matplotlib.pyplot as plt
+
+    path = Path(path)
+    try:
+        with atomic_path(path) as tmp:
+            fig.savefig(tmp, dpi=dpi, format="png")
+    finally:
+        plt.close(fig)
+    return path

@@ -286,20 +286,12 @@ def _split_data_args(p: argparse.ArgumentParser) -> None:
 def _split_data(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from hipoa.splits import make_splits, split_counts
+    from hipoa.splits import describe_counts, make_splits, write_splits
 
-    splits = make_splits(
-        stores=[Path(s) for s in args.stores],
-        site=args.site,
-        seed=args.seed,
-        val_fraction=args.val_fraction,
-        test_fraction=args.test_fraction,
-    )
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    splits.to_parquet(out, index=False)
-    counts = split_counts(splits)
-    print(f"{out}: " + ", ".join(f"{k} {v['n']} ({v['positive']} positive)" for k, v in counts.items()))
+    splits = make_splits(stores=[Path(s) for s in args.stores], site=args.site, seed=args.seed,
+                         val_fraction=args.val_fraction, test_fraction=args.test_fraction)
+    out = write_splits(splits, args.out)
+    print(f"{out}: {describe_counts(splits)}")
     return 0
 
 

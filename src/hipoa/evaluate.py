@@ -31,7 +31,7 @@ from pathlib import Path
 
 import numpy as np
 
-from hipoa.atomic import atomic_path
+from hipoa.atomic import atomic_path, save_figure
 from hipoa.infer import SiteModel, read_masks, take_rows
 from hipoa.calibration import ECE_BINS, describe
 from hipoa.metrics import brier_score, confusion, dice, expected_calibration_error, f1, sensitivity, specificity
@@ -211,19 +211,8 @@ def confusion_figure(result: dict, path: str | Path) -> Path:
         fontsize=9,
     )
     fig.tight_layout()
-    _save_figure(fig, path)
+    save_figure(fig, path)
     return Path(path)
-
-
-def _save_figure(fig, path: str | Path) -> None:
-    """``fig.savefig`` as PNG to a temporary path renamed to ``path`` when complete; closes ``fig``."""
-    import matplotlib.pyplot as plt
-
-    try:
-        with atomic_path(path) as tmp:
-            fig.savefig(tmp, format="png")
-    finally:
-        plt.close(fig)
 
 
 def overlay_figure(
@@ -278,5 +267,5 @@ def overlay_figure(
         axes[r, 0].set_ylabel(f"Dice {dice_scores[i]:.2f}", fontsize=9)
     fig.suptitle(f"{title}: overlap red = missed, blue = extra, green = agreed", fontsize=9)
     fig.tight_layout()
-    _save_figure(fig, path)
+    save_figure(fig, path)
     return Path(path)

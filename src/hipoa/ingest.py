@@ -345,7 +345,7 @@ class _Job:
     labels: tuple[int, ...] = DEFAULT_LABELS
 
 
-def _check_points(path: str, n_points: int, rows: int, cols: int) -> tuple[str, str]:
+def check_points(path: str, n_points: int, rows: int, cols: int) -> tuple[str, str]:
     """``(qc_reason, detail)`` for a points file; ``("", "")`` when it is usable."""
     if not path:
         return qc.POINTS_MISSING, "(no pattern): no points file"
@@ -420,7 +420,7 @@ def _ingest_one(job: _Job) -> tuple[dict[str, object], list[str]]:
         row["spacing_row_mm"], row["spacing_col_mm"] = header.spacing_mm
         for field in DEVICE_TAGS:  # "" (tag absent) is NA in the manifest, like an unread image
             row[field] = getattr(header, field) or pd.NA
-        reason, detail = _check_points(job.points_auto, job.n_points, header.rows, header.cols)
+        reason, detail = check_points(job.points_auto, job.n_points, header.rows, header.cols)
         if reason:
             row["qc_reason"] = reason
             notes.append(f"{name}: {reason}: {detail}")
@@ -441,7 +441,7 @@ def _ingest_one(job: _Job) -> tuple[dict[str, object], list[str]]:
         if not problem:
             rows = header.rows if header is not None else 1 << 30
             cols = header.cols if header is not None else 1 << 30
-            reason, detail = _check_points(job.points_manual, job.n_points, rows, cols)
+            reason, detail = check_points(job.points_manual, job.n_points, rows, cols)
             if reason:
                 notes.append(f"{name}: manual points not used ({reason}): {detail}")
             else:

@@ -286,6 +286,37 @@ def json_safe(obj: Any) -> Any:
     return obj
 
 
+def write_model(model, path: str | Path) -> None:
+    """Write ``model`` (a ``keras.Model``) as a ``.keras`` file whose bytes depend on the model only.
+
+    Keras writes the save date (``metadata.json: date_saved``) and file times into the zip, so
+    two identical trainings would give different SHA-256s, and the phenotype tables record each
+    model's SHA-256. The zip is rewritten without the date and with fixed member times.
+
+    The file appears at ``path`` only when complete (:func:`hipoa.atomic.atomic_path`): Keras
+    saves to ``{path}.tmp.keras``, the rewritten zip goes to ``{path}.tmp`` and is renamed.
+    """
+    from hipoa.atomic import atomic_path, remove_path, tmp_path_for
+
+    path = Path(path)
+    raw = tmp_path_for(path, ".keras")  # Keras saves only to *.keras
+    with atomic_path(path) as tmp:
+        remove_path(raw)
+        try:
+            model.save(raw)
+            with zipfile.ZipFile(raw) as z:
+                members = [(info.filename, z.read(info)) for info in z.infolist()]
+        finally:
+            remove_path(raw)
+        with zipfile.ZipFile(tmp, "w", zipfile.ZIP_DEFLATED) as z:
+            for name, data in members:
+                if name == "metadata.json":
+                    meta = json.loads(data)
+                    meta.pop("date_saved", None)
+                    data = json.dumps(meta, sort_keys=True).encode()
+                z.writestr(zipfile.ZipInfo(name, date_time=(1980, 1, 1, 0, 0, 0)), data)
+
+
 def write_model_card(model: str | Path, card: ModelCard | dict[str, Any]) -> Path:
     """Write the model card beside ``model`` (``unet.json`` beside ``unet.keras``), atomically.
 

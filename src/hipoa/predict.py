@@ -252,7 +252,7 @@ def _store_frame(table: pd.DataFrame, reasons: np.ndarray, site_cols: dict[str, 
     return pd.concat([df, *sites], axis=1)
 
 
-def _predict_store(
+def predict_store(
     store: Path, engines: dict[str, SiteModel], out: Path, masks_out: Path | None, batch_size: int
 ) -> pd.DataFrame:
     """Predict one shard store with loaded models and write its outputs (see :func:`predict_shard`)."""
@@ -350,7 +350,7 @@ def predict_shards(
     engines = load_site_models(models, precision)
     log.info("%d stores, %d sites, precision %s, batch %d", len(stores), len(engines),
              next(iter(engines.values())).policy, batch_size)
-    return [_predict_store(s, engines, o, m, batch_size) for s, o, m in zip(stores, outs, masks)]
+    return [predict_store(s, engines, o, m, batch_size) for s, o, m in zip(stores, outs, masks)]
 
 
 def predict_shard(

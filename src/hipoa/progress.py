@@ -7,7 +7,8 @@ import time
 
 
 
-def _fmt_seconds(s: float) -> str:
+def format_seconds(s: float) -> str:
+    """Seconds as ``H:MM:SS`` (``?`` for NaN or infinity), as every progress line and ETA shows them."""
     if s != s or s == float("inf"):  # NaN / inf
         return "?"
     s = int(round(s))
@@ -47,7 +48,7 @@ class Progress:
         pct = 100.0 * self.done / self.total if self.total else 100.0
         return (
             f"{self.what}: {self.done}/{self.total} {self.unit} ({pct:.0f}%), "
-            f"{rate:.1f} {self.unit}/s, elapsed {_fmt_seconds(elapsed)}, ETA {_fmt_seconds(left)}"
+            f"{rate:.1f} {self.unit}/s, elapsed {format_seconds(elapsed)}, ETA {format_seconds(left)}"
         )
 
     def update(self, n: int = 1) -> None:
@@ -60,5 +61,5 @@ class Progress:
     def close(self) -> float:
         """Log the final line and return the overall rate (units per second)."""
         elapsed = time.monotonic() - self.start
-        self.logger.info(self._line().replace(f", ETA {_fmt_seconds(0)}", "") + " - done")
+        self.logger.info(self._line().replace(f", ETA {format_seconds(0)}", "") + " - done")
         return self.done / elapsed if elapsed > 0 else float("nan")

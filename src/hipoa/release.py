@@ -136,7 +136,7 @@ absent). Never ``NA``: plink2 refuses NA in a categorical column, and reads ``NO
 (its ``--missing-catname`` default); regenie takes it as one more level."""
 
 
-def _text_covariate(values: pd.Series, prefix: str = "") -> pd.Series:
+def text_covariate(values: pd.Series, prefix: str = "") -> pd.Series:
     """Text as one whitespace-free token after ``prefix`` (:data:`MISSING_CATEGORY` when missing
     or empty), so TSV columns never shift and a categorical value never reads as a number."""
     text = pd.Series(values, dtype="string").str.strip()
@@ -160,7 +160,7 @@ def gwas_tables(
     for column in covariates:
         values = one[column]
         if column in DEVICE_COLUMNS or pd.api.types.is_string_dtype(values.dtype) and column != "eid":
-            covar[column] = _text_covariate(values, DEVICE_PREFIX.get(column, ""))
+            covar[column] = text_covariate(values, DEVICE_PREFIX.get(column, ""))
         else:
             covar[column] = values
     covar = pd.concat([ids, pd.DataFrame(covar)], axis=1)

@@ -22,7 +22,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
-from hipoa.atomic import atomic_path  # noqa: E402
+from hipoa.atomic import atomic_path, save_figure  # noqa: E402
 
 log = logging.getLogger(__name__)
 
@@ -194,7 +194,7 @@ def _html_table(frame: pd.DataFrame, left: set[str], row_class: list[str] | None
 
 def plot_areas(table: pd.DataFrame, sites: list[str], out: Path) -> None:
     """Histograms of predicted area (mm^2, log scale) where present, one panel per site, per side."""
-    _save_figure(areas_figure(table, sites), out)
+    save_figure(areas_figure(table, sites), out, dpi=100)
 
 
 def areas_figure(table: pd.DataFrame, sites: list[str]):
@@ -227,15 +227,6 @@ def areas_figure(table: pd.DataFrame, sites: list[str]):
     return fig
 
 
-def _save_figure(fig, out: Path) -> None:
-    """Save ``fig`` as PNG at ``out``, complete or not at all (:func:`hipoa.atomic.atomic_path`); close it."""
-    try:
-        with atomic_path(out) as tmp:
-            fig.savefig(tmp, dpi=100, format="png")
-    finally:
-        plt.close(fig)
-
-
 def _write_text(path: Path, text: str) -> None:
     """Write ``text`` to ``path``, complete or not at all."""
     with atomic_path(path) as tmp:
@@ -260,14 +251,14 @@ def plot_prevalence(prev: pd.DataFrame, out: Path) -> None:
     ax.set_ylabel("prevalence (% of measured images)")
     ax.legend(title="side")
     fig.tight_layout()
-    _save_figure(fig, out)
+    save_figure(fig, out, dpi=100)
 
 
 UNFIT_PER_REASON = 4
 """Images per unfit reason in the report's montage."""
 
 
-def _unfit_rows(pheno: pd.DataFrame, manifests: list[Path], per_reason: int) -> list[tuple[str, pd.Series]]:
+def unfit_rows(pheno: pd.DataFrame, manifests: list[Path], per_reason: int) -> list[tuple[str, pd.Series]]:
     """Up to ``per_reason`` flagged images per unfit reason (lowest eids first), with their
     manifest rows (image, member, points_auto)."""
     from hipoa import qc as qc_vocabulary
@@ -313,12 +304,12 @@ def plot_unfit(pheno: pd.DataFrame, manifests: list[Path], out: Path, per_reason
     from hipoa.dicom import read_image
     from hipoa.points import read_pts
 
-    picked = _unfit_rows(pheno, manifests, per_reason)
+    picked = unfit_rows(pheno, manifests, per_reason)
     if not picked:
         fig, ax = plt.subplots(figsize=(5, 1.2))
         ax.set_axis_off()
         ax.text(0.5, 0.5, "no image was flagged implant, head_out_of_view or motion", ha="center", va="center")
-        _save_figure(fig, out)
+        save_figure(fig, out, dpi=100)
         return 0
     ncol = min(4, len(picked))
     nrow = -(-len(picked) // ncol)
@@ -344,7 +335,7 @@ def plot_unfit(pheno: pd.DataFrame, manifests: list[Path], out: Path, per_reason
         ax.set_title(f"{reason}\n{image_label(row, show_eids, _table(row))}", fontsize=8)
     fig.suptitle("Images flagged unfit to measure (automatic points in yellow)", fontsize=9)
     fig.tight_layout()
-    _save_figure(fig, out)
+    save_figure(fig, out, dpi=100)
     return len(picked)
 
 

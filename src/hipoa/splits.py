@@ -164,6 +164,24 @@ def make_splits(
     return out
 
 
+def write_splits(splits: pd.DataFrame, out: str | Path) -> Path:
+    """Write a split table (:func:`make_splits`) as Parquet at ``out``, complete or not at all
+    (:func:`hipoa.atomic.atomic_path`); its folder is made."""
+    from hipoa.atomic import atomic_path
+
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_path(out) as tmp:
+        splits.to_parquet(tmp, index=False)
+    log.info("%s: %d images of %d participants", out, len(splits), splits["eid"].nunique() if len(splits) else 0)
+    return out
+
+
+def describe_counts(splits: pd.DataFrame) -> str:
+    """``train N (P positive), val ..., test ...``: the split table's images per split."""
+    return ", ".join(f"{k} {v['n']} ({v['positive']} positive)" for k, v in split_counts(splits).items())
+
+
 def read_splits(splits: str | Path | pd.DataFrame) -> pd.DataFrame:
     """Read a split table (Parquet path or DataFrame) and check its columns."""
     df = splits if isinstance(splits, pd.DataFrame) else pd.read_parquet(splits)

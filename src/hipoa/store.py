@@ -55,12 +55,12 @@ class StoreError(ValueError):
 MARKER_VERSION = 2
 """Version 2 records each file's size and CRC-32 (version 1, sizes only, is refused: rerun the job)."""
 
-_VERIFIED: dict[str, tuple] = {}
+VERIFIED_STORES: dict[str, tuple] = {}
 """Stores this process has verified: resolved path -> (inode, mtime_ns, size) of the marker and of
 every listed file then. A store whose files all still match is not hashed again."""
 
 
-def _store_files(path: Path) -> list[str]:
+def store_files(path: Path) -> list[str]:
     """Every file under ``path`` (relative POSIX paths, sorted), marker and timestamp excluded."""
     return [rel for f in sorted(path.rglob("*")) if (rel := f.relative_to(path).as_posix()) not in _NOT_LISTED
             and f.is_file()]
@@ -102,7 +102,7 @@ def seal_store(path: str | Path) -> Path:
     path = Path(path)
     if not path.is_dir():
         raise FileNotFoundError(f"{path}: no such Zarr store to seal")
-    files = {rel: [(path / rel).stat().st_size, _crc32(path / rel)] for rel in _store_files(path)}
+    files = {rel: [(path / rel).stat().st_size, _crc32(path / rel)] for rel in store_files(path)}
     marker = path / MARKER
     with atomic_path(marker) as tmp:
         tmp.write_text(json.dumps({"hipoa_store_marker": MARKER_VERSION, "hash": "crc32", "files": files},
@@ -199,7 +199,7 @@ def check_store(path: str | Path, what: str = "patch store") -> Path:
         if fst.st_size != size:
             raise StoreError(f"{damaged} {rel} truncated or grown ({fst.st_size} bytes, {size} when written); {fix}")
         stamps.append((fst.st_ino, fst.st_mtime_ns, fst.st_size))
-    if _VERIFIED.get(key) != tuple(stamps):  # hash unless every file is as this process verified it
+    if VERIFIED_STORES.get(key) != tuple(stamps):  # hash unless every file is as this process verified it
         for rel, entry in listed.items():
             got = _crc32(path / rel)
             if got != str(entry[1]):
@@ -210,10 +210,10 @@ def check_store(path: str | Path, what: str = "patch store") -> Path:
             there = (path / rel).is_file()
             raise StoreError(f"{damaged} {rel} {'not in the completion marker' if there else 'missing'} (its array's "
                              f"metadata implies it; it would read as zeros); {fix}")
-    extra = sorted(set(_store_files(path)) - set(listed))
+    extra = sorted(set(store_files(path)) - set(listed))
     if extra:
         raise StoreError(f"{damaged} {extra[0]} appeared after the store was sealed; {fix}")
-    _VERIFIED[key] = tuple(stamps)
+    VERIFIED_STORES[key] = tuple(stamps)
     return path
 
 
@@ -507,7 +507,7 @@ SITE_COLOURS = {
 }
 
 
-def _pick(stores: list[Path], site: str, source: str, n: int) -> tuple[PatchSet, np.ndarray]:
+def pick_patches(stores: list[Path], site: str, source: str, n: int) -> tuple[PatchSet, np.ndarray]:
     """Up to ``n`` passing patches of ``site``, those with an osteophyte first, in store order."""
     ps = open_patches(stores, site, source)
     ok = ps.rows["qc_reason"].astype(str).eq("").to_numpy()
@@ -565,7 +565,7 @@ def save_montage(*, stores: list[Path], out: Path, n: int = 8, source: str = "au
     import matplotlib.pyplot as plt
     from matplotlib.patches import Rectangle
 
-    from hipoa.atomic import atomic_path
+    from hipoa.atomic import save_figure
 
     stores = [Path(s) for s in stores]
     attrs = store_attrs(stores[0])
@@ -576,7 +576,7 @@ def save_montage(*, stores: list[Path], out: Path, n: int = 8, source: str = "au
     for ax in axes.ravel():
         ax.set_axis_off()
     for k, site in enumerate(names):
-        ps, picked = _pick(stores, site, source, n)
+        ps, picked = pick_patches(stores, site, source, n)
         colour = SITE_COLOURS.get(site, (1.0, 0.8, 0.0))
         images = ps.image[picked].compute().astype(np.float32) if len(picked) else np.zeros((0, 1, 1))
         masks = ps.mask[picked].compute() if len(picked) else np.zeros((0, 1, 1))
@@ -604,11 +604,6 @@ def save_montage(*, stores: list[Path], out: Path, n: int = 8, source: str = "au
             axes[2 * k, 0].text(0.5, 0.5, "no passing patches", ha="center", va="center", fontsize=7)
     fig.suptitle(f"{source} patches: top image, bottom mask overlay ({len(stores)} store(s))", fontsize=9)
     fig.tight_layout()
-    out = Path(out)
-    try:
-        with atomic_path(out) as tmp:
-            fig.savefig(tmp, dpi=110, format="png")
-    finally:
-        plt.close(fig)
+    out = save_figure(fig, out, dpi=110)
     log.info("wrote %s", out)
     return out

@@ -51,6 +51,7 @@ from pydicom.uid import ImplicitVRLittleEndian, generate_uid
 from hipoa import __version__
 from hipoa import anatomy
 from hipoa.ingest import shard_of
+from hipoa.atomic import save_figure
 from hipoa.labels import read_label_png, write_label_png
 from hipoa.points import write_pts
 from hipoa.progress import Progress
@@ -819,7 +820,6 @@ def render_preview(cohort_dir: Path, out_png: Path, n: int = 8, seed: int = 0) -
     fig.tight_layout()
     out_png = Path(out_png)
     out_png.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out_png, dpi=110)
-    plt.close(fig)
+    save_figure(fig, out_png, dpi=110)
     log.info("synth: preview of %d hips -> %s", len(picked), out_png)
     return out_png

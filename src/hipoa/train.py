@@ -14,7 +14,7 @@ read once into memory (:mod:`hipoa.train_input`); the validation samples are dra
 fixed seed, so every epoch (and every training seed) is scored on the same validation set.
 
 Progress is logged per epoch, and within an epoch every 30 s from the clock alone: batch logs
-are never read, so no step waits for the device to report its loss (:func:`_callback_list`).
+are never read, so no step waits for the device to report its loss (:func:`callback_container`).
 """
 
 from __future__ import annotations
@@ -36,7 +36,7 @@ from hipoa import __version__
 from hipoa.atomic import atomic_path
 from hipoa.augment import AugmentSettings, check_context
 from hipoa.presence import choose_presence_rule
-from hipoa.progress import Progress, _fmt_seconds
+from hipoa.progress import Progress, format_seconds
 from hipoa.provenance import provenance
 from hipoa.sites import PATCH_SIZE
 from hipoa.splits import open_site_patches, patch_indices, read_splits, split_counts
@@ -55,7 +55,7 @@ PROGRESS_EVERY_S = 30.0
 # ---- callbacks -------------------------------------------------------------------------------
 
 
-def _callback_list(callbacks: list, *, model, epochs: int, steps: int):
+def callback_container(callbacks: list, *, model, epochs: int, steps: int):
     """Keras's callback container, minus the per-step host sync.
 
     Keras 3.15 on TensorFlow (``backend.IS_THREAD_SAFE`` is False, so batch hooks are never
@@ -80,7 +80,7 @@ def _callback_list(callbacks: list, *, model, epochs: int, steps: int):
                            verbose=0, epochs=epochs, steps=steps)
 
 
-def _callbacks(site: str, epochs: int, steps: int, n_samples: int, every_s: float = PROGRESS_EVERY_S):
+def training_callbacks(site: str, epochs: int, steps: int, n_samples: int, every_s: float = PROGRESS_EVERY_S):
     """``(EpochLog, KeepBest)``: progress from the clock, and the best-``val_loss`` weights."""
     import keras
 
@@ -115,7 +115,7 @@ def _callbacks(site: str, epochs: int, steps: int, n_samples: int, every_s: floa
                 "train %s: epoch %d/%d, loss %.4f, val_loss %.4f, %.1f s/epoch, %.1f patches/s, elapsed %s, ETA %s",
                 site, epoch + 1, epochs, logs.get("loss", float("nan")), logs.get("val_loss", float("nan")),
                 sec, n_samples / sec if sec > 0 else float("nan"),
-                _fmt_seconds(time.monotonic() - self.t_train), _fmt_seconds(eta),
+                format_seconds(time.monotonic() - self.t_train), format_seconds(eta),
             )
 
     class KeepBest(keras.callbacks.Callback):
@@ -206,7 +206,7 @@ class _SiteData:
 
 @dataclass
 class _FitResult:
-    """What :func:`_fit` leaves for the card: the model, its history, timings and the best epoch."""
+    """What :func:`fit_unet` leaves for the card: the model, its history, timings and the best epoch."""
 
     model: Any
     history: pd.DataFrame
@@ -259,7 +259,7 @@ def _make_inputs(data: _SiteData, *, n_augment: int, settings: AugmentSettings, 
     return train, val
 
 
-def _fit(train, val, *, site: str, epochs: int, depth: int, base_filters: int, dropout: float,
+def fit_unet(train, val, *, site: str, epochs: int, depth: int, base_filters: int, dropout: float,
          policy: str, boundary_weight: float = 1.0) -> _FitResult:
     """Build and compile the U-Net, fit it for ``epochs`` and restore the best-``val_loss`` weights."""
     import keras
@@ -277,8 +277,8 @@ def _fit(train, val, *, site: str, epochs: int, depth: int, base_filters: int, d
         site, depth, base_filters, model.count_params(), policy, train.n_images, train.per_image,
         train.n_samples, val.n_samples,
     )
-    epoch_log, keep_best = _callbacks(site, epochs, train.steps_per_epoch, train.n_samples)
-    callbacks = _callback_list([epoch_log, keep_best], model=model, epochs=epochs, steps=train.steps_per_epoch)
+    epoch_log, keep_best = training_callbacks(site, epochs, train.steps_per_epoch, train.n_samples)
+    callbacks = callback_container([epoch_log, keep_best], model=model, epochs=epochs, steps=train.steps_per_epoch)
     t0 = time.monotonic()
     history = model.fit(
         train.dataset(), steps_per_epoch=train.steps_per_epoch,
@@ -330,12 +330,11 @@ def _card(*, site: str, settings: dict, stores, splits, data: _SiteData, samples
 
 def _write_outputs(out: Path, fit: _FitResult, card: dict) -> None:
     """Write the model (float32), ``history.csv`` and the card, each complete or not at all."""
-    from hipoa.modelio import write_model_card
+    from hipoa.modelio import write_model, write_model_card
     from hipoa.precision import with_policy
-    from hipoa.unet import save_model
 
     out.parent.mkdir(parents=True, exist_ok=True)
-    save_model(with_policy(fit.model, "float32"), out)  # written to a temporary path, then renamed
+    write_model(with_policy(fit.model, "float32"), out)  # written to a temporary path, then renamed
     with atomic_path(out.parent / "history.csv") as tmp:
         fit.history.to_csv(tmp, index=False, quoting=csv.QUOTE_MINIMAL)
     write_model_card(out, card)
@@ -378,7 +377,7 @@ def train_site(
     policy = choose_policy(s.precision)
     train, val = _make_inputs(data, n_augment=s.n_augment, settings=augment, batch_size=s.batch_size, seed=s.seed,
                               epochs=s.epochs)
-    fit = _fit(train, val, site=site, epochs=s.epochs, depth=s.depth, base_filters=s.base_filters,
+    fit = fit_unet(train, val, site=site, epochs=s.epochs, depth=s.depth, base_filters=s.base_filters,
                dropout=s.dropout, policy=policy, boundary_weight=s.boundary_weight)
 
     presence, scores = choose_presence_rule(

@@ -294,14 +294,14 @@ def test_fit_with_the_loss_under_mixed_precision(contexts, policy):
     """Training and validation (the same loss) stay finite under both mixed policies."""
     import keras
 
-    from hipoa.train import _fit
+    from hipoa.train import fit_unet
 
     image, mask = contexts
     keras.utils.set_random_seed(0)
     kw = {"n_augment": 1, "settings": APPEARANCE, "batch_size": 8}
     train = TrainingInput(image[:8], mask[:8], seed=1, epochs=1, **kw)
     val = ValidationInput(image[8:12], mask[8:12], seed=2, **kw)
-    fit = _fit(train, val, site=SITE, epochs=1, depth=1, base_filters=2, dropout=0.0, policy=policy,
+    fit = fit_unet(train, val, site=SITE, epochs=1, depth=1, base_filters=2, dropout=0.0, policy=policy,
                boundary_weight=0.5)
     assert fit.model.loss.name == "boundary_tolerant_crossentropy"
     assert np.isfinite(fit.history["loss"]).all() and np.isfinite(fit.best_val_loss)

@@ -75,7 +75,6 @@ def test_isotonic_calibration_reproduces_the_fit_and_is_monotone():
     cal = fit_calibration(s, t, target_prevalence=0.1)
     assert cal.method == "isotonic" and cal.info["n"] == 300 and cal.info["n_positive"] == int(t.sum())
     # at the validation images the map is the isotonic fit of their truth (clipped to [eps, 1 - eps])
-    order = np.argsort(s, kind="stable")
     ux, inv = np.unique(s.astype(np.float64), return_inverse=True)
     w = np.bincount(inv).astype(float)
     fit = pav(np.bincount(inv, weights=t.astype(float)) / w, w)[inv]

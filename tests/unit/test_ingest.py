@@ -620,10 +620,10 @@ def test_crop_names_a_missing_manifest_as_given_and_refuses_a_shard_outside_it(l
 
 
 def test_a_huge_coordinate_is_logged_compactly(tmp_path):
-    from hipoa.ingest import _check_points
+    from hipoa.ingest import check_points
 
     pts = good_points(1)
     pts[4] = [1e308, 3.0]
     write_pts(tmp_path / "a.pts", pts)
-    reason, detail = _check_points(str(tmp_path / "a.pts"), 85, ROWS, COLS)
+    reason, detail = check_points(str(tmp_path / "a.pts"), 85, ROWS, COLS)
     assert reason == "points_outside_image" and "first point 4 at (1e+308, 3)" in detail and len(detail) < 300

@@ -51,11 +51,12 @@ def test_a_real_model_passes(good):
 
 
 def test_real_unet_config_is_allowed(tmp_path):
-    from hipoa.unet import build_unet, save_model
+    from hipoa.modelio import write_model
+    from hipoa.unet import build_unet
 
     path = tmp_path / "unet.keras"
-    save_model(build_unet(depth=1, base_filters=2, dropout=0.1), path)
-    assert not list(tmp_path.glob("*.tmp*"))  # save_model wrote through a temporary path
+    write_model(build_unet(depth=1, base_filters=2, dropout=0.1), path)
+    assert not list(tmp_path.glob("*.tmp*"))  # write_model wrote through a temporary path
     assert modelio.load_model(path, "mixed_bfloat16") is not None
 
 

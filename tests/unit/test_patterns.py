@@ -10,7 +10,7 @@ import pytest
 from hipoa.patterns import check_image_patterns
 
 sys.path.insert(0, str(Path(__file__).parent))
-from test_ingest import AUTO, IMAGES  # noqa: E402
+from test_ingest import IMAGES  # noqa: E402
 
 ZIPS = "ukb/{eid}_20158_{instance}_{array}.zip"
 

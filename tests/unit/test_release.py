@@ -94,7 +94,7 @@ def test_instance_policies():
 
 def test_text_covariates_are_categorical_tokens():
     values = pd.Series(["200123", "12.30.008\\enCORE 16", "", None, " Lunar  iDXA "], dtype="string")
-    out = release._text_covariate(values, "serial_")
+    out = release.text_covariate(values, "serial_")
     assert out.tolist()[:2] == ["serial_200123", "serial_12.30.008\\enCORE_16"]
     assert not out.isna().any()  # a categorical column is never NA: plink2 refuses it
     assert (out == release.MISSING_CATEGORY).tolist() == [False, False, True, True, False]

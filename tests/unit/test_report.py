@@ -91,7 +91,7 @@ def test_write_report_figures(tables, tmp_path):
 
 
 def test_montage_titles_name_no_participant_unless_asked():
-    from hipoa.report import _unfit_rows, image_label
+    from hipoa.report import unfit_rows, image_label
 
     pheno = pd.DataFrame({"eid": ["9500001", "9500002", "9500003", "9500001"], "instance": [2, 2, 2, 2],
                           "side": ["L", "L", "L", "R"], "qc_reason": ["", "implant", "motion", "implant"]})
@@ -101,7 +101,7 @@ def test_montage_titles_name_no_participant_unless_asked():
     with tempfile.TemporaryDirectory() as d:
         man = Path(d) / "m.parquet"
         pheno.assign(image="x.zip", member="", points_auto="").to_parquet(man)
-        picked = _unfit_rows(pheno, [man], per_reason=4)
+        picked = unfit_rows(pheno, [man], per_reason=4)
     titles = {(reason, image_label(row, False, f"osteophytes_{row['side']}.parquet")) for reason, row in picked}
     assert titles == {("implant", "osteophytes_L.parquet row 1"), ("implant", "osteophytes_R.parquet row 0"),
                       ("motion", "osteophytes_L.parquet row 2")}

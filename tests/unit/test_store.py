@@ -514,12 +514,12 @@ def test_synth_areas_match_the_generator_truth(synth_shards):
 def test_montage_picks_positives_first_reading_only_annotated_masks(synth_shards, n):
     """The montage's choice equals a full scan of every mask (positives first, then other
     passing rows, in store order), though masks are read only where a row is annotated."""
-    from hipoa.store import _pick
+    from hipoa.store import pick_patches
 
     _, _, stores = synth_shards
     for site in DEFAULT_SITES:
         for source in ("auto", "manual"):
-            ps, picked = _pick(stores["L"] + stores["R"], site.name, source, n)
+            ps, picked = pick_patches(stores["L"] + stores["R"], site.name, source, n)
             ok = ps.rows["qc_reason"].eq("").to_numpy()
             area = ps.mask.sum(axis=(1, 2)).compute()
             assert not (area[~ps.rows["annotated"].to_numpy()] > 0).any()  # what makes the shortcut true

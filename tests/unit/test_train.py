@@ -87,7 +87,7 @@ def test_progress_logging_reads_no_batch_logs(monkeypatch, caplog):
     import keras
     import tensorflow as tf
 
-    from hipoa.train import _callback_list, _callbacks
+    from hipoa.train import callback_container, training_callbacks
 
     keras.utils.set_random_seed(0)
     inp = keras.Input((8, 8, 1))
@@ -101,13 +101,13 @@ def test_progress_logging_reads_no_batch_logs(monkeypatch, caplog):
            "shuffle": False}
     synced = _count_synced_logs(monkeypatch)
 
-    model.fit(ds, callbacks=list(_callbacks("s", epochs, steps, 24)), **fit)
+    model.fit(ds, callbacks=list(training_callbacks("s", epochs, steps, 24)), **fit)
     assert len(synced) >= epochs * (steps + 2)  # Keras's own container: every train and val batch
 
     synced.clear()
     caplog.set_level(logging.INFO, logger="hipoa.train")
-    epoch_log, keep_best = _callbacks("s", epochs, steps, 24, every_s=0.0)  # a progress line per batch
-    history = model.fit(ds, callbacks=_callback_list([epoch_log, keep_best], model=model, epochs=epochs, steps=steps),
+    epoch_log, keep_best = training_callbacks("s", epochs, steps, 24, every_s=0.0)  # a progress line per batch
+    history = model.fit(ds, callbacks=callback_container([epoch_log, keep_best], model=model, epochs=epochs, steps=steps),
                         **fit)
     assert 1 <= len(synced) <= 2 * epochs  # the epoch logs only
     lines = [r.getMessage() for r in caplog.records if "batches/s" in r.getMessage()]

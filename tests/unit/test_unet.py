@@ -89,19 +89,20 @@ def test_gpu_compute_capability_chooses(monkeypatch, tmp_path, cc, policy):
     assert choose_policy("auto", cpuinfo=tmp_path / "none") == policy
 
 
-def test_save_model_bytes_depend_on_the_model_only(tmp_path):
+def test_written_model_bytes_depend_on_the_model_only(tmp_path):
     import hashlib
     import time
 
     import keras
 
-    from hipoa.unet import build_unet, save_model
+    from hipoa.modelio import write_model
+    from hipoa.unet import build_unet
 
     keras.utils.set_random_seed(0)
     model = build_unet(depth=2, base_filters=4)
-    save_model(model, tmp_path / "a.keras")
+    write_model(model, tmp_path / "a.keras")
     time.sleep(1.1)  # Keras would stamp a new save date and file times
-    save_model(model, tmp_path / "b.keras")
+    write_model(model, tmp_path / "b.keras")
     digest = [hashlib.sha256((tmp_path / n).read_bytes()).hexdigest() for n in ("a.keras", "b.keras")]
     assert digest[0] == digest[1]
     again = keras.saving.load_model(tmp_path / "a.keras", compile=False)
