@@ -256,10 +256,31 @@ class _Arrays:
         return out
 
 
-def _crop_row(
-    arrays: _Arrays, i: int, row: Any, sites: list[Site], min_inside: float, n_points: int, limits: qc.Limits
-) -> str:
+@dataclass(frozen=True)
+class _CropSettings:
+    """What every row of a shard is cropped with."""
+
+    sites: list[Site]
+    min_inside: float
+    n_points: int
+    limits: qc.Limits
+
+
+@dataclass(frozen=True)
+class _Hip:
+    """One decoded image of a row: pixels, its label mask (None: not annotated), spacing, side and
+    the top of its pixel range."""
+
+    pixels: np.ndarray
+    mask: np.ndarray | None
+    spacing: tuple[float, float]
+    side: str
+    max_value: float
+
+
+def _crop_row(arrays: _Arrays, i: int, row: Any, settings: _CropSettings) -> str:
     """Fill row ``i`` of ``arrays``; returns its qc_reason ('' when fine). Never raises on bad data."""
+    sites, limits = settings.sites, settings.limits
     r = arrays.rows
     side = _text(row.side)
     reason_in = _text(getattr(row, "qc_reason", ""))
@@ -301,12 +322,10 @@ def _crop_row(
         for site in sites:
             r[f"{site.name}_true_area_mm2"][i] = counts[site.label] * spacing[0] * spacing[1]
 
-    reason = _crop_auto(
-        arrays, i, pixels, mask, spacing, side, sites, min_inside, _text(row.points_auto), n_points, limits,
-        hip.max_value,
-    )
+    image = _Hip(pixels=pixels, mask=mask, spacing=spacing, side=side, max_value=hip.max_value)
+    reason = _crop_auto(arrays, i, image, settings, _text(row.points_auto))
     if mask is not None:
-        _crop_manual(arrays, i, pixels, mask, spacing, side, sites, min_inside, row, n_points, limits)
+        _crop_manual(arrays, i, image, settings, _text(getattr(row, "points_manual", "")))
     return reason
 
 
@@ -323,20 +342,10 @@ class _AllInside(dict):
 _ALL_INSIDE = _AllInside()
 
 
-def _crop_auto(
-    arrays: _Arrays,
-    i: int,
-    pixels: np.ndarray,
-    mask: np.ndarray | None,
-    spacing: tuple[float, float],
-    side: str,
-    sites: list[Site],
-    min_inside: float,
-    points_path: str,
-    n_points: int,
-    limits: qc.Limits,
-    max_value: float = float("nan"),
-) -> str:
+def _crop_auto(arrays: _Arrays, i: int, hip: _Hip, settings: _CropSettings, points_path: str) -> str:
+    """Crop row ``i``'s automatic patches (``auto/``) and run the image checks; its qc_reason."""
+    pixels, mask, spacing, side, max_value = hip.pixels, hip.mask, hip.spacing, hip.side, hip.max_value
+    sites, min_inside, n_points, limits = settings.sites, settings.min_inside, settings.n_points, settings.limits
     pts, reason = _read_points(points_path, n_points)
     if pts is None:
         return reason
@@ -455,20 +464,10 @@ def _score_points(arrays: _Arrays, sites: list[Site], reasons: np.ndarray, limit
                         ", ".join(f"store row {j} ({z[j]:.3g})" for j in bad[:10]))
 
 
-def _crop_manual(
-    arrays: _Arrays,
-    i: int,
-    pixels: np.ndarray,
-    mask: np.ndarray,
-    spacing: tuple[float, float],
-    side: str,
-    sites: list[Site],
-    min_inside: float,
-    row: Any,
-    n_points: int,
-    limits: qc.Limits,
-) -> None:
-    path = _text(getattr(row, "points_manual", ""))
+def _crop_manual(arrays: _Arrays, i: int, hip: _Hip, settings: _CropSettings, path: str) -> None:
+    """Crop an annotated row's manual patches and masks (``manual/``), all sites or none."""
+    pixels, mask, spacing, side = hip.pixels, hip.mask, hip.spacing, hip.side
+    sites, min_inside, n_points, limits = settings.sites, settings.min_inside, settings.n_points, settings.limits
     if not path:
         log.warning("store row %d: annotated but no manual points; no manual patch", i)
         return
@@ -637,12 +636,13 @@ def _crop_rows(
     arrays = _Arrays(n=n, sites=sites, size=PATCH_SIZE, context=context)
     reasons: Counter[str] = Counter()
     progress = Progress(n, f"crop-patches shard {shard}", log, unit="images")
+    settings = _CropSettings(sites=sites, min_inside=min_inside, n_points=n_points, limits=limits)
     for i, row in enumerate(rows.itertuples(index=False)):
         arrays.rows["eid"][i] = _text(row.eid)
         arrays.rows["instance"][i] = _int(row.instance)
         arrays.rows["side"][i] = _text(row.side)
         try:
-            reason = _crop_row(arrays, i, row, sites, min_inside, n_points, limits)
+            reason = _crop_row(arrays, i, row, settings)
         except Exception:  # a bug on one odd image must not lose the shard; it is logged in full
             log.exception("store row %d: %s", i, qc.CROP_FAILED)
             reason = qc.CROP_FAILED
