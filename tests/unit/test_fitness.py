@@ -61,9 +61,21 @@ def test_head_out_of_view_needs_a_point_on_the_edge_or_the_head_beyond_it():
     inside = pts.copy()
     inside[70] = [340.0, 8.0]  # 2 mm from the edge
     assert fitness.head_out_of_view(inside, (600, 680), SP, 1.5) == ""
-    # the head's arc is in view but its circle is not: only the points near the neck were found
-    assert "circle" in fitness.head_out_of_view(pts, (600, 440), SP, 1.5) or \
-        fitness.head_out_of_view(pts, (600, 440), SP, 1.5).startswith("femoral head")
+    # a head arc point beyond the edge: the outline branch names it
+    assert fitness.head_out_of_view(pts, (600, 440), SP, 1.5).startswith("femoral head outline point")
+
+
+def test_head_out_of_view_when_only_the_circle_leaves_the_image():
+    """Every head and acetabulum point in view, but the circle through the head's arc (the medial
+    half only: the lateral half was cut off) reaches 50 px beyond the right edge."""
+    pts = _outline()
+    a = np.linspace(1.9, 4.4, 14)
+    pts[16:30] = np.column_stack([400 + 90 * np.cos(a), 280 + 90 * np.sin(a)])  # x <= 372, circle to 490
+    pts[59:79] = np.column_stack([np.linspace(250, 300, 20), np.linspace(100, 150, 20)])
+    problem = fitness.head_out_of_view(pts, (600, 440), SP, 1.5)
+    assert problem.startswith("the circle fitted to the femoral head leaves the image by"), problem
+    assert abs(float(problem.split(" by ")[1].split()[0]) - (490 - 439.5) * SP[1]) < 0.2
+    assert fitness.head_out_of_view(pts, (600, 700), SP, 1.5) == ""  # the whole circle in view
 
 
 def test_implant_area_counts_connected_metal_inside_the_outline():
