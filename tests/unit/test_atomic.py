@@ -26,7 +26,7 @@ from hipoa.atomic import atomic_path, tmp_path_for
 from hipoa.store import MARKER, StoreError, check_store, open_patches, read_rows, seal_store, store_attrs
 
 from test_phenotypes import write_manifest  # noqa: E402  (tests/unit is on sys.path)
-from test_predict import SITES, example_shard, make_model, make_store, scale_affine, square_patch  # noqa: E402
+from hipoa_fixtures import SITES, example_shard, make_model, make_store, scale_affine, square_patch  # noqa: E402
 
 EPOCH = "1700000000"
 

@@ -25,7 +25,7 @@ from hipoa.calibration import (
 from hipoa.metrics import brier_score, expected_calibration_error
 from hipoa.modelio import ModelError, model_json_path, read_model_card, write_model_card
 
-from test_predict import SITES, example_shard, make_model  # noqa: E402  (tests/unit is on sys.path)
+from hipoa_fixtures import SITES, example_shard, make_model  # noqa: E402  (tests/unit is on sys.path)
 
 
 def _minmax_isotonic(y: np.ndarray, w: np.ndarray) -> np.ndarray:

@@ -26,7 +26,7 @@ from hipoa.sites import DEFAULT_SITES
 from hipoa.synth import UNFIT, image_stem, make_cohort, zip_name
 
 sys.path.insert(0, str(Path(__file__).parent))
-from test_predict import make_model  # noqa: E402
+from hipoa_fixtures import make_model  # noqa: E402
 
 SITES = [s.name for s in DEFAULT_SITES]
 SP = (0.25, 0.25)
@@ -232,6 +232,7 @@ def unfit_run(tmp_path_factory):
             "root": root}
 
 
+@pytest.mark.slow
 def test_the_cohort_has_every_kind_on_both_scanners(unfit_run):
     truth = unfit_run["truth"]
     assert truth["unfit"].sum() == 12
@@ -240,6 +241,7 @@ def test_the_cohort_has_every_kind_on_both_scanners(unfit_run):
     assert set(truth["scanner"]) == {"A", "B"}
 
 
+@pytest.mark.slow
 def test_each_unfit_hip_is_flagged_with_its_reason_and_no_phenotype(unfit_run):
     truth = unfit_run["truth"].assign(eid=lambda d: d["eid"].astype(str)).set_index("eid")
     table = unfit_run["table"].assign(eid=lambda d: d["eid"].astype(str)).set_index("eid")
@@ -259,6 +261,7 @@ def test_each_unfit_hip_is_flagged_with_its_reason_and_no_phenotype(unfit_run):
     assert reasons == {reason: 4 for reason in UNFIT.values()}
 
 
+@pytest.mark.slow
 def test_the_summary_counts_the_unfit_reasons(unfit_run):
     from hipoa.phenotypes import summary
 
@@ -267,6 +270,7 @@ def test_the_summary_counts_the_unfit_reasons(unfit_run):
         assert f"{reason}=4" in text
 
 
+@pytest.mark.slow
 def test_the_report_shows_the_flagged_images(unfit_run):
     from PIL import Image
 
@@ -280,6 +284,7 @@ def test_the_report_shows_the_flagged_images(unfit_run):
     assert plot_unfit(clean, [unfit_run["manifest"]], out) == 0
 
 
+@pytest.mark.slow
 def test_no_normal_demo_hip_is_flagged(tmp_path):
     """The demo cohort (config/demo.yaml: 100 participants, seed 7): false flags <= 0.5 %."""
     cohort = tmp_path / "demo"

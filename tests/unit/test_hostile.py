@@ -38,7 +38,7 @@ from hipoa.sites import DEFAULT_SITES, PATCH_SIZE
 from hipoa.synth import make_cohort
 
 sys.path.insert(0, str(Path(__file__).parent))
-from test_predict import make_model  # noqa: E402
+from hipoa_fixtures import make_model  # noqa: E402
 
 SITES = [s.name for s in DEFAULT_SITES]
 # A member cap low enough for a small test bomb, far above a synthetic hip (~0.4 MB).
@@ -348,6 +348,7 @@ def _measurements(row: pd.Series) -> list:
     return [row[c] for c in cols]
 
 
+@pytest.mark.slow
 def test_every_class_gets_its_reason_and_no_measurement(hostile):
     table, kinds = hostile["table"], hostile["kinds"]
     for eid, kind in kinds.items():
@@ -366,6 +367,7 @@ def test_every_class_gets_its_reason_and_no_measurement(hostile):
             assert all(pd.isna(v) for v in _measurements(row)), (kind, _measurements(row))
 
 
+@pytest.mark.slow
 def test_duplicate_zip_is_flagged_not_picked(hostile):
     eid = next(e for e, k in hostile["kinds"].items() if k == "duplicate_zip")
     rows = hostile["manifest"][hostile["manifest"]["eid"] == eid]
@@ -373,6 +375,7 @@ def test_duplicate_zip_is_flagged_not_picked(hostile):
     assert rows["qc_reason"].tolist() == ["", qc.DUPLICATE_IMAGE]
 
 
+@pytest.mark.slow
 def test_planted_faults_keep_their_reasons(hostile):
     truth, table = hostile["truth"], hostile["table"]
     faulty = truth[(truth["side"] == "L") & (truth["fault"] != "")]
@@ -381,6 +384,7 @@ def test_planted_faults_keep_their_reasons(hostile):
         assert _row(table, str(rec.eid))["qc_reason"] == rec.expected_reason, rec.fault
 
 
+@pytest.mark.slow
 def test_every_image_exactly_once(hostile):
     """One row per zip the pattern parses (the duplicate's copy included), none for the unparsed one."""
     cohort = hostile["root"] / "cohort" / "ukb" / "20158"
@@ -391,11 +395,13 @@ def test_every_image_exactly_once(hostile):
     assert "9800013" not in set(table["eid"].astype(str))
 
 
+@pytest.mark.slow
 def test_reasons_met_are_the_vocabulary(hostile):
     met = set(hostile["table"]["qc_reason"]) - {""}
     assert met == set(qc.REASONS) - qc.SAFEGUARDS
 
 
+@pytest.mark.slow
 def test_no_impossible_number_is_written(hostile):
     """Passing rows: finite areas no larger than a whole patch; failing rows: nothing at all."""
     table = hostile["table"]
@@ -410,6 +416,7 @@ def test_no_impossible_number_is_written(hostile):
     assert table["reference_length_mm"][table["qc_pass"]].between(*qc.Limits().reference_length_mm).all()
 
 
+@pytest.mark.slow
 def test_masks_that_are_not_labels_are_not_used(hostile):
     from hipoa.store import read_rows
 
@@ -429,6 +436,7 @@ def test_masks_that_are_not_labels_are_not_used(hostile):
     assert "mask_wrong_mode: 1" in out and "mask_wrong_size: 1" in out and "mask_not_a_file: 1" in out
 
 
+@pytest.mark.slow
 def test_ambiguity_and_unparsed_files_are_logged(hostile):
     err, out = hostile["stderr"], hostile["stdout"]
     eid = next(e for e, k in hostile["kinds"].items() if k == "two_left_femurs")
@@ -438,6 +446,7 @@ def test_ambiguity_and_unparsed_files_are_logged(hostile):
     assert "not parsed by the pattern (no row; see the log): 1" in out
 
 
+@pytest.mark.slow
 def test_messages_name_the_file_and_the_problem(hostile):
     err = hostile["stderr"]
     kinds = {k: e for e, k in hostile["kinds"].items()}
@@ -594,6 +603,7 @@ def test_vocabulary_and_limits_are_documented():
     assert qc.load_limits({k: v["default"] for k, v in properties.items()}) == defaults
 
 
+@pytest.mark.slow
 def test_dictionary_lists_the_reasons(hostile):
     fields = pd.read_csv(hostile["root"] / "phenotypes" / "osteophytes_L.dict.tsv", sep="\t").set_index("FIELD")
     description = fields.loc["qc_reason", "DESCRIPTION"]

@@ -11,7 +11,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import tensorflow as tf
-from test_predict import SITES, example_shard, make_model  # noqa: E402  (tests/unit is on sys.path)
+from hipoa_fixtures import SITES, example_shard, make_model  # noqa: E402  (tests/unit is on sys.path)
 from tiny_patch_store import write_tiny_store
 
 from hipoa import predict

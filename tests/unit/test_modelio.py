@@ -17,7 +17,7 @@ import pytest
 from hipoa import modelio
 from hipoa.cli import main
 
-from test_predict import SITES, example_shard, make_model  # noqa: E402  (tests/unit is on sys.path)
+from hipoa_fixtures import SITES, example_shard, make_model  # noqa: E402  (tests/unit is on sys.path)
 
 
 def _rewrite(src: Path, dst: Path, edit) -> Path:

@@ -19,7 +19,7 @@ from PIL import Image
 from hipoa import phenotypes, predict, tables
 from hipoa.sites import DEFAULT_SITES
 
-from test_predict import SITES, example_shard, make_model  # noqa: E402  (tests/unit is on sys.path)
+from hipoa_fixtures import SITES, example_shard, make_model  # noqa: E402  (tests/unit is on sys.path)
 
 A, B = SITES
 LABEL = {s.name: s.label for s in DEFAULT_SITES}

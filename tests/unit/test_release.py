@@ -19,7 +19,7 @@ from scipy.stats import norm
 from hipoa import phenotypes, release
 
 from test_phenotypes import SITES, build_side  # noqa: E402  (tests/unit is on sys.path)
-from test_predict import make_model  # noqa: E402
+from hipoa_fixtures import make_model  # noqa: E402
 
 A = SITES[0]
 
