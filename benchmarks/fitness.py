@@ -3,7 +3,7 @@
     python benchmarks/fitness.py --cohort DIR [--cohort DIR2 ...] [--limits JSON]
     python benchmarks/fitness.py --scanners N [--implants K] [--motion M] [--workers W] [--seed S]
 
-``--scanners N``: per scanner texture of :data:`hipoa.anatomy.TEST_SCANNERS` (the two shipped
+``--scanners N``: per scanner texture of :data:`hipoa.synth.anatomy.TEST_SCANNERS` (the two shipped
 scanners, line banding, periodic stripes at 3 mm, 7 mm oblique and any period 1.5-12 mm and
 direction, noise grain), N normal hips, K implants in each export of :data:`hipoa.synth.EXPORTS`
 (as stored, scaled 8-bit, 12 bits in 16, windowed above the bone, windowed clipping the bone) and
@@ -92,7 +92,7 @@ def report(d: pd.DataFrame, title: str) -> None:
 def _one(job: tuple) -> dict:
     import tempfile
 
-    from hipoa import anatomy
+    from hipoa.synth import anatomy
     from hipoa.synth import fitness_hip
 
     seed, index, scanner_name, unfit, export, limits_json = job
@@ -113,7 +113,7 @@ def _one(job: tuple) -> dict:
 def scanner_table(n_normal: int, n_implant: int, n_motion: int, seed: int, workers: int, limits: str) -> pd.DataFrame:
     from multiprocessing import Pool
 
-    from hipoa import anatomy
+    from hipoa.synth import anatomy
     from hipoa.synth import EXPORTS
 
     jobs = []

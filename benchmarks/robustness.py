@@ -11,7 +11,7 @@ What it does (every step is hipoa's own code: synth, ingest, crop, splits, train
    pixel apart, half the small osteophytes missed), as the paper's annotated set.
 2. A test cohort, every left hip annotated by the reference annotator (masks = the truth), half of
    the participants on the second scanner (0.30 mm pixels, more noise and banding, another
-   response curve: ``hipoa.anatomy.SECOND_SCANNER``).
+   response curve: ``hipoa.synth.anatomy.SECOND_SCANNER``).
 3. The test cohort is cropped once per point error ``d`` in ``--errors`` (px of the stored image):
    around each site, the run of 5 automatic points centred on the site (13-17, 28-32, 76-80) is
    moved rigidly by ``d`` in a random direction (seeded per image and site); the reference points

@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 
 N_POINTS = 85
-"""Points in the hip outline: 0-44 femur, 45-84 pelvis (the table in :mod:`hipoa.anatomy`)."""
+"""Points in the hip outline: 0-44 femur, 45-84 pelvis (the table in :mod:`hipoa.synth.anatomy`)."""
 FEMUR_POINTS = np.arange(0, 45)
 """The femur's outline: medial shaft, lesser trochanter, neck, head, greater trochanter, lateral shaft."""
 PELVIS_POINTS = np.arange(45, 85)

@@ -134,7 +134,7 @@ def test_non_image_objects_are_refused_by_sop_class():
 
 
 def test_inverted_and_noise_images_fail_the_sanity_check():
-    from hipoa import anatomy
+    from hipoa.synth import anatomy
 
     rng = np.random.default_rng(3)
     who = anatomy.draw_participant(rng)

@@ -136,7 +136,7 @@ def test_implant_caught_in_every_export_and_normal_hips_not(export):
     """Metal that does not reach the top of Bits Stored (scaled 8-bit, 12 bits in 16) or that a
     window clips together with the brightest bone is still metal; the same exports of normal hips
     are not flagged."""
-    from hipoa.anatomy import FIRST_SCANNER, SECOND_SCANNER
+    from hipoa.synth.anatomy import FIRST_SCANNER, SECOND_SCANNER
     from hipoa.synth import fitness_hip
 
     limits = qc.Limits()
@@ -151,7 +151,7 @@ def test_implant_caught_in_every_export_and_normal_hips_not(export):
 def test_motion_caught_and_scanner_textures_not_flagged():
     """On every test scanner texture (line banding, periodic stripes at 1.5-12 mm in any direction,
     coarse noise grain): a still hip is fit, the same anatomy doubled at 2.5-10 mm is motion."""
-    from hipoa.anatomy import TEST_SCANNERS
+    from hipoa.synth.anatomy import TEST_SCANNERS
     from hipoa.synth import fitness_hip
 
     limits = qc.Limits()
@@ -170,7 +170,7 @@ def test_short_and_grainy_doublings_are_motion(scanner_name, index):
     second scanner's 0.30 mm grid, where a 1 mm step or the half shift lands on the zero shift's
     own peak, and doublings under a 0.5 mm noise grain, whose fringes stand clear only above 1
     cycle/mm (a grid of whole pixels, not 0.5 mm)."""
-    from hipoa.anatomy import TEST_SCANNERS
+    from hipoa.synth.anatomy import TEST_SCANNERS
     from hipoa.synth import fitness_hip
 
     scanner = next(s for s in TEST_SCANNERS if s.name == scanner_name)

@@ -393,7 +393,7 @@ def test_edge_distance_has_the_edges_of_inside_image():
 
 
 def test_the_default_sites_are_the_outline_model_s_points():
-    from hipoa.anatomy import SITE_POINTS
+    from hipoa.synth.anatomy import SITE_POINTS
     from hipoa.sites import DEFAULT_SITES
     from hipoa.points import REFERENCE_POINTS, SITE_CENTRES
 

@@ -1,5 +1,6 @@
-"""The package's import graph has no cycle, counting imports inside functions too (a cycle hidden
-from Python by a late import is still one in the design)."""
+"""The package's shape: its import graph has no cycle, counting imports inside functions too (a
+cycle hidden from Python by a late import is still one in the design), and no function outside
+the synthetic cohort's subpackage (hipoa.synth) has a body over 80 lines."""
 
 from __future__ import annotations
 
@@ -20,9 +21,18 @@ def _imports(path: Path, modules: set[str]) -> set[str]:
     return deps
 
 
+def _modules() -> dict[str, list[Path]]:
+    """Module name -> its files: each top-level module, and each subpackage as one node."""
+    modules = {p.stem: [p] for p in PACKAGE.glob("*.py")}
+    for sub in PACKAGE.iterdir():
+        if (sub / "__init__.py").is_file():
+            modules[sub.name] = sorted(sub.rglob("*.py"))
+    return modules
+
+
 def _graph() -> dict[str, set[str]]:
-    paths = {p.stem: p for p in PACKAGE.glob("*.py")}
-    return {m: _imports(p, set(paths)) - {m} for m, p in paths.items()}
+    modules = _modules()
+    return {m: set().union(*(_imports(p, set(modules)) for p in paths)) - {m} for m, paths in modules.items()}
 
 
 def _cycle(graph: dict[str, set[str]]) -> list[str]:
@@ -54,7 +64,7 @@ def _cycle(graph: dict[str, set[str]]) -> list[str]:
 
 def test_the_package_has_no_import_cycle():
     graph = _graph()
-    assert {"phenotypes", "release", "tables", "predict"} <= set(graph)
+    assert {"phenotypes", "release", "tables", "predict", "synth"} <= set(graph)
     assert _cycle(graph) == []
 
 
@@ -67,3 +77,20 @@ def test_the_output_tables_are_defined_by_tables_alone():
     graph = _graph()
     assert "phenotypes" not in graph["release"]
     assert "tables" in graph["release"] and "tables" in graph["phenotypes"] and "tables" in graph["predict"]
+
+
+def test_the_synthetic_cohort_is_its_own_subpackage_and_production_code_does_not_import_it():
+    graph = _graph()
+    assert (PACKAGE / "synth" / "anatomy.py").is_file() and not (PACKAGE / "anatomy.py").exists()
+    assert [m for m, deps in graph.items() if "synth" in deps] == ["cli"]  # `hipoa synth`, imported when run
+
+
+def test_no_function_body_over_80_lines_outside_the_synthetic_package():
+    long = []
+    for path in PACKAGE.glob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                body = node.body[1:] if ast.get_docstring(node) else node.body
+                if body and body[-1].end_lineno - body[0].lineno + 1 > 80:
+                    long.append(f"{path.name}:{node.lineno} {node.name}")
+    assert long == []

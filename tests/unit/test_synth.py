@@ -1,4 +1,4 @@
-"""Tests of the synthetic UKB hip-DXA cohort (hipoa.synth, hipoa.anatomy)."""
+"""Tests of the synthetic UKB hip-DXA cohort (hipoa.synth, hipoa.synth.anatomy)."""
 
 from __future__ import annotations
 
@@ -15,7 +15,8 @@ import pydicom
 import pytest
 from PIL import Image
 
-from hipoa import anatomy, synth
+from hipoa import synth
+from hipoa.synth import anatomy
 from hipoa.cli import main
 from hipoa.points import read_pts
 from hipoa.sites import DEFAULT_SITES

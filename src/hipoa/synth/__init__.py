@@ -17,7 +17,7 @@ Modality ``CR``, Implicit VR Little Endian, 8-bit MONOCHROME2, about 600 x 680 p
 the scan. Patient identity is a placeholder (``ANON^SYNTH``, a random non-eid ``PatientID``, no
 birth date).
 
-Anatomy, points and osteophytes are drawn by :mod:`hipoa.anatomy`. ``faults`` plants the broken
+Anatomy, points and osteophytes are drawn by :mod:`hipoa.synth.anatomy`. ``faults`` plants the broken
 inputs ingest must flag (see :data:`FAULTS`), one per participant, cycling through the kinds.
 
 Every participant ``i`` draws from its own ``numpy.random.default_rng([seed, i])``, so the
@@ -49,7 +49,7 @@ from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import ImplicitVRLittleEndian, generate_uid
 
 from hipoa import __version__
-from hipoa import anatomy
+from hipoa.synth import anatomy
 from hipoa.ingest import shard_of
 from hipoa.atomic import save_figure
 from hipoa.labels import read_label_png, write_label_png
@@ -97,7 +97,7 @@ UNFIT: dict[str, str] = {
 }
 """Images readable but unfit to measure (``unfit``), left hips only -> the ``qc_reason`` crop must
 give them: a metal prosthesis, a field of view whose edge cuts the femoral head, patient motion
-(:func:`hipoa.anatomy.add_implant`, :func:`~hipoa.anatomy.crop_view`, :func:`~hipoa.anatomy.add_motion`)."""
+(:func:`hipoa.synth.anatomy.add_implant`, :func:`~hipoa.synth.anatomy.crop_view`, :func:`~hipoa.synth.anatomy.add_motion`)."""
 
 SECOND_SIZES: tuple[tuple[int, int], ...] = ((500, 570), (510, 560), (520, 590), (530, 570))
 """Hip matrix sizes of the second scanner (0.30 mm pixels: about the same field in mm), each a whole
@@ -315,7 +315,7 @@ def _hip(rng: np.random.Generator, who: anatomy.Participant, rows: int, cols: in
 def _normal_hip(rng: np.random.Generator, who: anatomy.Participant, rows: int, cols: int,
                 present: dict[int, bool], scanner: anatomy.Scanner,
                 noise: bool = True) -> tuple[anatomy.HipRender, anatomy.HipGeometry]:
-    """A left hip as the scanner renders it (``noise`` as :func:`hipoa.anatomy.render_hip`), and its
+    """A left hip as the scanner renders it (``noise`` as :func:`hipoa.synth.anatomy.render_hip`), and its
     geometry."""
     # Redraw the rare geometry whose reference length (points 12-39) leaves ~55-70 mm or whose
     # outline comes within 4 mm of the image edge.
@@ -420,7 +420,7 @@ class FitnessHip:
 
 def fitness_hip(seed: int, index: int, scanner: anatomy.Scanner = anatomy.FIRST_SCANNER, unfit: str = "",
                 export: str = "", motion_shift_mm: tuple[float, float] = (2.5, 10.0)) -> FitnessHip:
-    """A single hip on any scanner (:data:`hipoa.anatomy.TEST_SCANNERS`), normal or unfit, in any
+    """A single hip on any scanner (:data:`hipoa.synth.anatomy.TEST_SCANNERS`), normal or unfit, in any
     export (:data:`EXPORTS`), deterministic by ``(seed, index)``.
 
     Args:
@@ -430,7 +430,7 @@ def fitness_hip(seed: int, index: int, scanner: anatomy.Scanner = anatomy.FIRST_
         export: A key of :data:`EXPORTS`.
         motion_shift_mm: Range of the second copy's shift for ``unfit="motion"`` (the whole range
             the motion check looks at; ``hipoa synth`` draws 3-8 mm). The anatomy is doubled
-            (:func:`hipoa.anatomy.double_image`, weight 0.3-0.5) before the scanner's noise and
+            (:func:`hipoa.synth.anatomy.double_image`, weight 0.3-0.5) before the scanner's noise and
             texture are added, which a doubled image does not repeat.
     """
     if unfit and unfit not in UNFIT:
@@ -634,7 +634,7 @@ def make_cohort(out: Path, participants: int, seed: int, annotated_fraction: flo
         unfit: Participants whose left hip is unfit to measure, cycling through :data:`UNFIT`
             (implant, cropped view, motion); drawn among those without a fault or annotations.
         second_scanner: Fraction of participants imaged on the second scanner
-            (:data:`hipoa.anatomy.SECOND_SCANNER`: 0.30 mm pixels, noisier; sizes
+            (:data:`hipoa.synth.anatomy.SECOND_SCANNER`: 0.30 mm pixels, noisier; sizes
             :data:`SECOND_SIZES`).
         annotators: 1, or 2: each annotated image's mask is drawn by one of two annotators, the
             second's outlines a pixel wider or narrower and missing half the small osteophytes
