@@ -21,7 +21,7 @@ a seed trains the same model as before. (``tf.raw_ops.ImageProjectiveTransformV3
 faster on a CPU but rounds differently, which changed the trained demo models.)
 
 With ``AugmentSettings.appearance`` above 0, the random samples (never sample 0 of an image, never
-the masks) then go through the appearance augmentation of :mod:`hipoa.augment` (:func:`appear`:
+the masks) then go through the appearance augmentation of :mod:`hipoa.augment` (:func:`hipoa.augment.appear`:
 contrast, soft-tissue ramp, coarser pixel grid, blur or sharpening, noise, banding, tone curve,
 then a fresh z-score). Its per-sample parameters are drawn on the host for every epoch up front
 too (:func:`appearance_plan`, a stream of their own: the geometric draws do not change), and at 0
@@ -41,7 +41,7 @@ from typing import Any
 import numpy as np
 import tensorflow as tf
 
-from hipoa.augment import NEUTRAL_APPEARANCE, AugmentSettings, check_context, draw_appearance
+from hipoa.augment import NEUTRAL_APPEARANCE, AugmentSettings, appear, check_context, draw_appearance, draw_params
 from hipoa.geometry import augment_coefficients
 from hipoa.sites import PATCH_SIZE
 
@@ -126,126 +126,10 @@ def warp(images: tf.Tensor, masks: tf.Tensor, coefficients: tf.Tensor, rows: tf.
     return out[..., None], tf.gather(tf.reshape(masks, [-1]), nearest)
 
 
-def _smoothing(sigma: tf.Tensor, size: int) -> tf.Tensor:
-    """``(n, size, size)`` Gaussian smoothing matrices of ``sigma`` px (``(n,)``), rows summing to 1.
-
-    Rows are renormalised at the patch border (no dark rim); ``sigma`` 0 gives the identity.
-    """
-    i = tf.range(size, dtype=tf.float32)
-    d2 = tf.square(i[:, None] - i[None, :])
-    g = tf.exp(-d2[None] / (2.0 * tf.square(sigma)[:, None, None] + 1e-6))
-    return g / tf.reduce_sum(g, axis=2, keepdims=True)
-
-
-def _regrid(factor: tf.Tensor, phase: tf.Tensor, size: int) -> tf.Tensor:
-    """``(n, size, size)`` matrices of a down-and-up resampling through a grid ``factor`` x coarser.
-
-    Coarse pixel ``k`` is centred at ``(k - 1 + phase) * factor`` on the patch grid and, as a
-    detector pixel ``factor`` patch pixels wide, averages what it covers (area weights, each patch
-    pixel a unit square); the patch is then linearly interpolated back from the coarse pixels.
-    ``factor`` 1 with ``phase`` 0 is the identity.
-    """
-    k = tf.range(size + 2, dtype=tf.float32)  # factor >= 1: (size + 1) * factor reaches past the patch
-    f = factor[:, None, None]
-    centres = ((k[None, :] - 1.0 + phase[:, None]) * factor[:, None])[:, None, :]  # (n, 1, K)
-    i = tf.range(size, dtype=tf.float32)[None, :, None]  # (1, size, 1)
-    area = tf.maximum(0.0, tf.minimum(i + 0.5, centres + f / 2) - tf.maximum(i - 0.5, centres - f / 2))
-    down = area / tf.maximum(tf.reduce_sum(area, axis=1, keepdims=True), 1e-6)  # (n, size, K): D[k, i]
-    tent = tf.maximum(0.0, 1.0 - tf.abs(i - centres) / f)
-    up = tent / tf.maximum(tf.reduce_sum(tent, axis=2, keepdims=True), 1e-6)  # (n, size, K): U[i, k]
-    return tf.matmul(up, down, transpose_b=True)
-
-
-def _zscore(x: tf.Tensor) -> tf.Tensor:
-    """Per-patch ``(x - mean) / max(std, 1e-6)`` over the last two axes (the store's normalisation)."""
-    mean = tf.reduce_mean(x, axis=(-2, -1), keepdims=True)
-    std = tf.sqrt(tf.reduce_mean(tf.square(x - mean), axis=(-2, -1), keepdims=True))
-    return (x - mean) / tf.maximum(std, 1e-6)
-
-
-def _noise(keys: tf.Tensor, size: int) -> tuple[tf.Tensor, tf.Tensor]:
-    """Unit-std white noise ``(n, size, size)`` and ``(n, size, 1)`` row offsets (uniform).
-
-    One stateless draw per batch, seeded by its first and last samples' keys: the same seed and
-    batch size give the same batches. Random numbers are the largest single cost of the
-    appearance augmentation on a CPU, hence uniform ones (a third of the time of normal ones) and
-    one draw per batch (one per sample, ``map_fn``, took 40 times as long).
-    """
-    n = tf.shape(keys)[0]
-    seed = tf.stack([keys[0], keys[-1]])
-    fields = (tf.random.stateless_uniform(tf.stack([n, size + 1, size]), seed=seed) - 0.5) * math.sqrt(12.0)
-    return fields[:, :size], fields[:, size, :, None]
-
-
-def appear(images: tf.Tensor, params: tf.Tensor, keys: tf.Tensor) -> tf.Tensor:
-    """The appearance augmentation of :mod:`hipoa.augment` on a batch of samples, as TensorFlow ops.
-
-    Order: ``c * x + ramp + sqrt(t) n w``; grid, then psf (one separable linear operator ``A``,
-    applied as ``A X A^T``); ``+ sqrt(1 - t) n w + banding``; the tone curve on the patch's
-    min-max range; z-score (``w`` one white noise field, ``n`` its std, ``t`` the texture).
-
-    Args:
-        images: ``(n, S, S, 1)`` float32 samples (:func:`warp`'s ``x``), rows y down.
-        params: ``(n, 10)`` float32 in the order of :data:`hipoa.augment.APPEARANCE_FIELDS`
-            (:func:`hipoa.augment.draw_appearance`).
-        keys: ``(n,)`` int64 seeds of the samples' noise fields.
-
-    Returns:
-        ``(n, S, S, 1)`` float32, each patch with zero mean and unit std.
-    """
-    size = int(images.shape[1])
-    x = images[..., 0]
-    p = tf.cast(params, tf.float32)
-    contrast, ramp, angle, factor, phase, psf, noise, texture, banding, tone = (p[:, j] for j in range(10))
-    t = tf.linspace(-1.0, 1.0, size)
-    gradient = tf.cos(angle)[:, None, None] * t[None, None, :] + tf.sin(angle)[:, None, None] * t[None, :, None]
-    white, rows = _noise(keys, size)
-    # The textured share of the detector noise goes in before the grid and psf, which shape it
-    # as a scanner's filtering does (blur: blotchy, sharpening: fine-grained); the rest after.
-    x = contrast[:, None, None] * x + ramp[:, None, None] * gradient + (noise * tf.sqrt(texture))[:, None, None] * white
-    # psf > 0: P = G(psf), a blur; psf < 0: P = I + |psf| (I - G(1 px)), an unsharp mask.
-    blur = psf > 0
-    smooth = _smoothing(tf.where(blur, psf, 1.0), size)
-    amount = tf.where(blur, -1.0, -psf)[:, None, None]
-    eye = tf.eye(size, batch_shape=[tf.shape(x)[0]])
-    operator = tf.matmul(eye + amount * (eye - smooth), _regrid(factor, phase, size))
-    x = tf.matmul(tf.matmul(operator, x), operator, transpose_b=True)
-    x = x + (noise * tf.sqrt(1.0 - texture))[:, None, None] * white + banding[:, None, None] * rows
-    lo = tf.reduce_min(x, axis=(1, 2), keepdims=True)
-    hi = tf.reduce_max(x, axis=(1, 2), keepdims=True)
-    unit = (x - lo) / tf.maximum(hi - lo, 1e-6)
-    x = unit + tone[:, None, None] * unit * (1.0 - unit)  # tf.pow (a true gamma) was a quarter of the cost
-    return _zscore(x)[..., None]
-
-
 STREAM_GROUP = 16
 """Images that stay together when an epoch is shuffled (see :func:`epoch_plan`)."""
 STREAM_BLOCK = 1024
 """About this many samples are shuffled together (see :func:`epoch_plan`)."""
-
-
-def draw_params(n_images: int, per_image: int, settings: AugmentSettings, rng: np.random.Generator,
-                size: int = PATCH_SIZE) -> np.ndarray:
-    """Transforms of ``per_image`` samples of each of ``n_images`` images; sample 0 is the identity.
-
-    Args:
-        n_images, per_image: Images and samples per image (``1 + n_augment``).
-        settings: Ranges; rotation, scale and displacement are drawn uniformly within them.
-        rng: The draw's generator.
-        size: Patch side (the displacement is a fraction of it).
-
-    Returns:
-        ``(n_images, per_image, 4)`` float64 ``theta`` (rad), ``s``, ``dx``, ``dy`` (patch pixels).
-    """
-    n = n_images * per_image
-    d = settings.displacement * size
-    theta = rng.uniform(-settings.rotation, settings.rotation, n)
-    s = rng.uniform(1.0 - settings.scale, 1.0 + settings.scale, n)
-    dx = rng.uniform(-d, d, n)
-    dy = rng.uniform(-d, d, n)
-    params = np.stack([theta, s, dx, dy], axis=1).reshape(n_images, per_image, 4)
-    params[:, 0] = (0.0, 1.0, 0.0, 0.0)
-    return params
 
 
 def epoch_plan(n_images: int, per_image: int, settings: AugmentSettings, seed: int, epoch: int,
@@ -261,7 +145,7 @@ def epoch_plan(n_images: int, per_image: int, settings: AugmentSettings, seed: i
     shuffled. With ``fixed`` (validation) the transforms are given and the order is image order.
 
     Args:
-        n_images, per_image, settings: As :func:`draw_params`.
+        n_images, per_image, settings: As :func:`hipoa.augment.draw_params`.
         seed, epoch: The key of the epoch's draw.
         fixed: ``(n_images, per_image, 4)`` transforms to use instead of drawing (no shuffle).
 

@@ -1,4 +1,4 @@
-"""Robust to scanner and annotator: the appearance augmentation (hipoa.augment, hipoa.train_input.appear)
+"""Robust to scanner and annotator: the appearance augmentation (hipoa.augment.appear)
 and the boundary-tolerant loss (hipoa.train.pixel_loss) that trains on noisy outlines."""
 
 from __future__ import annotations
@@ -17,10 +17,11 @@ from hipoa.augment import (
     MAX_APPEARANCE,
     NEUTRAL_APPEARANCE,
     AugmentSettings,
+    appear,
     draw_appearance,
 )
 from hipoa.splits import open_site_patches
-from hipoa.train_input import TrainingInput, ValidationInput, appear, appearance_plan, read_contexts
+from hipoa.train_input import TrainingInput, ValidationInput, appearance_plan, read_contexts
 
 SITE = "lateral_acetabulum"
 GEOMETRIC = AugmentSettings(rotation=0.1, scale=0.1, displacement=0.05, appearance=0.0)
