@@ -75,6 +75,9 @@ it missed 8 of 300 doubled images on a 0.5 mm grain (benchmarks/fitness.py's H-g
 mm."""
 MOTION_DETREND_MM = 4.0
 """Gaussian sigma (mm) of the smooth background taken off before the autocorrelation."""
+MOTION_BACKGROUND_MM = 1.0
+"""Blocks (about this size) on which that background is smoothed, then interpolated back: a
+4 mm Gaussian on 0.25 mm pixels directly was half the check's time, and the background is smooth."""
 MOTION_RINGS = 64
 """Rings of |frequency| over which the power spectrum is whitened."""
 MOTION_CLIP = 4.0
@@ -289,6 +292,19 @@ def _block_mean(a: np.ndarray, f: int) -> np.ndarray:
     return a[:r, :c].reshape(r // f, f, c // f, f).mean(axis=(1, 3))
 
 
+def _smooth_background(a: np.ndarray, sigma_px: float, factor: int) -> np.ndarray:
+    """``a``'s Gaussian smoothing of ``sigma_px``, computed on ``factor`` x ``factor`` block means
+    (edges padded by repetition) and interpolated back linearly to ``a``'s grid (float32)."""
+    if factor <= 1:
+        return ndi.gaussian_filter(a, sigma_px)
+    padded = np.pad(a, ((0, -a.shape[0] % factor), (0, -a.shape[1] % factor)), mode="edge")
+    coarse = ndi.gaussian_filter(_block_mean(padded, factor), sigma_px / factor)
+    # block k's centre is at (k + 0.5) factor - 0.5 on a's grid
+    yy = (np.arange(a.shape[0]) + 0.5) / factor - 0.5
+    xx = (np.arange(a.shape[1]) + 0.5) / factor - 0.5
+    return ndi.map_coordinates(coarse, np.meshgrid(yy, xx, indexing="ij"), order=1, mode="nearest").astype(np.float32)
+
+
 def motion_score(pixels: np.ndarray, points: np.ndarray, spacing_mm: tuple[float, float]) -> tuple[float, tuple[float, float]]:
     """The motion score (module docstring) and the shift ``(x, y)`` in mm where it peaks."""
     rows, cols = pixels.shape
@@ -302,7 +318,8 @@ def motion_score(pixels: np.ndarray, points: np.ndarray, spacing_mm: tuple[float
     if min(small.shape) < 16:
         return 0.0, (0.0, 0.0)
     gy, gx = dy * f, dx * f  # mm per grid pixel
-    small = small - ndi.gaussian_filter(small, MOTION_DETREND_MM / min(gy, gx))
+    blocks = max(1, int(MOTION_BACKGROUND_MM / min(gy, gx)))
+    small = small - _smooth_background(small, MOTION_DETREND_MM / min(gy, gx), blocks)
     window = np.outer(np.hanning(small.shape[0]), np.hanning(small.shape[1])).astype(np.float32)
     g = (small - small.mean()) * window
     ry, rx = int(np.ceil(MOTION_SHIFT_MM[1] / gy)), int(np.ceil(MOTION_SHIFT_MM[1] / gx))
