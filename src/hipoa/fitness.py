@@ -299,10 +299,20 @@ def _smooth_background(a: np.ndarray, sigma_px: float, factor: int) -> np.ndarra
         return ndi.gaussian_filter(a, sigma_px)
     padded = np.pad(a, ((0, -a.shape[0] % factor), (0, -a.shape[1] % factor)), mode="edge")
     coarse = ndi.gaussian_filter(_block_mean(padded, factor), sigma_px / factor)
-    # block k's centre is at (k + 0.5) factor - 0.5 on a's grid
-    yy = (np.arange(a.shape[0]) + 0.5) / factor - 0.5
-    xx = (np.arange(a.shape[1]) + 0.5) / factor - 0.5
-    return ndi.map_coordinates(coarse, np.meshgrid(yy, xx, indexing="ij"), order=1, mode="nearest").astype(np.float32)
+    wy, wx = _lerp_matrix(a.shape[0], coarse.shape[0], factor), _lerp_matrix(a.shape[1], coarse.shape[1], factor)
+    return (wy @ coarse.astype(np.float32) @ wx.T).astype(np.float32)
+
+
+def _lerp_matrix(n: int, m: int, factor: int) -> np.ndarray:
+    """``(n, m)`` weights of linear interpolation from ``m`` block centres (block ``k`` centred at
+    ``(k + 0.5) factor - 0.5``) to ``n`` pixels, constant beyond the first and last centre."""
+    t = np.clip((np.arange(n) + 0.5) / factor - 0.5, 0.0, m - 1.0)
+    lo = np.minimum(np.floor(t).astype(int), max(m - 2, 0))
+    frac = t - lo
+    w = np.zeros((n, m), np.float32)
+    w[np.arange(n), lo] = 1.0 - frac
+    w[np.arange(n), np.minimum(lo + 1, m - 1)] += frac
+    return w
 
 
 def motion_score(pixels: np.ndarray, points: np.ndarray, spacing_mm: tuple[float, float]) -> tuple[float, tuple[float, float]]:
