@@ -114,7 +114,9 @@ def _synth(args: argparse.Namespace) -> int:
     )
     if args.preview:
         render_preview(cohort_dir=Path(args.out), out_png=Path(args.preview), seed=args.seed)
-    present = truth[[c for c in truth.columns if c.endswith("_present")]].any(axis=1)
+    from hipoa.tables import PRESENT
+
+    present = truth[[c for c in truth.columns if c.endswith(PRESENT)]].any(axis=1)
     print(f"{args.out}: {args.participants} participants, {len(truth)} hip images, "
           f"{int(truth['annotated'].sum())} annotated, {int(present.sum())} with osteophytes, "
           f"{int((truth['fault'] != '').sum())} with planted faults (seed {args.seed})"

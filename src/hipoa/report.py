@@ -23,20 +23,11 @@ import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
 from hipoa.atomic import atomic_path, save_figure  # noqa: E402
+from hipoa.paper import PAPER_TABLE2  # noqa: E402
+from hipoa.tables import PRESENT  # noqa: E402
 
 log = logging.getLogger(__name__)
 
-PAPER_TABLE2: tuple[dict[str, object], ...] = (
-    {"site": "inferior_femoral_head", "model": "paper U-Net 1", "sensitivity": 0.96,
-     "specificity": 0.85, "f1": 0.91, "dice_mean": 0.66, "dice_std": 0.24},
-    {"site": "superior_femoral_head", "model": "paper U-Net 2", "sensitivity": 0.98,
-     "specificity": 0.92, "f1": 0.94, "dice_mean": 0.71, "dice_std": 0.19},
-    {"site": "lateral_acetabulum", "model": "paper U-Net 3", "sensitivity": 0.67,
-     "specificity": 0.84, "f1": 0.71, "dice_mean": 0.46, "dice_std": 0.38},
-    {"site": "lateral_acetabulum", "model": "paper U-Net 4 (displacement)", "sensitivity": 0.94,
-     "specificity": 0.73, "f1": 0.82, "dice_mean": 0.64, "dice_std": 0.24},
-)
-"""Table 2 of the paper: presence sensitivity/specificity/F1 and Dice mean +- std per U-Net."""
 
 _SCORES = ("sensitivity", "specificity", "f1", "dice_mean", "dice_std")
 _CSS = (
@@ -85,9 +76,9 @@ def evaluation_table(scores: pd.DataFrame) -> pd.DataFrame:
     for record in scores.to_dict("records"):
         rows.append({"model": "hipoa (this run)", **record})
         rows.extend(
-            {"n": math.nan, "n_positive": math.nan, **paper}
-            for paper in PAPER_TABLE2
-            if paper["site"] == record["site"]
+            {"n": math.nan, "n_positive": math.nan, **paper, "site": record["site"],
+             "model": f"paper {paper['model']}"}
+            for paper in PAPER_TABLE2.get(record["site"], [])
         )
     return pd.DataFrame(rows, columns=["site", "model", "n", "n_positive", *_SCORES])
 
@@ -102,7 +93,7 @@ def read_phenotypes(paths: list[Path]) -> pd.DataFrame:
 
 def phenotype_sites(table: pd.DataFrame) -> list[str]:
     """Site keys from the ``{site}_present`` columns, in column order (``any`` excluded)."""
-    return [c[: -len("_present")] for c in table.columns if c.endswith("_present") and c != "any_present"]
+    return [c[: -len(PRESENT)] for c in table.columns if c.endswith(PRESENT) and c != "any_present"]
 
 
 def qc_counts(table: pd.DataFrame) -> pd.DataFrame:

@@ -10,7 +10,8 @@ import pytest
 from PIL import Image
 from tiny_patch_store import write_tiny_store
 
-from hipoa.evaluate import PAPER_TABLE2, evaluate_site
+from hipoa.evaluate import evaluate_site
+from hipoa.paper import PAPER_TABLE2
 from hipoa.store import open_patches
 from hipoa.infer import read_masks
 from hipoa.splits import make_splits, patch_indices

@@ -67,7 +67,7 @@ def test_evaluation_table_puts_paper_rows_beside_ours(tmp_path):
                                 "sensitivity": 0.75, "specificity": 0.5, "f1": None,
                                 "dice_mean": 0.6, "dice_std": 0.1}))
     table = report.evaluation_table(report.read_scores([path]))
-    assert list(table["model"]) == ["hipoa (this run)", "paper U-Net 3", "paper U-Net 4 (displacement)"]
+    assert list(table["model"]) == ["hipoa (this run)", "paper U-Net 3 (no displacement)", "paper U-Net 4 (displacement 0.05)"]
     assert table.loc[0, "sensitivity"] == 0.75 and np.isnan(table.loc[0, "f1"])
     assert table.loc[2, "sensitivity"] == 0.94  # Table 2, U-Net 4
 
