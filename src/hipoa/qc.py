@@ -128,7 +128,7 @@ class Limits:
         motion_score: Peak of the whitened autocorrelation at a 2.5-10 mm shift, in robust
             standard deviations of that autocorrelation, above which an image is ``motion``
             (:func:`hipoa.fitness.motion_score`; under 5 for 8,999 of 9,000 still synthetic hips
-            over the nine test scanner textures, 5.3 or more for every one of 3,600 doubled ones;
+            over the nine test scanner textures, 5.09 or more for every one of 3,600 doubled ones;
             benchmarks/fitness.py).
     """
 
