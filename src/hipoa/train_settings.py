@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import numbers
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, fields
 from typing import Any
@@ -34,7 +35,7 @@ class Range:
     high_open: bool = False
 
     def __contains__(self, value: float) -> bool:
-        if not isinstance(value, (int, float)) or isinstance(value, bool) or math.isnan(value):
+        if not isinstance(value, numbers.Real) or isinstance(value, bool) or math.isnan(value):
             return False
         above = self.low is None or (value > self.low if self.low_open else value >= self.low)
         below = self.high is None or (value < self.high if self.high_open else value <= self.high)
@@ -185,7 +186,7 @@ def _problem(f, value: Any) -> str:
     if meta["auto"] and value == "auto":
         return ""
     kind = type(f.default) if not meta["auto"] else float
-    if kind is int and (isinstance(value, bool) or not isinstance(value, int)):
+    if kind is int and (isinstance(value, bool) or not isinstance(value, numbers.Integral)):
         return f"expected an integer in {meta['range']}, got {value!r}"
     if value not in meta["range"]:
         what = "'auto' or a number" if meta["auto"] else ("an integer" if kind is int else "a number")

@@ -103,6 +103,15 @@ def test_the_cli_refuses_a_value_out_of_range(capsys):
     assert "expected 'auto' or a number in (0, 1), got '1'" in capsys.readouterr().err
 
 
+def test_numpy_numbers_are_numbers():
+    import numpy as np
+
+    s = TrainSettings(epochs=np.int64(3), dropout=np.float32(0.25))
+    assert s.epochs == 3 and abs(s.dropout - 0.25) < 1e-7
+    with pytest.raises(ValueError, match="epochs: expected an integer"):
+        TrainSettings(epochs=np.float64(3.0))
+
+
 def test_augment_carries_every_augmentation_setting():
     s = TrainSettings(rotation=0.2, scale=0.05, displacement=0.05, appearance=0.5)
     a = s.augment()
