@@ -298,12 +298,12 @@ def _split_data(args: argparse.Namespace) -> int:
 
 
 def _train_unet_args(p: argparse.ArgumentParser) -> None:
+    from hipoa.train_settings import add_arguments
+
     p.add_argument("--site", required=True, help="site key")
     p.add_argument("--stores", nargs="+", help="patch stores (shard-*.zarr); required unless --load")
     p.add_argument("--splits", help="split table (hipoa split-data); required unless --load")
     p.add_argument("--out", required=True, help="model to write, results/models/SITE/unet.keras (+ unet.json, history.csv)")
-    from hipoa.train_settings import add_arguments
-
     add_arguments(p)  # one option per training setting, with its default, range and help
     p.add_argument("--load", default=None, metavar="EXISTING.keras",
                    help="use this trained model (and the .json beside it) instead of training")

@@ -173,7 +173,7 @@ def write_splits(splits: pd.DataFrame, out: str | Path) -> Path:
     out.parent.mkdir(parents=True, exist_ok=True)
     with atomic_path(out) as tmp:
         splits.to_parquet(tmp, index=False)
-    log.info("%s: %d images of %d participants", out, len(splits), splits["eid"].nunique() if len(splits) else 0)
+    log.info("%s: %d images of %d participants", out, len(splits), splits["eid"].nunique())
     return out
 
 
